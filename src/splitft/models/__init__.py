@@ -1,0 +1,1 @@
+"""Per-architecture adapters that split a HF causal LM into client and server parts."""

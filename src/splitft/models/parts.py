@@ -1,0 +1,206 @@
+"""Cut a causal LM into a client part and a server part.
+
+Both parts are the model's own Hugging Face class built on the meta device,
+with the blocks a side does not hold replaced by ``PassThrough`` and only the
+tensors it needs read from safetensors. Module names therefore keep their
+global layer index (``model.layers.17.self_attn.q_proj``) on both sides, and
+the decoder's own ``forward`` rebuilds the causal mask and rotary embeddings
+from what the client sends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from splitft.models.arch import ArchSpec, PassThrough, ZeroPositions, spec_for
+
+
+class WeightStore:
+    """Reads a model folder's safetensors lazily, each tensor at most once.
+
+    Parts built from one store share its (frozen) tensors, so a simulation of
+    many clients holds the base weights once.
+    """
+
+    def __init__(
+        self, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
+    ) -> None:
+        self.folder = Path(folder)
+        self.dtype, self.device = dtype, torch.device(device)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            self._files = json.loads(index.read_text())["weight_map"]
+        else:
+            single = self.folder / "model.safetensors"
+            if not single.exists():
+                raise FileNotFoundError(f"no model.safetensors in {self.folder}")
+            with safe_open(single, "pt") as f:
+                self._files = {k: single.name for k in f.keys()}
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._cache:
+            with safe_open(self.folder / self._files[key], "pt") as f:
+                t = f.get_tensor(key)
+            if t.is_floating_point():
+                t = t.to(self.dtype)
+            self._cache[key] = t.to(self.device)
+        return self._cache[key]
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._cache.values())
+
+
+def load_model_config(folder: str | Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    config.use_cache = False
+    return config
+
+
+class ModelPart:
+    """One side of the cut: the HF model with only this side's pieces real.
+
+    Attributes:
+        model: the causal LM (PEFT injects LoRA into it in place).
+        layers: the global indices of the blocks this part holds.
+    """
+
+    def __init__(
+        self,
+        store: WeightStore,
+        config: PretrainedConfig,
+        layers: range,
+        *,
+        embed: bool,
+        head: bool,
+    ) -> None:
+        self.spec: ArchSpec = spec_for(config.model_type)
+        self.config = copy.deepcopy(config)
+        self.layers, self.has_embed, self.has_head = layers, embed, head
+        num_layers = self.config.num_hidden_layers
+        if not (0 <= layers.start <= layers.stop <= num_layers):
+            raise ValueError(f"layers {layers} outside the model's [0, {num_layers})")
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config)
+        self._strip()
+        self._load(store)
+        self.model.requires_grad_(False)
+        self.model.eval()  # no dropout in the frozen base; LoRA dropout is its own
+        self._blocks = getattr(self.decoder, self.spec.blocks)
+
+    @property
+    def decoder(self) -> nn.Module:
+        return getattr(self.model, self.spec.base)
+
+    def _strip(self) -> None:
+        spec, dec = self.spec, self.decoder
+        blocks = getattr(dec, spec.blocks)
+        for i in range(len(blocks)):
+            if i not in self.layers:
+                blocks[i] = PassThrough()
+        if not self.has_embed:
+            for name in spec.embeddings:
+                setattr(dec, name, None)
+            for name, kind in spec.server_neutral.items():
+                neutral = ZeroPositions(self.config.hidden_size)
+                setattr(dec, name, neutral if kind == "zero_positions" else nn.Identity())
+        if not self.has_head:
+            setattr(dec, spec.final_norm, nn.Identity())
+            setattr(self.model, spec.head, None)
+
+    def _load(self, store: WeightStore) -> None:
+        head_key = f"{self.spec.head}.weight"
+        tensors = {}
+        for key in self.model.state_dict():
+            source = key
+            if key not in store and key == head_key and self.config.tie_word_embeddings:
+                source = self.spec.tied_source  # tied head: a frozen copy
+            if source not in store:
+                raise KeyError(f"{key} is not in the checkpoint at {store.folder}")
+            tensors[key] = store.get(source)
+        self.model.load_state_dict(tensors, strict=True, assign=True)
+        for name in self.spec.rebuild:  # non-persistent buffers, e.g. RoPE inv_freq
+            module = getattr(self.decoder, name)
+            with torch.device(store.device):
+                setattr(self.decoder, name, type(module)(config=self.config))
+        still_meta = [n for n, t in self.model.state_dict().items() if t.is_meta]
+        if still_meta:
+            raise RuntimeError(f"tensors left unloaded: {still_meta[:5]}")
+
+    @contextlib.contextmanager
+    def cut_at(self, k: int) -> Iterator[None]:
+        """Run only blocks ``[k, ...)`` of this part while inside the block."""
+        if k not in self.layers and k != self.layers.stop:
+            raise ValueError(f"cut {k} outside the blocks held {self.layers}")
+        view = nn.ModuleList(
+            [PassThrough() if i < k else b for i, b in enumerate(self._blocks)]
+        )
+        setattr(self.decoder, self.spec.blocks, view)
+        try:
+            yield
+        finally:
+            setattr(self.decoder, self.spec.blocks, self._blocks)
+
+    def client_forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor,  # (B, T)
+    ) -> torch.Tensor:
+        """Embeddings and the held blocks: the smashed data ``(B, T, H)``."""
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def server_forward(
+        self,
+        hidden: torch.Tensor,  # (B, T, H) smashed data
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ):
+        """Remaining blocks, final norm and head; the HF loss when labels given."""
+        return self.model(
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+        )
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def client_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPart:
+    """Token embeddings and blocks ``[0, k)``."""
+    return ModelPart(store, config, range(0, k), embed=True, head=False)
+
+
+def server_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPart:
+    """Blocks ``[k, L)``, final norm and LM head."""
+    L = config.num_hidden_layers
+    return ModelPart(store, config, range(k, L), embed=False, head=True)
+
+
+def full_part(store: WeightStore, config: PretrainedConfig) -> ModelPart:
+    """The whole model (used to evaluate and export the global adapter)."""
+    L = config.num_hidden_layers
+    return ModelPart(store, config, range(0, L), embed=True, head=True)
