@@ -112,14 +112,14 @@ class ModelPart:
             if i not in self.layers:
                 blocks[i] = PassThrough()
         if not self.has_embed:
-            for name in spec.embeddings:
-                setattr(dec, name, None)
+            for name in spec.embeddings:  # PEFT inspects them: keep an empty module
+                setattr(dec, name, PassThrough())
             for name, kind in spec.server_neutral.items():
                 neutral = ZeroPositions(self.config.hidden_size)
                 setattr(dec, name, neutral if kind == "zero_positions" else nn.Identity())
         if not self.has_head:
             setattr(dec, spec.final_norm, nn.Identity())
-            setattr(self.model, spec.head, None)
+            setattr(self.model, spec.head, PassThrough())
 
     def _load(self, store: WeightStore) -> None:
         head_key = f"{self.spec.head}.weight"

@@ -1,0 +1,1 @@
+"""The split workflow: messages, client side and server side."""

@@ -1,0 +1,126 @@
+"""Wire messages of the split workflow, and their one serialisation.
+
+Every message is a dataclass; tensors travel as safetensors (explicit dtype
+and shape in its header), scalar fields as JSON in the safetensors metadata.
+The in-process transport and the network transport both send exactly
+``encode(msg)``, so byte counts are the same in simulation and deployment.
+Only adapters and activations travel, never base weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load, save
+
+# Byte-accounting kinds (metrics.jsonl reports bytes up/down per kind).
+SMASHED, GRADIENTS, ADAPTERS, CONTROL = "smashed", "gradients", "adapters", "control"
+
+
+@dataclass
+class RoundRequest:
+    """Client -> server: "I am ready for round ``round``"."""
+
+    client_id: int
+    round: int
+    kind = CONTROL
+
+
+@dataclass
+class RoundPlan:
+    """Server -> client: cut layer, learning rates and the client's adapters."""
+
+    client_id: int
+    round: int
+    cut_layer: int
+    lrs: list[float]  # one per local optimizer step
+    adapter: dict[str, torch.Tensor] = field(default_factory=dict)
+    kind = ADAPTERS
+
+
+@dataclass
+class SmashedData:
+    """Client -> server: cut-layer activations of one micro-batch."""
+
+    client_id: int
+    step: int  # local optimizer step within the round
+    micro: int  # micro-batch index within the step
+    num_micro: int  # micro-batches per step: the server steps after the last
+    hidden: torch.Tensor  # (B, T, H) float
+    attention_mask: torch.Tensor  # (B, T) int64
+    position_ids: torch.Tensor  # (B, T) int64
+    labels: torch.Tensor  # (B, T) int64, -100 where no loss
+    kind = SMASHED
+
+
+@dataclass
+class Gradient:
+    """Server -> client: d loss / d smashed data, plus what the server saw."""
+
+    client_id: int
+    step: int
+    micro: int
+    loss: float  # mean token loss of this micro-batch
+    tokens: int  # tokens that carried loss
+    server_seconds: float
+    grad: torch.Tensor  # (B, T, H), same dtype as the smashed data
+    kind = GRADIENTS
+
+
+@dataclass
+class AdapterUpdate:
+    """Client -> server: the client-side adapters after local training."""
+
+    client_id: int
+    round: int
+    num_samples: int  # aggregation weight
+    adapter: dict[str, torch.Tensor] = field(default_factory=dict)
+    kind = ADAPTERS
+
+
+@dataclass
+class Ack:
+    """Server -> client: received (or ``error`` says why not)."""
+
+    client_id: int
+    error: str = ""
+    kind = CONTROL
+
+
+MESSAGES = {c.__name__: c for c in (RoundRequest, RoundPlan, SmashedData, Gradient,
+                                    AdapterUpdate, Ack)}
+
+
+def encode(msg) -> bytes:
+    """Serialise a message: tensors into safetensors, the rest into its metadata."""
+    tensors, scalars = {}, {}
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(value, torch.Tensor):
+            tensors[f.name] = value.detach().contiguous().cpu()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                tensors[f"{f.name}/{k}"] = v.detach().contiguous().cpu()
+            scalars[f.name] = {}
+        else:
+            scalars[f.name] = value
+    meta = {"type": type(msg).__name__, "fields": json.dumps(scalars)}
+    return save(tensors, metadata=meta)
+
+
+def decode(data: bytes, device: torch.device | str = "cpu"):
+    """Inverse of :func:`encode`."""
+    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    cls = MESSAGES[meta["type"]]
+    kwargs = json.loads(meta["fields"])
+    for name, t in load(data).items():
+        t = t.to(device)
+        if "/" in name:
+            field_name, key = name.split("/", 1)
+            kwargs[field_name][key] = t
+        else:
+            kwargs[name] = t
+    return cls(**kwargs)

@@ -1,0 +1,170 @@
+"""The server side of the split: one frozen base, one LoRA set per client.
+
+The server holds blocks ``[min k, L)``, the final norm and the head once, a
+LoRA adapter per client over that client's blocks ``[k_i, L)``, and the
+global adapter it aggregates into after each round.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping
+
+import torch
+from peft.functional import set_adapter
+from transformers import PretrainedConfig
+
+from splitft import lora
+from splitft.config import LoraSettings, TrainConfig
+from splitft.federation.aggregate import aggregate, truncate_to
+from splitft.models.parts import WeightStore, server_part
+from splitft.split import optim
+from splitft.split.messages import (
+    Ack,
+    AdapterUpdate,
+    Gradient,
+    RoundPlan,
+    RoundRequest,
+    SmashedData,
+)
+
+
+class ClientError(RuntimeError):
+    """A client sent something the server refused; the server keeps running."""
+
+
+class SplitServer:
+    """Answers clients' messages; see :meth:`handle`."""
+
+    def __init__(
+        self,
+        store: WeightStore,
+        config: PretrainedConfig,
+        lora_settings: LoraSettings,
+        train: TrainConfig,
+        cut_layers: Mapping[int, int],
+        total_steps: int,
+        local_steps: int,
+        seed: int = 0,
+    ) -> None:
+        self.config, self.lora, self.train = config, lora_settings, train
+        self.cut_layers = dict(cut_layers)
+        self.total_steps, self.local_steps = total_steps, local_steps
+        self.device = store.device
+        L = config.num_hidden_layers
+        for cid, k in self.cut_layers.items():
+            if not 1 <= k < L:
+                raise ValueError(f"client {cid}: cut layer {k} not in [1, {L - 1}]")
+        self.part = server_part(store, config, min(self.cut_layers.values()))
+        self.spec = self.part.spec
+        for cid, k in self.cut_layers.items():
+            ranks = lora.layer_ranks(range(k, L), lora_settings, cut=False)
+            lora.inject(self.part.model, self.spec, lora_settings, ranks, self._name(cid))
+        self.global_state = lora.init_global_adapter(config, lora_settings, seed)
+        self.global_state = {k: v.to(self.device) for k, v in self.global_state.items()}
+        self._optim: dict[int, torch.optim.Optimizer] = {}
+        self._lrs: dict[int, list[float]] = {}
+        self.updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+
+    @staticmethod
+    def _name(cid: int) -> str:
+        return f"c{cid}"
+
+    def handle(self, msg):
+        """One request in, one reply out; a bad request never stops the server."""
+        try:
+            if msg.client_id not in self.cut_layers:
+                raise ClientError(f"unknown client_id {msg.client_id}")
+            if isinstance(msg, RoundRequest):
+                return self._plan(msg)
+            if isinstance(msg, SmashedData):
+                return self._forward(msg)
+            if isinstance(msg, AdapterUpdate):
+                return self._receive(msg)
+            raise ClientError(f"unexpected message {type(msg).__name__}")
+        except Exception as e:  # noqa: BLE001 - reported to the client, not raised
+            detail = "".join(traceback.format_exception_only(e)).strip()
+            return Ack(client_id=getattr(msg, "client_id", -1), error=detail)
+
+    def client_ranks(self, k: int) -> dict[str, int]:
+        """Rank of each adapter key a client with cut ``k`` holds."""
+        held = lora.layer_ranks(range(k), self.lora, cut=True)
+        return {
+            key: held[lora.layer_of(key, self.spec)]
+            for key in self.global_state
+            if lora.layer_of(key, self.spec) < k
+        }
+
+    def _plan(self, req: RoundRequest) -> RoundPlan:
+        cid, k = req.client_id, self.cut_layers[req.client_id]
+        name = self._name(cid)
+        server_keys = lora.select_layers(
+            self.global_state, self.spec, range(k, self.config.num_hidden_layers)
+        )
+        lora.load_adapter_state(self.part.model, server_keys, name)
+        self._optim[cid] = optim.make_optimizer(
+            lora.adapter_params(self.part.model, name), self.train
+        )
+        first = req.round * self.local_steps
+        lrs = [optim.lr_at(first + s, self.total_steps, self.train)
+               for s in range(self.local_steps)]
+        self._lrs[cid] = lrs
+        adapter = truncate_to(self.global_state, self.client_ranks(k))
+        return RoundPlan(cid, req.round, k, lrs, adapter)
+
+    def _forward(self, msg: SmashedData) -> Gradient:
+        cid = msg.client_id
+        if cid not in self._optim:
+            raise ClientError(f"client {cid} sent smashed data before RoundRequest")
+        t0 = time.perf_counter()
+        k = self.cut_layers[cid]
+        if msg.hidden.ndim != 3 or msg.hidden.shape[-1] != self.config.hidden_size:
+            raise ClientError(
+                f"hidden must be (B, T, {self.config.hidden_size}), "
+                f"got {tuple(msg.hidden.shape)}"
+            )
+        set_adapter(self.part.model, self._name(cid))
+        self.part.model.train()
+        hidden = msg.hidden.detach().requires_grad_(True)  # (B, T, H)
+        with self.part.cut_at(k):
+            out = self.part.server_forward(
+                hidden, msg.attention_mask, msg.position_ids, msg.labels
+            )
+        (out.loss / msg.num_micro).backward()
+        if msg.micro == msg.num_micro - 1:
+            lr = self._lrs[cid][msg.step]
+            optim.step(self._optim[cid], lr, self.train.max_grad_norm)
+        tokens = int((msg.labels[:, 1:] != -100).sum())
+        return Gradient(
+            client_id=cid,
+            step=msg.step,
+            micro=msg.micro,
+            loss=float(out.loss.detach()),
+            tokens=tokens,
+            server_seconds=time.perf_counter() - t0,
+            grad=hidden.grad,
+        )
+
+    def _receive(self, msg: AdapterUpdate) -> Ack:
+        cid, k = msg.client_id, self.cut_layers[msg.client_id]
+        expected = self.client_ranks(k)
+        if set(msg.adapter) != set(expected):
+            raise ClientError(f"client {cid}: adapter keys differ from its layers [0, {k})")
+        if msg.num_samples <= 0:
+            raise ClientError(f"client {cid}: num_samples must be > 0")
+        bad = [key for key, t in msg.adapter.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise ClientError(f"client {cid}: non-finite values in {bad[:3]}")
+        server_side = lora.adapter_state(self.part.model, self._name(cid))
+        self.updates[cid] = ({**msg.adapter, **server_side}, float(msg.num_samples))
+        return Ack(cid)
+
+    def aggregate(self) -> list[int]:
+        """Fold this round's updates into the global adapter; returns who counted."""
+        who = sorted(self.updates)
+        if who:
+            self.global_state = aggregate(self.global_state, [self.updates[c] for c in who])
+        self.updates.clear()
+        self._optim.clear()
+        return who
