@@ -1,0 +1,1 @@
+"""Federated aggregation of LoRA adapters across clients and the server."""
