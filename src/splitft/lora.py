@@ -58,7 +58,9 @@ def peft_config(
         layers_to_transform=sorted(ranks),
         layers_pattern=spec.blocks,
         rank_pattern=pattern,
-        alpha_pattern={p: settings.alpha * rk / settings.r for p, rk in pattern.items()},
+        alpha_pattern={
+            p: settings.alpha * rk / settings.r for p, rk in pattern.items()
+        },
         fan_in_fan_out=spec.fan_in_fan_out,
         bias="none",
     )
@@ -88,7 +90,9 @@ def adapter_params(model: nn.Module, adapter: str = "default") -> list[nn.Parame
     return list(_lora_params(model, adapter).values())
 
 
-def adapter_state(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+def adapter_state(
+    model: nn.Module, adapter: str = "default"
+) -> dict[str, torch.Tensor]:
     """A detached copy of the adapter's LoRA weights, keyed by global names."""
     return {k: p.detach().clone() for k, p in _lora_params(model, adapter).items()}
 
@@ -107,7 +111,9 @@ def load_adapter_state(
     with torch.no_grad():
         for key, p in params.items():
             if p.shape != state[key].shape:
-                raise ValueError(f"{key}: shape {tuple(state[key].shape)} != {tuple(p.shape)}")
+                raise ValueError(
+                    f"{key}: shape {tuple(state[key].shape)} != {tuple(p.shape)}"
+                )
             p.copy_(state[key])
 
 
@@ -178,7 +184,9 @@ def export_peft(
     )
     cfg.save_pretrained(str(folder))
     tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"}
+    )
     return folder
 
 

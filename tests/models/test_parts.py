@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import batch
+from tiny import batch
 
 from splitft.models.arch import UnsupportedArchitecture, spec_for
 from splitft.models.parts import WeightStore, client_part, server_part
@@ -14,8 +14,12 @@ def test_split_forward_equals_unsplit(tiny, k):
     b = batch()
     with torch.no_grad():
         ref = model(**b)
-        h = client.client_forward(b["input_ids"], b["attention_mask"], b["position_ids"])
-        out = server.server_forward(h, b["attention_mask"], b["position_ids"], b["labels"])
+        h = client.client_forward(
+            b["input_ids"], b["attention_mask"], b["position_ids"]
+        )
+        out = server.server_forward(
+            h, b["attention_mask"], b["position_ids"], b["labels"]
+        )
     assert h.shape == (2, 10, config.hidden_size)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
@@ -29,7 +33,9 @@ def test_parts_hold_only_their_blocks(tiny):
     client_keys = set(client.model.state_dict())
     server_keys = set(server.model.state_dict())
     assert any(k.startswith(spec.block_prefix(0)) for k in client_keys)
-    assert not any(k.startswith(spec.block_prefix(i)) for k in client_keys for i in (1, 2, 3))
+    assert not any(
+        k.startswith(spec.block_prefix(i)) for k in client_keys for i in (1, 2, 3)
+    )
     assert not any(k.startswith(spec.block_prefix(0)) for k in server_keys)
     assert not any(k.startswith(spec.tied_source) for k in server_keys)
     assert "lm_head.weight" not in client_keys and "lm_head.weight" in server_keys
@@ -49,7 +55,8 @@ def test_server_cut_view_skips_lower_blocks(tiny):
     b = batch()
     with torch.no_grad():
         h = client_part(store, config, 2).client_forward(
-            b["input_ids"], b["attention_mask"], b["position_ids"])
+            b["input_ids"], b["attention_mask"], b["position_ids"]
+        )
         with server.cut_at(2):
             out = server.server_forward(h, b["attention_mask"], b["position_ids"])
     torch.testing.assert_close(out.logits, model(**b).logits, atol=1e-5, rtol=0)

@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from conftest import batch
+from tiny import batch
 from transformers import AutoModelForCausalLM
 
 from splitft import lora
@@ -26,14 +26,35 @@ def split_step(store, config, k, state, b):
     """One split step exactly as client and server run it, through the wire format."""
     client, server = client_part(store, config, k), server_part(store, config, k)
     L = config.num_hidden_layers
-    lora.inject(client.model, client.spec, SETTINGS, lora.layer_ranks(range(k), SETTINGS, True))
-    lora.inject(server.model, server.spec, SETTINGS, lora.layer_ranks(range(k, L), SETTINGS, False))
+    lora.inject(
+        client.model, client.spec, SETTINGS, lora.layer_ranks(range(k), SETTINGS, True)
+    )
+    lora.inject(
+        server.model,
+        server.spec,
+        SETTINGS,
+        lora.layer_ranks(range(k, L), SETTINGS, False),
+    )
     for part in (client, server):
         held = lora.select_layers(state, part.spec, part.layers)
         lora.load_adapter_state(part.model, held)
-    hidden = client.client_forward(b["input_ids"], b["attention_mask"], b["position_ids"])
-    msg = decode(encode(SmashedData(0, 0, 0, 1, hidden.detach(), b["attention_mask"],
-                                    b["position_ids"], b["labels"])))
+    hidden = client.client_forward(
+        b["input_ids"], b["attention_mask"], b["position_ids"]
+    )
+    msg = decode(
+        encode(
+            SmashedData(
+                0,
+                0,
+                0,
+                1,
+                hidden.detach(),
+                b["attention_mask"],
+                b["position_ids"],
+                b["labels"],
+            )
+        )
+    )
     h = msg.hidden.requires_grad_(True)
     out = server.server_forward(h, msg.attention_mask, msg.position_ids, msg.labels)
     out.loss.backward()

@@ -116,7 +116,9 @@ class ModelPart:
                 setattr(dec, name, PassThrough())
             for name, kind in spec.server_neutral.items():
                 neutral = ZeroPositions(self.config.hidden_size)
-                setattr(dec, name, neutral if kind == "zero_positions" else nn.Identity())
+                setattr(
+                    dec, name, neutral if kind == "zero_positions" else nn.Identity()
+                )
         if not self.has_head:
             setattr(dec, spec.final_norm, nn.Identity())
             setattr(self.model, spec.head, PassThrough())

@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import torch
 from transformers import PretrainedConfig
 
 from splitft import lora
@@ -87,7 +86,9 @@ class SplitClient:
         if plan.cut_layer != self.cut_layer:
             self._build(plan.cut_layer)
         model, device = self.part.model, self.store.device
-        lora.load_adapter_state(model, {k: v.to(device) for k, v in plan.adapter.items()})
+        lora.load_adapter_state(
+            model, {k: v.to(device) for k, v in plan.adapter.items()}
+        )
         opt = optim.make_optimizer(lora.adapter_params(model), self.train)
         model.train()
         steps = []
@@ -102,8 +103,13 @@ class SplitClient:
                 )
                 client_s += time.perf_counter() - t0
                 msg = SmashedData(
-                    self.client_id, step, micro, self.train.grad_accum,
-                    hidden.detach(), batch["attention_mask"], batch["position_ids"],
+                    self.client_id,
+                    step,
+                    micro,
+                    self.train.grad_accum,
+                    hidden.detach(),
+                    batch["attention_mask"],
+                    batch["position_ids"],
                     batch["labels"],
                 )
                 reply = _expect(transport.call(msg), Gradient)
@@ -116,13 +122,21 @@ class SplitClient:
             t0 = time.perf_counter()
             optim.step(opt, lr, self.train.max_grad_norm)
             client_s += time.perf_counter() - t0
-            steps.append(dict(
-                round=round, client=self.client_id, step=step, cut_layer=plan.cut_layer,
-                loss=loss_sum / max(tokens, 1), tokens=tokens, lr=lr,
-                client_seconds=client_s, server_seconds=server_s,
-            ))
-        update = AdapterUpdate(self.client_id, round, len(self.examples),
-                               lora.adapter_state(model))
+            steps.append(
+                dict(
+                    round=round,
+                    client=self.client_id,
+                    step=step,
+                    cut_layer=plan.cut_layer,
+                    loss=loss_sum / max(tokens, 1),
+                    tokens=tokens,
+                    lr=lr,
+                    client_seconds=client_s,
+                    server_seconds=server_s,
+                )
+            )
+        update = AdapterUpdate(
+            self.client_id, round, len(self.examples), lora.adapter_state(model)
+        )
         _expect(transport.call(update), Ack)
         return steps
-

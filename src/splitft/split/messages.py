@@ -90,8 +90,10 @@ class Ack:
     kind = CONTROL
 
 
-MESSAGES = {c.__name__: c for c in (RoundRequest, RoundPlan, SmashedData, Gradient,
-                                    AdapterUpdate, Ack)}
+MESSAGES = {
+    c.__name__: c
+    for c in (RoundRequest, RoundPlan, SmashedData, Gradient, AdapterUpdate, Ack)
+}
 
 
 def encode(msg) -> bytes:

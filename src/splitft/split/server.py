@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import traceback
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -60,7 +61,11 @@ class SplitServer:
         self.spec = self.part.spec
         for cid, k in self.cut_layers.items():
             ranks = lora.layer_ranks(range(k, L), lora_settings, cut=False)
-            lora.inject(self.part.model, self.spec, lora_settings, ranks, self._name(cid))
+            with warnings.catch_warnings():  # one adapter per client is the design
+                warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                lora.inject(
+                    self.part.model, self.spec, lora_settings, ranks, self._name(cid)
+                )
         self.global_state = lora.init_global_adapter(config, lora_settings, seed)
         self.global_state = {k: v.to(self.device) for k, v in self.global_state.items()}
         self._optim: dict[int, torch.optim.Optimizer] = {}
@@ -107,8 +112,10 @@ class SplitServer:
             lora.adapter_params(self.part.model, name), self.train
         )
         first = req.round * self.local_steps
-        lrs = [optim.lr_at(first + s, self.total_steps, self.train)
-               for s in range(self.local_steps)]
+        lrs = [
+            optim.lr_at(first + s, self.total_steps, self.train)
+            for s in range(self.local_steps)
+        ]
         self._lrs[cid] = lrs
         adapter = truncate_to(self.global_state, self.client_ranks(k))
         return RoundPlan(cid, req.round, k, lrs, adapter)
@@ -150,7 +157,9 @@ class SplitServer:
         cid, k = msg.client_id, self.cut_layers[msg.client_id]
         expected = self.client_ranks(k)
         if set(msg.adapter) != set(expected):
-            raise ClientError(f"client {cid}: adapter keys differ from its layers [0, {k})")
+            raise ClientError(
+                f"client {cid}: adapter keys differ from its layers [0, {k})"
+            )
         if msg.num_samples <= 0:
             raise ClientError(f"client {cid}: num_samples must be > 0")
         bad = [key for key, t in msg.adapter.items() if not torch.isfinite(t).all()]
@@ -164,7 +173,9 @@ class SplitServer:
         """Fold this round's updates into the global adapter; returns who counted."""
         who = sorted(self.updates)
         if who:
-            self.global_state = aggregate(self.global_state, [self.updates[c] for c in who])
+            self.global_state = aggregate(
+                self.global_state, [self.updates[c] for c in who]
+            )
         self.updates.clear()
         self._optim.clear()
         return who
