@@ -176,6 +176,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+
+
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type ``tp``; ints pass as floats."""
     origin = typing.get_origin(tp)
@@ -189,7 +192,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{name}={value!r} is not allowed: a {tp.__name__}")
+        kind = _KINDS.get(tp, tp.__name__)
+        raise ConfigError(f"{name}={value!r} is not allowed: {kind}")
     return value
 
 

@@ -1,0 +1,143 @@
+"""One federated round through the real client, server and transport."""
+
+import peft
+import pytest
+import torch
+from tiny import batch
+from transformers import AutoModelForCausalLM
+
+from splitft import lora
+from splitft.config import LoraSettings, TrainConfig
+from splitft.models.parts import WeightStore
+from splitft.split.client import ServerRefused, SplitClient
+from splitft.split.messages import Ack, AdapterUpdate, RoundRequest, SmashedData
+from splitft.split.server import SplitServer
+from splitft.transport import InProcessTransport
+
+SETTINGS = LoraSettings(r=4, cut_rank=2, alpha=8.0)
+TRAIN = TrainConfig(lr=1e-2, warmup_steps=0, batch_size=2, max_grad_norm=0.0)
+
+
+def examples(n=8, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, 97, (T,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+    return rows
+
+
+def federation(folder, config, cuts, steps=2):
+    store = WeightStore(folder)
+    server = SplitServer(
+        store, config, SETTINGS, TRAIN, cuts, total_steps=steps, local_steps=steps
+    )
+    clients = {
+        c: SplitClient(c, store, config, SETTINGS, TRAIN, examples(seed=c), 0)
+        for c in cuts
+    }
+    return server, clients, InProcessTransport(server)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_exported_adapter_reproduces_split_model(tiny, tmp_path, k):
+    arch, folder, config, _ = tiny
+    server, clients, transport = federation(folder, config, {0: k})
+    steps = clients[0].run_round(transport, 0)
+    assert len(steps) == 2 and all(
+        torch.isfinite(torch.tensor(s["loss"])) for s in steps
+    )
+    server.aggregate()
+    b = batch()
+    with torch.no_grad():
+        client = clients[0].part
+        h = client.client_forward(
+            b["input_ids"], b["attention_mask"], b["position_ids"]
+        )
+        peft.functional.set_adapter(server.part.model, "c0")
+        with server.part.cut_at(k):
+            split_logits = server.part.server_forward(
+                h, b["attention_mask"], b["position_ids"]
+            ).logits
+    out = lora.export_peft(
+        server.global_state, config, SETTINGS, tmp_path / "adapter", str(folder)
+    )
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        peft_logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(folder)(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+        ).logits
+    torch.testing.assert_close(peft_logits, split_logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(peft_logits, base_logits, atol=1e-4)  # it did train
+
+
+def test_two_clients_different_cuts_round(tiny):
+    _, folder, config, _ = tiny
+    server, clients, transport = federation(folder, config, {0: 1, 1: 3})
+    before = dict(server.global_state)
+    for c in clients.values():
+        c.run_round(transport, 0)
+    assert server.aggregate() == [0, 1]
+    changed = [k for k in before if not torch.equal(before[k], server.global_state[k])]
+    assert changed and all(
+        torch.isfinite(v).all() for v in server.global_state.values()
+    )
+    traffic = transport.traffic.snapshot()
+    assert traffic["up_smashed"] > 0 and traffic["down_gradients"] > 0
+    assert traffic["up_adapters"] > 0 and traffic["down_adapters"] > 0
+
+
+def test_misbehaving_client_does_not_take_server_down(tiny):
+    _, folder, config, _ = tiny
+    server, clients, transport = federation(folder, config, {0: 2})
+    H = config.hidden_size
+    bad = [
+        RoundRequest(client_id=7, round=0),  # unknown client
+        SmashedData(
+            0,
+            0,
+            0,
+            1,
+            torch.zeros(1, 3, H),
+            torch.ones(1, 3, dtype=torch.long),
+            torch.arange(3)[None],
+            torch.ones(1, 3, dtype=torch.long),
+        ),  # no plan
+        AdapterUpdate(0, 0, 5, {"model.layers.0.nonsense": torch.zeros(1)}),
+    ]
+    for msg in bad:
+        reply = transport.call(msg)
+        assert isinstance(reply, Ack) and reply.error
+    transport.call(RoundRequest(0, 0))
+    wrong = SmashedData(
+        0,
+        0,
+        0,
+        1,
+        torch.zeros(1, 3, H + 1),
+        torch.ones(1, 3, dtype=torch.long),
+        torch.arange(3)[None],
+        torch.ones(1, 3, dtype=torch.long),
+    )
+    reply = transport.call(wrong)
+    assert "hidden must be" in reply.error
+    nan = {
+        k: torch.full_like(v, float("nan"))
+        for k, v in lora.select_layers(
+            server.global_state, server.spec, range(2)
+        ).items()
+    }
+    reply = transport.call(AdapterUpdate(0, 0, 5, nan))
+    assert reply.error  # rank mismatch or non-finite: refused either way
+    steps = clients[0].run_round(transport, 0)  # and the server still trains
+    assert len(steps) == 2
+
+
+def test_client_raises_on_refusal(tiny):
+    _, folder, config, _ = tiny
+    server, clients, transport = federation(folder, config, {0: 2})
+    server.cut_layers.pop(0)  # the server no longer knows this client
+    with pytest.raises(ServerRefused, match="unknown client_id 0"):
+        clients[0].run_round(transport, 0)
