@@ -82,61 +82,84 @@ class SplitClient:
         Returns:
             One metrics dict per local optimizer step.
         """
+        plan = self.start_round(transport, round)
+        steps = [
+            self.train_step(transport, step, lr, next(self._batches))
+            for step, lr in enumerate(plan.lrs)
+        ]
+        self.finish_round(transport, round)
+        return steps
+
+    def start_round(self, transport: Transport, round: int) -> RoundPlan:
+        """Ask for the plan; (re)build the part for its cut; load its adapters."""
         plan = _expect(transport.call(RoundRequest(self.client_id, round)), RoundPlan)
         if plan.cut_layer != self.cut_layer:
             self._build(plan.cut_layer)
-        model, device = self.part.model, self.store.device
-        lora.load_adapter_state(
-            model, {k: v.to(device) for k, v in plan.adapter.items()}
+        device = self.store.device
+        adapter = {k: v.to(device) for k, v in plan.adapter.items()}
+        lora.load_adapter_state(self.part.model, adapter)
+        self._opt = optim.make_optimizer(
+            lora.adapter_params(self.part.model), self.train
         )
-        opt = optim.make_optimizer(lora.adapter_params(model), self.train)
-        model.train()
-        steps = []
-        for step, lr in enumerate(plan.lrs):
-            loss_sum = tokens = 0
-            client_s = server_s = 0.0
-            for micro in range(self.train.grad_accum):
-                batch = {k: v.to(device) for k, v in next(self._batches).items()}
-                t0 = time.perf_counter()
-                hidden = self.part.client_forward(  # (B, T, H)
-                    batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-                )
-                client_s += time.perf_counter() - t0
-                msg = SmashedData(
-                    self.client_id,
-                    step,
-                    micro,
-                    self.train.grad_accum,
-                    hidden.detach(),
-                    batch["attention_mask"],
-                    batch["position_ids"],
-                    batch["labels"],
-                )
-                reply = _expect(transport.call(msg), Gradient)
-                t0 = time.perf_counter()
-                hidden.backward(reply.grad.to(device))
-                client_s += time.perf_counter() - t0
-                loss_sum += reply.loss * reply.tokens
-                tokens += reply.tokens
-                server_s += reply.server_seconds
+        self._round = round
+        self.part.model.train()
+        return plan
+
+    def train_step(
+        self, transport: Transport, step: int, lr: float, *micro_batches: dict
+    ) -> dict:
+        """One optimizer step over ``train.grad_accum`` micro-batches.
+
+        The first micro-batch is given; the others come from the client's
+        stream. Returns the step's metrics.
+        """
+        device = self.store.device
+        batches = list(micro_batches)
+        while len(batches) < self.train.grad_accum:
+            batches.append(next(self._batches))
+        loss_sum = tokens = 0
+        client_s = server_s = 0.0
+        for micro, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
             t0 = time.perf_counter()
-            optim.step(opt, lr, self.train.max_grad_norm)
-            client_s += time.perf_counter() - t0
-            steps.append(
-                dict(
-                    round=round,
-                    client=self.client_id,
-                    step=step,
-                    cut_layer=plan.cut_layer,
-                    loss=loss_sum / max(tokens, 1),
-                    tokens=tokens,
-                    lr=lr,
-                    client_seconds=client_s,
-                    server_seconds=server_s,
-                )
+            hidden = self.part.client_forward(  # (B, T, H)
+                batch["input_ids"], batch["attention_mask"], batch["position_ids"]
             )
-        update = AdapterUpdate(
-            self.client_id, round, len(self.examples), lora.adapter_state(model)
+            client_s += time.perf_counter() - t0
+            msg = SmashedData(
+                self.client_id,
+                step,
+                micro,
+                len(batches),
+                hidden.detach(),
+                batch["attention_mask"],
+                batch["position_ids"],
+                batch["labels"],
+            )
+            reply = _expect(transport.call(msg), Gradient)
+            t0 = time.perf_counter()
+            hidden.backward(reply.grad.to(device))
+            client_s += time.perf_counter() - t0
+            loss_sum += reply.loss * reply.tokens
+            tokens += reply.tokens
+            server_s += reply.server_seconds
+        t0 = time.perf_counter()
+        optim.step(self._opt, lr, self.train.max_grad_norm)
+        client_s += time.perf_counter() - t0
+        return dict(
+            round=self._round,
+            client=self.client_id,
+            step=step,
+            cut_layer=self.cut_layer,
+            loss=loss_sum / max(tokens, 1),
+            tokens=tokens,
+            lr=lr,
+            client_seconds=client_s,
+            server_seconds=server_s,
         )
+
+    def finish_round(self, transport: Transport, round: int) -> None:
+        """Upload the client-side adapters for aggregation."""
+        state = lora.adapter_state(self.part.model)
+        update = AdapterUpdate(self.client_id, round, len(self.examples), state)
         _expect(transport.call(update), Ack)
-        return steps
