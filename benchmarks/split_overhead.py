@@ -25,9 +25,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from splitft import lora
-from splitft.config import LoraSettings, TrainConfig, cache_dir
+from splitft.config import DEFAULT_TASKS, LoraSettings, TrainConfig, cache_dir
 from splitft.data import build_datasets, collate
-from splitft.data.bigbench import DEFAULT_TASKS
 from splitft.models.default import default_model_dir
 from splitft.models.parts import WeightStore, client_part, load_model_config
 from splitft.split import optim

@@ -1,7 +1,7 @@
 """Data: BIG-bench tasks and their encoding for answer-only fine-tuning."""
 
+from splitft.config import DEFAULT_TASKS
 from splitft.data.bigbench import (
-    DEFAULT_TASKS,
     Example,
     fetch_bigbench,
     load_task,

@@ -21,13 +21,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TASKS: tuple[str, ...] = (
-    "arithmetic/2_digit_addition",
-    "arithmetic/2_digit_subtraction",
-    "date_understanding",
-    "qa_wikidata",
-)
-
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
 _MEMBER_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 _MEMBER_FILE = "/task.json"

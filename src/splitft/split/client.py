@@ -119,6 +119,7 @@ class SplitClient:
             batches.append(next(self._batches))
         loss_sum = tokens = 0
         client_s = server_s = 0.0
+        sent_before = transport.traffic.snapshot()
         for micro, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             t0 = time.perf_counter()
@@ -146,6 +147,8 @@ class SplitClient:
         t0 = time.perf_counter()
         optim.step(self._opt, lr, self.train.max_grad_norm)
         client_s += time.perf_counter() - t0
+        sent = transport.traffic.snapshot()
+        sent = {f"bytes_{k}": v - sent_before.get(k, 0) for k, v in sent.items()}
         return dict(
             round=self._round,
             client=self.client_id,
@@ -156,6 +159,7 @@ class SplitClient:
             lr=lr,
             client_seconds=client_s,
             server_seconds=server_s,
+            **{k: v for k, v in sent.items() if v},
         )
 
     def finish_round(self, transport: Transport, round: int) -> None:
