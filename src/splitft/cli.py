@@ -40,10 +40,40 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    """Show how the config spreads the training data over the clients."""
+    cfg = load_config(args.config, args.overrides)
+    from transformers import AutoTokenizer
+
+    from splitft.data.federated import load_run_data
+    from splitft.data.partition_report import (
+        partition_stats,
+        plot_length_distributions,
+        print_partition_table,
+    )
+    from splitft.models.default import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
+    data = load_run_data(cfg, tokenizer)
+    p = cfg.partition
+    title = (
+        f"{p.method} partition of {cfg.data.source} over {len(data.partitions)} clients"
+    )
+    if p.method != "iid":
+        title += f" (alpha={p.alpha:g})"
+    print_partition_table(partition_stats(data.partitions), title)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_length_distributions(
+        data.partitions, cfg.run_dir / "partitions.png", title
+    )
+    print(f"length distributions: {png}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # fail fast, before heavy imports
     from splitft.federation.simulation import Simulation
 
-    cfg = load_config(args.config, args.overrides)
     Simulation(cfg).run()
     print(f"outputs in {cfg.run_dir}/ (adapter: {cfg.run_dir / 'adapter'})")
     return 0
@@ -67,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="convert the default model, fetch data")
     _config_args(prep)
     prep.set_defaults(func=cmd_prepare)
+    part = sub.add_parser("partition", help="per-client data table and length plot")
+    _config_args(part)
+    part.set_defaults(func=cmd_partition)
     st = sub.add_parser("settings", help="list every setting, its default and help")
     st.set_defaults(func=cmd_settings)
     return ap
@@ -87,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     _split_config_arg(args)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("SPLITFT_DEBUG"):
+            raise
         print(f"splitft: error: {e}", file=sys.stderr)
+        if not isinstance(e, ConfigError):
+            print("(SPLITFT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

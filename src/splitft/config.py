@@ -87,12 +87,26 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
+    source: str = _f(
+        "bigbench",
+        "'bigbench' (the tasks below) or a local .json/.jsonl/.csv/.parquet file",
+    )
+    format: str = _f(
+        "auto", "local files: 'alpaca' (instruction/input/output), 'chat', or 'auto'"
+    )
+    loss_on: str = _f(
+        "response", "'response' (answer / assistant tokens only) or 'all' tokens"
+    )
     tasks: list[str] = _f(list(DEFAULT_TASKS), "BIG-bench task names")
     max_length: int = _f(192, "tokens per example after truncation")
     eval_size: int = _f(24, "held-out examples per task")
     max_train_per_task: int = _f(200, "cap on training examples per task (0 = all)")
 
     def __post_init__(self) -> None:
+        formats = ("auto", "alpaca", "chat")
+        _check(self.format in formats, "data.format", self.format, str(formats))
+        ok = self.loss_on in ("response", "all")
+        _check(ok, "data.loss_on", self.loss_on, "'response' or 'all'")
         _check(len(self.tasks) > 0, "data.tasks", self.tasks, "at least one task")
         _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
         _check(self.eval_size >= 1, "data.eval_size", self.eval_size, ">= 1")
@@ -147,12 +161,52 @@ class FederationConfig:
         _check(ok, "federation.cut_layers", self.cut_layers, "non-empty, each >= 1")
 
 
+PARTITION_METHODS = ("iid", "length_dirichlet", "task_dirichlet")
+
+
+@dataclass
+class PartitionConfig:
+    method: str = _f(
+        "iid",
+        "how training data is spread over clients: 'iid', 'length_dirichlet' "
+        "(SplitFT: Dirichlet over token-length bins) or 'task_dirichlet'",
+    )
+    alpha: float = _f(0.5, "Dirichlet concentration: small = more heterogeneous")
+    num_bins: int = _f(4, "length_dirichlet: quantile bins of token length")
+    min_partition_size: int = _f(4, "redraw until every client has this many samples")
+
+    def __post_init__(self) -> None:
+        allowed = str(PARTITION_METHODS)
+        _check(
+            self.method in PARTITION_METHODS, "partition.method", self.method, allowed
+        )
+        _check(self.alpha > 0, "partition.alpha", self.alpha, "a number > 0")
+        _check(self.num_bins >= 1, "partition.num_bins", self.num_bins, ">= 1")
+        ok = self.min_partition_size >= 1
+        _check(ok, "partition.min_partition_size", self.min_partition_size, ">= 1")
+
+
 @dataclass
 class EvalConfig:
-    every: int = _f(1, "evaluate the global model every N rounds (and before training)")
+    every: int = _f(1, "held-out loss of the global model every N rounds (and round 0)")
+    accuracy: bool = _f(
+        True, "task accuracy (exact match, multiple choice) before and after training"
+    )
+    accuracy_every: int = _f(
+        0, "also task accuracy every N rounds (0 = only first/last)"
+    )
+    accuracy_examples: int = _f(24, "held-out examples per task for task accuracy")
+    max_new_tokens: int = _f(16, "generation length for exact match")
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "eval.every", self.every, ">= 1")
+        ok = self.accuracy_every >= 0
+        _check(ok, "eval.accuracy_every", self.accuracy_every, ">= 0")
+        ok = self.accuracy_examples >= 1
+        _check(ok, "eval.accuracy_examples", self.accuracy_examples, ">= 1")
+        _check(
+            self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, ">= 1"
+        )
 
 
 @dataclass
@@ -163,6 +217,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

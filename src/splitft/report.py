@@ -47,6 +47,8 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
         "eval loss",
         "eval ppl",
         "token acc",
+        "exact match",
+        "MC acc",
         "bytes up",
         "bytes down",
         "time s",
@@ -59,6 +61,8 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
             _fmt(r, "eval_loss"),
             _fmt(r, "eval_ppl", ".2f"),
             _fmt(r, "eval_token_acc", ".3f"),
+            _fmt(r, "exact_match", ".3f"),
+            _fmt(r, "mc_accuracy", ".3f"),
             human_bytes(r.get("bytes_up", 0)),
             human_bytes(r.get("bytes_down", 0)),
             _fmt(r, "elapsed_s", ".1f"),
@@ -67,8 +71,38 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
 
 
 def print_table(rounds: list[dict[str, Any]], title: str) -> None:
-    Console().print(results_table(rounds, title))
+    console = Console()
+    console.print(results_table(rounds, title))
+    scored = [r for r in rounds if "task_accuracy" in r]
+    if len(scored) >= 2:
+        console.print(accuracy_table(scored[0], scored[-1], "task accuracy"))
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def accuracy_table(first: dict[str, Any], last: dict[str, Any], title: str) -> Table:
+    """Per task: the base model (round 0) and the fine-tuned model side by side."""
+    table = Table(title=title)
+    for col in (
+        "task",
+        "n",
+        "exact match base",
+        "exact match tuned",
+        "MC base",
+        "MC tuned",
+    ):
+        table.add_column(col, justify="right")
+    a, b = first.get("task_accuracy", {}), last.get("task_accuracy", {})
+    for task in sorted(set(a) | set(b)):
+        x, y = a.get(task, {}), b.get(task, {})
+        table.add_row(
+            task,
+            str(y.get("n", x.get("n", "-"))),
+            _fmt(x, "exact_match", ".3f"),
+            _fmt(y, "exact_match", ".3f"),
+            _fmt(x, "mc_accuracy", ".3f"),
+            _fmt(y, "mc_accuracy", ".3f"),
+        )
+    return table

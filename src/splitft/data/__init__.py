@@ -1,4 +1,4 @@
-"""Data: BIG-bench tasks and their encoding for answer-only fine-tuning."""
+"""Data: BIG-bench tasks and local files, encoded for response-only fine-tuning."""
 
 from splitft.config import DEFAULT_TASKS
 from splitft.data.bigbench import (
@@ -7,15 +7,26 @@ from splitft.data.bigbench import (
     load_task,
     split_examples,
 )
-from splitft.data.format import build_datasets, collate, encode_example
+from splitft.data.format import (
+    build_datasets,
+    collate,
+    encode_conversation,
+    encode_example,
+    render_prompt,
+)
+from splitft.data.local import Conversation, load_local
 
 __all__ = [
     "DEFAULT_TASKS",
+    "Conversation",
     "Example",
     "build_datasets",
     "collate",
+    "encode_conversation",
     "encode_example",
     "fetch_bigbench",
+    "load_local",
     "load_task",
+    "render_prompt",
     "split_examples",
 ]

@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr_datasets.partitioner import IidPartitioner
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from splitft import lora, report
-from splitft.config import ConfigError, RunConfig, cache_dir, save_config, to_dict
-from splitft.data import build_datasets
-from splitft.eval import evaluate
+from splitft.config import ConfigError, RunConfig, save_config, to_dict
+from splitft.data.federated import load_run_data
+from splitft.eval import evaluate, task_accuracy
 from splitft.models.default import resolve_model_dir
 from splitft.models.parts import WeightStore, full_part, load_model_config
 from splitft.split.client import SplitClient
@@ -60,17 +59,7 @@ class Simulation:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.train_set, self.eval_set = build_datasets(
-            cfg.data.tasks,
-            self.tokenizer,
-            cache_dir(),
-            cfg.data.max_length,
-            cfg.data.eval_size,
-            cfg.seed,
-            cfg.data.max_train_per_task or None,
-        )
-        partitioner = IidPartitioner(num_partitions=cfg.federation.num_clients)
-        partitioner.dataset = self.train_set
+        self.data = load_run_data(cfg, self.tokenizer)
         self.store = WeightStore(
             self.model_dir, device=resolve_device(cfg.model.device)
         )
@@ -98,7 +87,7 @@ class Simulation:
                 self.config,
                 cfg.lora,
                 cfg.train,
-                partitioner.load_partition(cid).select_columns(cols).to_list(),
+                self.data.partitions[cid].select_columns(cols).to_list(),
                 self.pad_id,
                 seed=cfg.seed,
             )
@@ -108,7 +97,13 @@ class Simulation:
         self.transports = {
             cid: InProcessTransport(self.server, self.traffic) for cid in self.clients
         }
-        self.eval_examples = self.eval_set.select_columns(cols).to_list()
+        self.eval_examples = self.data.held_out.select_columns(cols).to_list()
+        self.accuracy_examples = _per_task(
+            self.data.held_out.select_columns(
+                ["task", "prompt", "answer", "choices", "correct"]
+            ),
+            cfg.eval.accuracy_examples,
+        )
         self.evaluator = full_part(self.store, self.config)
         ranks = lora.layer_ranks(range(L), cfg.lora, cut=False)
         lora.inject(self.evaluator.model, self.evaluator.spec, cfg.lora, ranks)
@@ -119,13 +114,35 @@ class Simulation:
         self.log = report.MetricsLog(self.run_dir / "metrics.jsonl")
 
     # ---------------------------------------------------------------- train
-    def evaluate_global(self) -> dict[str, float]:
+    def evaluate_global(self, accuracy: bool) -> dict[str, Any]:
+        """Evaluate the global adapter on the unsplit model (what is exported)."""
         lora.load_adapter_state(self.evaluator.model, self.server.global_state)
-        return evaluate(
-            self.evaluator,
-            self.eval_examples,
-            self.cfg.train.batch_size * 2,
-            self.pad_id,
+        bs = self.cfg.train.batch_size * 2
+        result: dict[str, Any] = evaluate(
+            self.evaluator, self.eval_examples, bs, self.pad_id
+        )
+        if accuracy:
+            per_task = task_accuracy(
+                self.evaluator,
+                self.tokenizer,
+                self.accuracy_examples,
+                self.cfg.eval.max_new_tokens,
+                self.cfg.data.max_length,
+                bs,
+            )
+            result["task_accuracy"] = per_task
+            for metric in ("exact_match", "mc_accuracy"):
+                values = [t[metric] for t in per_task.values() if metric in t]
+                if values:  # macro average over the tasks that have it
+                    result[metric] = sum(values) / len(values)
+        return result
+
+    def _accuracy_due(self, rnd: int) -> bool:
+        e, last = self.cfg.eval, self.cfg.federation.rounds
+        if not e.accuracy:
+            return False
+        return rnd in (0, last) or (
+            e.accuracy_every > 0 and rnd % e.accuracy_every == 0
         )
 
     def train(self) -> list[dict[str, Any]]:
@@ -134,7 +151,7 @@ class Simulation:
         base = {
             "type": "round",
             "round": 0,
-            **self.evaluate_global(),
+            **self.evaluate_global(self._accuracy_due(0)),
             "elapsed_s": time.perf_counter() - t_start,
         }
         self.log.write(base)
@@ -178,8 +195,9 @@ class Simulation:
                 ),
                 **traffic,
             }
-            if (rnd + 1) % cfg.eval.every == 0 or rnd + 1 == fed.rounds:
-                record.update(self.evaluate_global())
+            accuracy = self._accuracy_due(rnd + 1)
+            if accuracy or (rnd + 1) % cfg.eval.every == 0 or rnd + 1 == fed.rounds:
+                record.update(self.evaluate_global(accuracy))
             record["elapsed_s"] = time.perf_counter() - t_start
             self.log.write(record)
             self.rounds.append(record)
@@ -201,6 +219,7 @@ class Simulation:
             "run": self.cfg.name,
             "model": str(self.model_dir),
             "cut_layers": self.cut_layers,
+            "data": self.data.info,
             "rounds": self.rounds,
             "bytes": totals,
             "adapter": str(adapter_dir),
@@ -216,3 +235,14 @@ class Simulation:
         summary = self.finish()
         report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
         return summary
+
+
+def _per_task(held_out, limit: int) -> list[dict]:
+    """The first ``limit`` held-out examples of each task (the split is seeded)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for row in held_out.to_list():
+        if seen.get(row["task"], 0) < limit:
+            seen[row["task"]] = seen.get(row["task"], 0) + 1
+            keep.append(row)
+    return keep

@@ -1,0 +1,373 @@
+"""Local JSON/JSONL/CSV/Parquet files: loading, validation and encoding."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_format import END_OF_TURN, labelled_spans, make_tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from splitft.data import Conversation, Example, build_datasets, load_local
+from splitft.data.local import detect_format
+
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "12 and 7", "output": "19"},
+    {"instruction": "What is 2 plus 2?", "input": "", "output": "4"},
+    {"instruction": "Name a prime.", "output": "007"},  # no input; text, not 7
+]
+CHAT = [
+    {
+        "messages": [
+            {"role": "user", "content": "What is 12 plus 7?"},
+            {"role": "assistant", "content": "19"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "What is 12 plus 7?"},
+            {"role": "assistant", "content": "19"},
+            {"role": "user", "content": "plus 1?"},
+            {"role": "assistant", "content": "20"},
+        ]
+    },
+]
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    """Write rows in the format the suffix names (CSV: the union of the keys)."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".csv":
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("")
+    return path
+
+
+def load(path: Path, **kwargs):
+    # A per-test Arrow cache keeps ~/.cache out of the tests.
+    return load_local(path, cache_dir=path.parent / "cache", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+# Loading both formats
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_alpaca_in_every_file_type(tmp_path, suffix):
+    records = load(write(tmp_path / f"sums{suffix}", ALPACA))
+    assert records == [
+        Example("sums", "Add the numbers.\n\n12 and 7", "19"),
+        Example("sums", "What is 2 plus 2?", "4"),
+        Example("sums", "Name a prime.", "007"),
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_chat_in_every_file_type(tmp_path, suffix):
+    records = load(write(tmp_path / f"talk{suffix}", CHAT))
+    assert records == [Conversation("talk", tuple(row["messages"])) for row in CHAT]
+
+
+def test_chat_keeps_only_role_and_content(tmp_path):
+    user, assistant = CHAT[0]["messages"]
+    # Messages of different shapes come back from datasets as Json values.
+    rows = [*CHAT, {"messages": [{**user, "name": "x"}, assistant]}]
+    records = load(write(tmp_path / "talk.jsonl", rows))
+    assert records[-1].messages == ({**user}, {**assistant})
+    assert records[-1].messages[1]["content"] == "19"
+
+
+def test_blank_output_is_skipped(tmp_path, caplog):
+    rows = [*ALPACA, {"instruction": "Say nothing.", "output": "  "}]
+    with caplog.at_level(logging.WARNING):
+        records = load(write(tmp_path / "sums.jsonl", rows))
+    assert len(records) == len(ALPACA)
+    assert "skipped 1 empty outputs" in caplog.text
+
+
+# Format detection
+
+
+def test_detect_format():
+    assert detect_format(["instruction", "input", "output"]) == "alpaca"
+    assert detect_format(["messages", "id"]) == "chat"
+
+
+@pytest.mark.parametrize(
+    ("columns", "why"),
+    [
+        (["instruction", "output", "messages"], "ambiguous"),
+        (["prompt", "completion"], "matches no format"),
+    ],
+)
+def test_detect_format_explains(columns, why):
+    with pytest.raises(ValueError) as err:
+        detect_format(columns, "data.jsonl")
+    text = str(err.value)
+    assert text.startswith("data.jsonl: ") and why in text
+    assert str(sorted(columns)) in text  # what was found
+    assert "'alpaca' needs 'instruction' and 'output'" in text  # what each needs
+    assert "'chat' needs 'messages'" in text
+
+
+def test_explicit_format_settles_ambiguity(tmp_path):
+    rows = [{**CHAT[0], "instruction": "i", "output": "o"}]
+    path = write(tmp_path / "both.jsonl", rows)
+    with pytest.raises(ValueError, match="ambiguous"):
+        load(path)
+    assert isinstance(load(path, data_format="chat")[0], Conversation)
+    assert isinstance(load(path, data_format="alpaca")[0], Example)
+
+
+# Errors name the file, the 0-based row and the field
+
+
+@pytest.mark.parametrize(
+    ("rows", "bad"),
+    [
+        (
+            [ALPACA[0], {"instruction": "q"}],
+            "row 1 (0-based): field 'output' is missing or null",
+        ),
+        (  # mixed types: datasets alone would report row 0's "19" as an int
+            [ALPACA[0], ALPACA[1], {"instruction": "q", "output": 19}],
+            "row 2 (0-based): field 'output' is not a string (got 19)",
+        ),
+        (
+            [{"instruction": "q", "input": ["x"], "output": "a"}],
+            "row 0 (0-based): field 'input' is not a string",
+        ),
+        (
+            [ALPACA[0], {"instruction": " ", "output": "a"}],
+            "row 1 (0-based): field 'instruction' is empty",
+        ),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_alpaca_errors_name_file_row_field(tmp_path, rows, bad, suffix):
+    path = write(tmp_path / f"sums{suffix}", rows)
+    with pytest.raises(ValueError) as err:
+        load(path, data_format="alpaca")
+    assert str(err.value).startswith(f"{path}: ")
+    assert bad in str(err.value)
+
+
+def test_parquet_mistyped_column(tmp_path):
+    path = tmp_path / "sums.parquet"
+    pq.write_table(pa.table({"instruction": ["q"], "output": [19]}), path)
+    with pytest.raises(ValueError) as err:
+        load(path)
+    assert str(err.value) == (
+        f"{path}: row 0 (0-based): field 'output' is not a string (got 19)"
+    )
+
+
+def _chat_row(*messages: object) -> dict:
+    return {"messages": list(messages)}
+
+
+USER = {"role": "user", "content": "q"}
+ASSISTANT = {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "bad"),
+    [
+        (
+            _chat_row(USER, {"role": "bot", "content": "a"}),
+            "field 'messages': message 1 (0-based): key 'role' must be one of "
+            "('system', 'user', 'assistant'), got 'bot'",
+        ),
+        (
+            _chat_row(USER, {"role": "assistant"}),
+            "field 'messages': message 1 (0-based): key 'content' must be a string, "
+            "got missing or null",
+        ),
+        (  # mixed types: datasets alone would report row 0's "19" as an int
+            _chat_row({"role": "user", "content": ["q"]}, ASSISTANT),
+            "field 'messages': message 0 (0-based): key 'content' must be a string, "
+            "got list",
+        ),
+        (_chat_row(USER), "field 'messages': has no assistant message"),
+        (_chat_row(), "field 'messages': must be a non-empty list"),
+        ({"messages": "user: q"}, "field 'messages': is a string"),
+        ({"id": 3}, "field 'messages' is missing or null"),
+    ],
+)
+def test_chat_errors_name_file_row_field(tmp_path, bad_row, bad):
+    path = write(tmp_path / "talk.jsonl", [*CHAT, bad_row])
+    with pytest.raises(ValueError) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path}: row 2 (0-based): ")
+    assert bad in str(err.value)
+
+
+def test_row_that_is_not_an_object(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    path.write_text(json.dumps(ALPACA[0]) + "\n[1, 2]\n")
+    with pytest.raises(
+        ValueError, match=r"sums.jsonl: row 1 \(0-based\) is not a JSON"
+    ):
+        load(path)
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    path = tmp_path / "sums.json"
+    path.write_text("[{not json")
+    with pytest.raises(ValueError, match="sums.json: "):
+        load(path)
+
+
+def test_chat_in_csv_is_refused(tmp_path):
+    path = tmp_path / "talk.csv"
+    path.write_text('messages\n"[{""role"": ""user"", ""content"": ""q""}]"\n')
+    with pytest.raises(ValueError, match="chat data in CSV is not supported"):
+        load(path)
+
+
+def test_unsupported_extension_lists_supported(tmp_path):
+    path = write(tmp_path / "sums.txt", ALPACA)
+    with pytest.raises(ValueError) as err:
+        load(path)
+    assert "'.txt'" in str(err.value)
+    assert ".json, .jsonl, .csv, .parquet" in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize(("suffix", "text"), [(".jsonl", ""), (".json", "[]")])
+def test_empty_file(tmp_path, suffix, text):
+    path = tmp_path / f"sums{suffix}"
+    path.write_text(text)
+    with pytest.raises(
+        ValueError, match=f"sums{suffix}: the file (has no rows|is empty)"
+    ):
+        load(path)
+
+
+def test_bad_format_name(tmp_path):
+    with pytest.raises(ValueError, match="data_format must be one of"):
+        load(write(tmp_path / "sums.jsonl", ALPACA), data_format="sharegpt")
+
+
+# build_datasets on a local file
+
+COLUMNS = {
+    "input_ids",
+    "labels",
+    "task",
+    "prompt",
+    "answer",
+    "length",
+    "choices",
+    "correct",
+}
+
+
+def sums(n: int) -> list[dict]:
+    return [
+        {"instruction": f"What is {i} plus 7?", "input": "", "output": str(i + 7)}
+        for i in range(n)
+    ]
+
+
+def build(path: Path, tokenizer, seed=0, max_length=64, max_train=None, **kwargs):
+    """build_datasets on one local file, 4 held out; the task list is unused."""
+    return build_datasets(
+        ["unused"],
+        tokenizer,
+        path.parent,
+        max_length,
+        4,
+        seed,
+        max_train,
+        source=str(path),
+        **kwargs,
+    )
+
+
+def test_build_datasets_alpaca(tokenizer, tmp_path):
+    path = write(tmp_path / "sums.jsonl", sums(20))
+    train, held = build(path, tokenizer, max_train=10)
+    assert len(train) == 10 and len(held) == 4
+    for ds in (train, held):
+        assert set(ds.column_names) == COLUMNS
+        assert set(ds["task"]) == {"sums"}
+        assert ds["choices"] == [[]] * len(ds) and set(ds["correct"]) == {-1}
+    row = held[0]
+    assert row["length"] == len(row["input_ids"]) == len(row["labels"])
+    assert labelled_spans(tokenizer, row) == [row["answer"] + END_OF_TURN]
+    assert not set(train["prompt"]) & set(held["prompt"])
+
+
+def test_build_datasets_split_is_deterministic(tokenizer, tmp_path):
+    path = write(tmp_path / "sums.parquet", sums(20))
+    first = build(path, tokenizer)
+    again = build(path, tokenizer)
+    other = build(path, tokenizer, seed=1)
+    assert [d["prompt"] for d in first] == [d["prompt"] for d in again]
+    assert first[1]["prompt"] != other[1]["prompt"]
+    assert len(first[0]) == 16 and len(first[1]) == 4
+
+
+def test_build_datasets_holds_out_at_most_half(tokenizer, tmp_path):
+    train, held = build(write(tmp_path / "sums.csv", sums(5)), tokenizer)
+    assert len(train) == 3 and len(held) == 2
+
+
+def test_build_datasets_chat(tokenizer, tmp_path):
+    rows = [CHAT[i % 2] for i in range(8)]
+    train, held = build(write(tmp_path / "talk.json", rows), tokenizer)
+    assert len(train) == 4 and len(held) == 4
+    assert set(held.column_names) == COLUMNS
+    by_turns = {len(labelled_spans(tokenizer, r)): r for r in [*train, *held]}
+    single, multi = by_turns[1], by_turns[2]
+    # prompt/answer: what precedes the last assistant turn, and that turn.
+    assert (single["prompt"], single["answer"]) == ("What is 12 plus 7?", "19")
+    assert multi["prompt"] == (
+        "system: be brief\nuser: What is 12 plus 7?\nassistant: 19\nuser: plus 1?"
+    )
+    assert multi["answer"] == "20"
+    assert labelled_spans(tokenizer, multi) == ["19" + END_OF_TURN, "20" + END_OF_TURN]
+    assert multi["choices"] == [] and multi["correct"] == -1
+
+
+def test_build_datasets_chat_loss_on_all(tokenizer, tmp_path):
+    path = write(tmp_path / "talk.jsonl", CHAT * 2)
+    train, _ = build(path, tokenizer, loss_on="all")
+    assert all(r["labels"] == r["input_ids"] for r in train)
+
+
+def test_build_datasets_names_the_example_that_does_not_fit(tokenizer, tmp_path):
+    rows = [*CHAT, _chat_row(ASSISTANT, {"role": "user", "content": "q " * 200})]
+    path = write(tmp_path / "talk.jsonl", rows)
+    with pytest.raises(ValueError, match="task 'talk', prompt .*no assistant"):
+        build(path, tokenizer, max_length=8)
+
+
+def test_build_datasets_missing_file(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        build(tmp_path / "nope.jsonl", tokenizer)
