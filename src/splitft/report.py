@@ -45,7 +45,6 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
         "round",
         "train loss",
         "eval loss",
-        "eval ppl",
         "token acc",
         "exact match",
         "MC acc",
@@ -59,7 +58,6 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
             str(r["round"]),
             _fmt(r, "train_loss"),
             _fmt(r, "eval_loss"),
-            _fmt(r, "eval_ppl", ".2f"),
             _fmt(r, "eval_token_acc", ".3f"),
             _fmt(r, "exact_match", ".3f"),
             _fmt(r, "mc_accuracy", ".3f"),
@@ -72,6 +70,8 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
 
 def print_table(rounds: list[dict[str, Any]], title: str) -> None:
     console = Console()
+    if console.width < 100:  # not a terminal (a log, CI): do not squeeze columns
+        console = Console(width=100)
     console.print(results_table(rounds, title))
     scored = [r for r in rounds if "task_accuracy" in r]
     if len(scored) >= 2:
