@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
@@ -39,10 +41,12 @@ CONFIGS = {
 ARCHS = sorted(CONFIGS)
 
 
-def make_tiny(arch: str, folder, seed: int = 0):
+def make_tiny(arch: str, folder, seed: int = 0, vocab_size: int | None = None):
     """Save a random tiny model of ``arch`` to ``folder``; return (config, model)."""
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(folder)
     return model.config, model
@@ -63,4 +67,32 @@ def batch(vocab: int = 97, B: int = 2, T: int = 10, seed: int = 1):
         attention_mask=attention_mask,
         position_ids=position_ids,
         labels=labels,
+    )
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+END_OF_TURN = "<|im_end|>\n"
+
+
+def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """Byte-level BPE, so any text round-trips through decode."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["What is 12 plus 7? 19", "user assistant"], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=chat_template,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tiny import CHATML, END_OF_TURN, make_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from splitft.data import (
@@ -19,33 +19,6 @@ from splitft.data import (
     encode_example,
     render_prompt,
 )
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-    "<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-END_OF_TURN = "<|im_end|>\n"
-
-
-def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    """Byte-level BPE, so any text round-trips through decode."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["What is 12 plus 7? 19", "user assistant"], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=chat_template,
-    )
 
 
 @pytest.fixture(scope="module")
