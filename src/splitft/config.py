@@ -98,7 +98,14 @@ class DataConfig:
         "response", "'response' (answer / assistant tokens only) or 'all' tokens"
     )
     tasks: list[str] = _f(list(DEFAULT_TASKS), "BIG-bench task names")
-    max_length: int = _f(192, "tokens per example after truncation")
+    max_length: int = _f(
+        192, "tokens per example (and per packed row) after truncation"
+    )
+    packing: bool = _f(
+        False,
+        "pack each client's examples into rows of max_length tokens "
+        "(position ids restart per example; no attention across examples)",
+    )
     eval_size: int = _f(24, "held-out examples per task")
     max_train_per_task: int = _f(200, "cap on training examples per task (0 = all)")
 

@@ -141,3 +141,19 @@ def test_client_raises_on_refusal(tiny):
     server.cut_layers.pop(0)  # the server no longer knows this client
     with pytest.raises(ServerRefused, match="unknown client_id 0"):
         clients[0].run_round(transport, 0)
+
+
+def test_round_with_packed_rows(tiny):
+    from splitft.data.packing import pack
+
+    _, folder, config, _ = tiny
+    store = WeightStore(folder)
+    server = SplitServer(
+        store, config, SETTINGS, TRAIN, {0: 2}, total_steps=2, local_steps=2
+    )
+    rows = pack(examples(n=12, T=6), max_length=20)
+    client = SplitClient(0, store, config, SETTINGS, TRAIN, rows, 0)
+    transport = InProcessTransport(server)
+    steps = client.run_round(transport, 0)
+    assert len(steps) == 2 and all(s["tokens"] > 0 for s in steps)
+    assert server.aggregate() == [0]

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from splitft import lora, report
 from splitft.config import ConfigError, RunConfig, save_config, to_dict
 from splitft.data.federated import load_run_data
+from splitft.data.packing import pack
 from splitft.eval import evaluate, task_accuracy
 from splitft.models.default import resolve_model_dir
 from splitft.models.parts import WeightStore, full_part, load_model_config
@@ -87,7 +88,7 @@ class Simulation:
                 self.config,
                 cfg.lora,
                 cfg.train,
-                self.data.partitions[cid].select_columns(cols).to_list(),
+                self._client_rows(cid),
                 self.pad_id,
                 seed=cfg.seed,
             )
@@ -112,6 +113,12 @@ class Simulation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.log = report.MetricsLog(self.run_dir / "metrics.jsonl")
+
+    def _client_rows(self, cid: int) -> list[dict]:
+        rows = (
+            self.data.partitions[cid].select_columns(["input_ids", "labels"]).to_list()
+        )
+        return pack(rows, self.cfg.data.max_length) if self.cfg.data.packing else rows
 
     # ---------------------------------------------------------------- train
     def evaluate_global(self, accuracy: bool) -> dict[str, Any]:

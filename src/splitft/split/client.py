@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 from transformers import PretrainedConfig
 
 from splitft import lora
@@ -26,6 +27,10 @@ from splitft.transport.base import Transport
 
 class ServerRefused(RuntimeError):
     """The server answered a request with an error."""
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def _expect(reply, cls):
@@ -121,7 +126,7 @@ class SplitClient:
         client_s = server_s = 0.0
         sent_before = transport.traffic.snapshot()
         for micro, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: _to(v, device) for k, v in batch.items()}
             t0 = time.perf_counter()
             hidden = self.part.client_forward(  # (B, T, H)
                 batch["input_ids"], batch["attention_mask"], batch["position_ids"]

@@ -50,7 +50,7 @@ class SmashedData:
     micro: int  # micro-batch index within the step
     num_micro: int  # micro-batches per step: the server steps after the last
     hidden: torch.Tensor  # (B, T, H) float
-    attention_mask: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor | None  # (B, T) int64; None for packed rows
     position_ids: torch.Tensor  # (B, T) int64
     labels: torch.Tensor  # (B, T) int64, -100 where no loss
     kind = SMASHED
