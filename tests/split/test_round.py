@@ -157,3 +157,36 @@ def test_round_with_packed_rows(tiny):
     steps = client.run_round(transport, 0)
     assert len(steps) == 2 and all(s["tokens"] > 0 for s in steps)
     assert server.aggregate() == [0]
+
+
+def test_server_refuses_bad_steps_and_keeps_a_clean_state(tiny):
+    _, folder, config, _ = tiny
+    server, clients, transport = federation(folder, config, {0: 2})
+    H = config.hidden_size
+    ones = torch.ones(1, 3, dtype=torch.long)
+
+    def smashed(hidden, step=0, micro=0, num_micro=1, labels=ones):
+        return SmashedData(
+            0, step, micro, num_micro, hidden, ones, torch.arange(3)[None], labels
+        )
+
+    assert "round -3 not in" in transport.call(RoundRequest(0, -3)).error
+    transport.call(RoundRequest(0, 0))
+    before = lora.adapter_state(server.part.model, "c0")
+    nan = torch.full((1, 3, H), float("nan"))
+    cases = {
+        "non-finite": smashed(nan),
+        "step 5 not in": smashed(torch.zeros(1, 3, H), step=5),
+        "micro 1 not in": smashed(torch.zeros(1, 3, H), micro=1),
+        "labels must be (1, 3)": smashed(torch.zeros(1, 3, H), labels=torch.ones(1, 4)),
+    }
+    for expected, msg in cases.items():
+        assert expected in transport.call(msg).error
+    after = lora.adapter_state(server.part.model, "c0")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in lora.adapter_params(server.part.model, "c0"))
+    # a stale or wrongly shaped upload is refused at receive, not at aggregation
+    good = lora.select_layers(server.global_state, server.spec, range(2))
+    assert "no plan of round 4" in transport.call(AdapterUpdate(0, 4, 5, good)).error
+    assert "has shape" in transport.call(AdapterUpdate(0, 0, 5, good)).error  # cut rank
+    assert server.aggregate() == []

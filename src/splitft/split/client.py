@@ -125,6 +125,7 @@ class SplitClient:
         loss_sum = tokens = 0
         client_s = server_s = 0.0
         sent_before = transport.traffic.snapshot()
+        step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for micro, batch in enumerate(batches):
             batch = {k: _to(v, device) for k, v in batch.items()}
             t0 = time.perf_counter()
@@ -141,6 +142,7 @@ class SplitClient:
                 batch["attention_mask"],
                 batch["position_ids"],
                 batch["labels"],
+                step_tokens,
             )
             reply = _expect(transport.call(msg), Gradient)
             t0 = time.perf_counter()

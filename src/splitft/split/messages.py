@@ -53,6 +53,7 @@ class SmashedData:
     attention_mask: torch.Tensor | None  # (B, T) int64; None for packed rows
     position_ids: torch.Tensor  # (B, T) int64
     labels: torch.Tensor  # (B, T) int64, -100 where no loss
+    step_tokens: int = 0  # labelled tokens in the whole step (0 = weigh equally)
     kind = SMASHED
 
 
@@ -96,16 +97,24 @@ MESSAGES = {
 }
 
 
+def _wire(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    t = t.detach().contiguous().cpu()
+    if t.data_ptr() in seen:  # safetensors refuses tensors that share memory
+        t = t.clone()
+    seen.add(t.data_ptr())
+    return t
+
+
 def encode(msg) -> bytes:
     """Serialise a message: tensors into safetensors, the rest into its metadata."""
-    tensors, scalars = {}, {}
+    tensors, scalars, seen = {}, {}, set()
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
         if isinstance(value, torch.Tensor):
-            tensors[f.name] = value.detach().contiguous().cpu()
+            tensors[f.name] = _wire(value, seen)
         elif isinstance(value, dict):
             for k, v in value.items():
-                tensors[f"{f.name}/{k}"] = v.detach().contiguous().cpu()
+                tensors[f"{f.name}/{k}"] = _wire(v, seen)
             scalars[f.name] = {}
         else:
             scalars[f.name] = value

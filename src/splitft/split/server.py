@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 
 from splitft import lora
 from splitft.config import LoraSettings, TrainConfig
-from splitft.federation.aggregate import aggregate, truncate_to
+from splitft.federation.aggregate import aggregate, slice_rank, truncate_to
 from splitft.models.parts import WeightStore, server_part
 from splitft.split import optim
 from splitft.split.messages import (
@@ -70,6 +70,7 @@ class SplitServer:
         self.global_state = {k: v.to(self.device) for k, v in self.global_state.items()}
         self._optim: dict[int, torch.optim.Optimizer] = {}
         self._lrs: dict[int, list[float]] = {}
+        self._round: dict[int, int] = {}
         self.updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
 
     @staticmethod
@@ -89,6 +90,9 @@ class SplitServer:
                 return self._receive(msg)
             raise ClientError(f"unexpected message {type(msg).__name__}")
         except Exception as e:  # noqa: BLE001 - reported to the client, not raised
+            opt = self._optim.get(getattr(msg, "client_id", None))
+            if opt is not None:  # a refused step leaves no gradient behind
+                opt.zero_grad(set_to_none=True)
             detail = "".join(traceback.format_exception_only(e)).strip()
             return Ack(client_id=getattr(msg, "client_id", -1), error=detail)
 
@@ -103,6 +107,9 @@ class SplitServer:
 
     def _plan(self, req: RoundRequest) -> RoundPlan:
         cid, k = req.client_id, self.cut_layers[req.client_id]
+        rounds = self.total_steps // self.local_steps
+        if not 0 <= req.round < rounds:
+            raise ClientError(f"round {req.round} not in [0, {rounds})")
         name = self._name(cid)
         server_keys = lora.select_layers(
             self.global_state, self.spec, range(k, self.config.num_hidden_layers)
@@ -116,57 +123,98 @@ class SplitServer:
             optim.lr_at(first + s, self.total_steps, self.train)
             for s in range(self.local_steps)
         ]
-        self._lrs[cid] = lrs
+        self._lrs[cid], self._round[cid] = lrs, req.round
         adapter = truncate_to(self.global_state, self.client_ranks(k))
         return RoundPlan(cid, req.round, k, lrs, adapter)
 
-    def _forward(self, msg: SmashedData) -> Gradient:
+    def _check_smashed(self, msg: SmashedData) -> None:
+        """Refuse a malformed micro-batch before it touches the model."""
         cid = msg.client_id
         if cid not in self._optim:
             raise ClientError(f"client {cid} sent smashed data before RoundRequest")
-        t0 = time.perf_counter()
-        k = self.cut_layers[cid]
-        if msg.hidden.ndim != 3 or msg.hidden.shape[-1] != self.config.hidden_size:
+        H = self.config.hidden_size
+        if msg.hidden.ndim != 3 or msg.hidden.shape[-1] != H:
             raise ClientError(
-                f"hidden must be (B, T, {self.config.hidden_size}), "
-                f"got {tuple(msg.hidden.shape)}"
+                f"hidden must be (B, T, {H}), got {tuple(msg.hidden.shape)}"
             )
+        shape = tuple(msg.hidden.shape[:2])
+        for name in ("attention_mask", "position_ids", "labels"):
+            t = getattr(msg, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ClientError(
+                    f"{name} must be {shape} like hidden, got {tuple(t.shape)}"
+                )
+        if not 0 <= msg.step < len(self._lrs[cid]):
+            raise ClientError(f"step {msg.step} not in [0, {len(self._lrs[cid])})")
+        if not 0 <= msg.micro < msg.num_micro:
+            raise ClientError(
+                f"micro {msg.micro} not in [0, num_micro={msg.num_micro})"
+            )
+        if not torch.isfinite(msg.hidden).all():
+            raise ClientError("hidden has non-finite values")
+
+    def _forward(self, msg: SmashedData) -> Gradient:
+        t0 = time.perf_counter()
+        self._check_smashed(msg)
+        cid = msg.client_id
         set_adapter(self.part.model, self._name(cid))
         self.part.model.train()
         hidden = msg.hidden.detach().requires_grad_(True)  # (B, T, H)
-        with self.part.cut_at(k):
+        tokens = int((msg.labels[:, 1:] != -100).sum())
+        with self.part.cut_at(self.cut_layers[cid]):
             out = self.part.server_forward(
                 hidden, msg.attention_mask, msg.position_ids, msg.labels
             )
-        (out.loss / msg.num_micro).backward()
+        # Token-weighted over the step, as unsplit training on the whole batch:
+        # this micro-batch's mean loss counts by its share of the step's tokens.
+        share = tokens / msg.step_tokens if msg.step_tokens > 0 else 1 / msg.num_micro
+        if tokens > 0:
+            if not torch.isfinite(out.loss):
+                self._optim[cid].zero_grad(set_to_none=True)
+                raise ClientError("the loss is not finite; step dropped")
+            (out.loss * share).backward()
         if msg.micro == msg.num_micro - 1:
             lr = self._lrs[cid][msg.step]
             optim.step(self._optim[cid], lr, self.train.max_grad_norm)
-        tokens = int((msg.labels[:, 1:] != -100).sum())
+        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
         return Gradient(
             client_id=cid,
             step=msg.step,
             micro=msg.micro,
-            loss=float(out.loss.detach()),
+            loss=float(out.loss.detach()) if tokens > 0 else 0.0,
             tokens=tokens,
             server_seconds=time.perf_counter() - t0,
-            grad=hidden.grad,
+            grad=grad,
         )
 
     def _receive(self, msg: AdapterUpdate) -> Ack:
         cid, k = msg.client_id, self.cut_layers[msg.client_id]
+        if self._round.get(cid) != msg.round or cid not in self._optim:
+            raise ClientError(f"client {cid}: no plan of round {msg.round} to answer")
         expected = self.client_ranks(k)
-        if set(msg.adapter) != set(expected):
+        missing, extra = (
+            set(expected) - set(msg.adapter),
+            set(msg.adapter) - set(expected),
+        )
+        if missing or extra:
             raise ClientError(
-                f"client {cid}: adapter keys differ from its layers [0, {k})"
+                f"client {cid}: adapter keys differ from its layers [0, {k}): "
+                f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
             )
+        for key, t in msg.adapter.items():
+            want = tuple(slice_rank(key, self.global_state[key], expected[key]).shape)
+            if tuple(t.shape) != want:
+                raise ClientError(
+                    f"client {cid}: {key} has shape {tuple(t.shape)}, not {want}"
+                )
         if msg.num_samples <= 0:
             raise ClientError(f"client {cid}: num_samples must be > 0")
-        bad = [key for key, t in msg.adapter.items() if not torch.isfinite(t).all()]
+        server_side = lora.adapter_state(self.part.model, self._name(cid))
+        both = {**msg.adapter, **server_side}
+        bad = [key for key, t in both.items() if not torch.isfinite(t).all()]
         if bad:
             raise ClientError(f"client {cid}: non-finite values in {bad[:3]}")
-        server_side = lora.adapter_state(self.part.model, self._name(cid))
-        self.updates[cid] = ({**msg.adapter, **server_side}, float(msg.num_samples))
+        self.updates[cid] = (both, float(msg.num_samples))
         return Ack(cid)
 
     def aggregate(self) -> list[int]:
