@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        ok = self.device in ("auto", "cpu") or self.device.startswith("cuda")
+        ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None
         _check(ok, "model.device", self.device, "'auto', 'cpu' or 'cuda[:n]'")
 
 
@@ -107,7 +108,9 @@ class DataConfig:
         "(position ids restart per example; no attention across examples)",
     )
     eval_size: int = _f(24, "held-out examples per task")
-    max_train_per_task: int = _f(200, "cap on training examples per task (0 = all)")
+    max_train_per_task: int = _f(
+        200, "BIG-bench: cap on training examples per task (0 = all); local files: all"
+    )
 
     def __post_init__(self) -> None:
         formats = ("auto", "alpaca", "chat")

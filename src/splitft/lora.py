@@ -172,16 +172,10 @@ def export_peft(
     """Write ``state`` as a PEFT adapter loadable by ``PeftModel.from_pretrained``."""
     spec = spec_for(config.model_type)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = peft.LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=target_modules(spec, settings),
-        fan_in_fan_out=spec.fan_in_fan_out,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-    )
+    # one rank everywhere: the global adapter holds every layer at rank r
+    cfg = peft_config(spec, settings, {})
+    cfg.layers_to_transform = cfg.layers_pattern = None
+    cfg.task_type, cfg.base_model_name_or_path = "CAUSAL_LM", base_model
     cfg.save_pretrained(str(folder))
     tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(

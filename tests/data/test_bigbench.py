@@ -213,3 +213,13 @@ def test_default_tasks_from_real_archive():
     fetch_bigbench(DEFAULT_TASKS, cache)
     for task in DEFAULT_TASKS:
         assert len(load_task(task, cache)) >= 50, task
+
+
+def test_split_never_trains_on_a_held_out_prompt():
+    from splitft.data.bigbench import Example, split_examples
+
+    exs = [Example("t", f"q{i % 5}", str(i)) for i in range(40)]  # 5 prompts x 8
+    train, held = split_examples(exs, eval_size=2, seed=0)
+    assert len(held) == 2
+    assert not {e.prompt for e in train} & {e.prompt for e in held}
+    assert len(train) == 40 - 8 * len({h.prompt for h in held})

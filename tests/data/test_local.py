@@ -312,7 +312,7 @@ def build(path: Path, tokenizer, seed=0, max_length=64, max_train=None, **kwargs
 def test_build_datasets_alpaca(tokenizer, tmp_path):
     path = write(tmp_path / "sums.jsonl", sums(20))
     train, held = build(path, tokenizer, max_train=10)
-    assert len(train) == 10 and len(held) == 4
+    assert len(train) == 16 and len(held) == 4  # the BIG-bench cap is not applied
     for ds in (train, held):
         assert set(ds.column_names) == COLUMNS
         assert set(ds["task"]) == {"sums"}
@@ -341,7 +341,8 @@ def test_build_datasets_holds_out_at_most_half(tokenizer, tmp_path):
 def test_build_datasets_chat(tokenizer, tmp_path):
     rows = [CHAT[i % 2] for i in range(8)]
     train, held = build(write(tmp_path / "talk.json", rows), tokenizer)
-    assert len(train) == 4 and len(held) == 4
+    # two distinct chats, 4 copies each: no held-out prompt is also trained on
+    assert len(held) == 4 and not set(train["prompt"]) & set(held["prompt"])
     assert set(held.column_names) == COLUMNS
     by_turns = {len(labelled_spans(tokenizer, r)): r for r in [*train, *held]}
     single, multi = by_turns[1], by_turns[2]

@@ -114,7 +114,8 @@ def split_examples(
     removing a task never changes another task's split.
 
     Returns:
-        ``(train, eval)``, grouped by task in first-seen order, each task shuffled.
+        ``(train, eval)``, grouped by task in first-seen order, each task shuffled;
+        training examples whose prompt is held out are dropped.
     """
     if eval_size < 0:
         raise ValueError(f"eval_size must be >= 0, got {eval_size}")
@@ -128,8 +129,17 @@ def split_examples(
         random.Random(f"{seed}:{task}").shuffle(items)
         k = min(eval_size, len(items) // 2)
         held += items[:k]
-        train += items[k:]
+        # a prompt that is held out never also appears in training (some
+        # tasks repeat a prompt, e.g. qa_wikidata)
+        seen = {_prompt_key(ex) for ex in items[:k]}
+        train += [ex for ex in items[k:] if _prompt_key(ex) not in seen]
     return train, held
+
+
+def _prompt_key(record) -> str:
+    """What the model is asked: the prompt, or a chat's turns before the answer."""
+    prompt = getattr(record, "prompt", None)
+    return prompt if prompt is not None else repr(record.messages[:-1])
 
 
 def _task_file(root: Path, task: str) -> Path:

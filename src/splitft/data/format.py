@@ -226,8 +226,8 @@ def build_datasets(
         tasks: BIG-bench task names; ignored for a local ``source``.
         cache_dir: BIG-bench cache; local files keep their Arrow copy in
             ``cache_dir/datasets``.
-        max_train_per_task: keep at most this many train examples per task; the
-            kept ones are the first of the task's seeded shuffle, so deterministic.
+        max_train_per_task: BIG-bench only: keep at most this many train examples
+            per task, the first of the task's seeded shuffle (deterministic).
         source: ``"bigbench"`` or the path of a ``.json``/``.jsonl``/``.csv``/
             ``.parquet`` file (see :func:`~splitft.data.local.load_local`).
         data_format: local files only: ``"alpaca"``, ``"chat"`` or ``"auto"``.
@@ -264,7 +264,9 @@ def build_datasets(
         # split_examples only reads .task, so conversations split by the same
         # seeded rule as BIG-bench examples.
         task_train, task_eval = split_examples(records, eval_size, seed)
-        train += task_train[:max_train_per_task]  # [:None] keeps all
+        if str(source) == "bigbench":  # a local file is the user's whole data set
+            task_train = task_train[:max_train_per_task]  # [:None] keeps all
+        train += task_train
         held += task_eval
     return (
         _to_dataset(train, tokenizer, max_length, loss_on),

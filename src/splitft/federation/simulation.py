@@ -91,6 +91,7 @@ class Simulation:
                 self._client_rows(cid),
                 self.pad_id,
                 seed=cfg.seed,
+                num_samples=len(self.data.partitions[cid]),
             )
             for cid in range(fed.num_clients)
         }
@@ -110,7 +111,8 @@ class Simulation:
         lora.inject(self.evaluator.model, self.evaluator.spec, cfg.lora, ranks)
         self._rng = np.random.default_rng(cfg.seed)
         self.per_round = per_round
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _keep_previous(self.run_dir)
+        self.run_dir.mkdir(parents=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.log = report.MetricsLog(self.run_dir / "metrics.jsonl")
 
@@ -253,3 +255,14 @@ def _per_task(held_out, limit: int) -> list[dict]:
             seen[row["task"]] = seen.get(row["task"], 0) + 1
             keep.append(row)
     return keep
+
+
+def _keep_previous(run_dir: Path) -> None:
+    """Move an earlier run of the same name aside rather than mix or lose it."""
+    if not run_dir.exists():
+        return
+    n = 1
+    while (old := run_dir.with_name(f"{run_dir.name}.{n}")).exists():
+        n += 1
+    run_dir.rename(old)
+    print(f"an earlier run {run_dir} was moved to {old}")

@@ -98,7 +98,7 @@ class ModelPart:
         self._strip()
         self._load(store)
         self.model.requires_grad_(False)
-        self.model.eval()  # no dropout in the frozen base; LoRA dropout is its own
+        self.model.eval()  # training code calls .train(), as PEFT training does
         self._blocks = getattr(self.decoder, self.spec.blocks)
 
     @property

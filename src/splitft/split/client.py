@@ -54,12 +54,15 @@ class SplitClient:
         examples: Sequence[dict],
         pad_token_id: int,
         seed: int = 0,
+        num_samples: int | None = None,
     ) -> None:
         if len(examples) == 0:
             raise ValueError(f"client {client_id} has no training examples")
         self.client_id, self.store, self.config = client_id, store, config
         self.lora, self.train = lora_settings, train
         self.examples, self.pad_token_id = examples, pad_token_id
+        # aggregation weight: examples held, not rows (packing merges rows)
+        self.num_samples = num_samples or len(examples)
         self.part: ModelPart | None = None
         self._batches = self._batch_stream(np.random.default_rng([seed, client_id]))
 
@@ -172,5 +175,5 @@ class SplitClient:
     def finish_round(self, transport: Transport, round: int) -> None:
         """Upload the client-side adapters for aggregation."""
         state = lora.adapter_state(self.part.model)
-        update = AdapterUpdate(self.client_id, round, len(self.examples), state)
+        update = AdapterUpdate(self.client_id, round, self.num_samples, state)
         _expect(transport.call(update), Ack)
