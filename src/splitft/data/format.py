@@ -161,43 +161,27 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | No
     ``attention_mask=None``: the padding then restarts at position 0 and forms
     a block of its own, and the model masks by the position ids.
     """
-    if "position_ids" in batch[0]:
-        return _collate_packed(batch, pad_token_id)
+    packed = "position_ids" in batch[0]
     width = max(len(row["input_ids"]) for row in batch)
     shape = (len(batch), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.int64)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
     attention_mask = torch.zeros(shape, dtype=torch.int64)
+    position_ids = torch.arange(width, dtype=torch.int64).expand(shape).clone()
     for i, row in enumerate(batch):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.int64)
         labels[i, :n] = torch.as_tensor(row["labels"], dtype=torch.int64)
         attention_mask[i, :n] = 1
-    position_ids = torch.arange(width, dtype=torch.int64).expand(shape).clone()
+        if packed:
+            position_ids[i, :n] = torch.as_tensor(
+                row["position_ids"], dtype=torch.int64
+            )
+            position_ids[i, n:] = torch.arange(width - n)
     return {
         "input_ids": input_ids,
         "labels": labels,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-    }
-
-
-def _collate_packed(batch: list[dict], pad_token_id: int) -> dict:
-    width = max(len(row["input_ids"]) for row in batch)
-    shape = (len(batch), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.int64)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
-    position_ids = torch.zeros(shape, dtype=torch.int64)
-    for i, row in enumerate(batch):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.int64)
-        labels[i, :n] = torch.as_tensor(row["labels"], dtype=torch.int64)
-        position_ids[i, :n] = torch.as_tensor(row["position_ids"], dtype=torch.int64)
-        position_ids[i, n:] = torch.arange(width - n)
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": None,
+        "attention_mask": None if packed else attention_mask,
         "position_ids": position_ids,
     }
 
