@@ -190,3 +190,19 @@ def test_server_refuses_bad_steps_and_keeps_a_clean_state(tiny):
     assert "no plan of round 4" in transport.call(AdapterUpdate(0, 4, 5, good)).error
     assert "has shape" in transport.call(AdapterUpdate(0, 0, 5, good)).error  # cut rank
     assert server.aggregate() == []
+
+
+def test_unknown_target_modules_name_the_setting(tiny):
+    _, folder, config, _ = tiny
+    with pytest.raises(
+        ValueError, match=r"lora.target_modules \['nope'\] match nothing"
+    ):
+        SplitServer(
+            WeightStore(folder),
+            config,
+            LoraSettings(target_modules=["nope"]),
+            TRAIN,
+            {0: 1},
+            total_steps=1,
+            local_steps=1,
+        )

@@ -57,6 +57,9 @@ class SplitServer:
         for cid, k in self.cut_layers.items():
             if not 1 <= k < L:
                 raise ValueError(f"client {cid}: cut layer {k} not in [1, {L - 1}]")
+        # first: it names lora.target_modules if they match nothing
+        state = lora.init_global_adapter(config, lora_settings, seed)
+        self.global_state = {k: v.to(self.device) for k, v in state.items()}
         self.part = server_part(store, config, min(self.cut_layers.values()))
         self.spec = self.part.spec
         for cid, k in self.cut_layers.items():
@@ -66,8 +69,6 @@ class SplitServer:
                 lora.inject(
                     self.part.model, self.spec, lora_settings, ranks, self._name(cid)
                 )
-        self.global_state = lora.init_global_adapter(config, lora_settings, seed)
-        self.global_state = {k: v.to(self.device) for k, v in self.global_state.items()}
         self._optim: dict[int, torch.optim.Optimizer] = {}
         self._lrs: dict[int, list[float]] = {}
         self._round: dict[int, int] = {}
