@@ -206,3 +206,25 @@ def test_unknown_target_modules_name_the_setting(tiny):
             total_steps=1,
             local_steps=1,
         )
+
+
+def test_concurrent_clients_are_served_one_request_at_a_time(tiny):
+    import threading
+
+    _, folder, config, _ = tiny
+    server, clients, _ = federation(folder, config, {0: 1, 1: 3})
+    results, errors = {}, []
+
+    def run(cid):
+        try:
+            results[cid] = clients[cid].run_round(InProcessTransport(server), 0)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(results) == [0, 1]
+    assert server.aggregate() == [0, 1]

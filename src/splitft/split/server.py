@@ -7,6 +7,7 @@ global adapter it aggregates into after each round.
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 import warnings
@@ -73,6 +74,10 @@ class SplitServer:
         self._lrs: dict[int, list[float]] = {}
         self._round: dict[int, int] = {}
         self.updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+        # one shared model: cut_at swaps its block list and set_adapter is
+        # global, so requests (e.g. from concurrent network handlers) run one at
+        # a time
+        self._lock = threading.Lock()
 
     @staticmethod
     def _name(cid: int) -> str:
@@ -80,6 +85,10 @@ class SplitServer:
 
     def handle(self, msg):
         """One request in, one reply out; a bad request never stops the server."""
+        with self._lock:
+            return self._handle(msg)
+
+    def _handle(self, msg):
         try:
             if msg.client_id not in self.cut_layers:
                 raise ClientError(f"unknown client_id {msg.client_id}")
@@ -220,6 +229,10 @@ class SplitServer:
 
     def aggregate(self) -> list[int]:
         """Fold this round's updates into the global adapter; returns who counted."""
+        with self._lock:
+            return self._aggregate()
+
+    def _aggregate(self) -> list[int]:
         who = sorted(self.updates)
         if who:
             self.global_state = aggregate(
