@@ -96,3 +96,16 @@ def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFas
         pad_token="<|endoftext|>",
         chat_template=chat_template,
     )
+
+
+# the columns build_datasets documents
+COLUMNS = {
+    "input_ids",
+    "labels",
+    "task",
+    "prompt",
+    "answer",
+    "length",
+    "choices",
+    "correct",
+}

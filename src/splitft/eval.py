@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from splitft.data import collate
-from splitft.data.format import encode_example, render_prompt
+from splitft.data.format import encode_example, pad_token_id, render_prompt
 from splitft.models.parts import ModelPart
 
 
@@ -97,7 +97,7 @@ def exact_match(
     """Greedy-generate an answer to each prompt; is it the reference answer?"""
     part.model.eval()
     device = next(part.model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     hits = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
@@ -159,7 +159,7 @@ def multiple_choice(
     log-likelihood of its tokens and the end-of-turn), as BIG-bench scores
     multiple choice.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     rows, owner = [], []
     for n, r in enumerate(records):
         for choice in r["choices"]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import CHATML, END_OF_TURN, make_tokenizer
+from tiny import CHATML, COLUMNS, END_OF_TURN, make_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from splitft.data import (
@@ -145,18 +145,6 @@ def write_bigbench(tmp_path: Path, tasks: tuple[str, ...]) -> None:
             info = tarfile.TarInfo(root + task + "/task.json")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-
-
-COLUMNS = {
-    "input_ids",
-    "labels",
-    "task",
-    "prompt",
-    "answer",
-    "length",
-    "choices",
-    "correct",
-}
 
 
 def test_build_datasets(tokenizer, tmp_path: Path):

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_format import END_OF_TURN, labelled_spans, make_tokenizer
+from tiny import COLUMNS
 from transformers import PreTrainedTokenizerFast
 
 from splitft.data import Conversation, Example, build_datasets, load_local
@@ -274,17 +275,6 @@ def test_bad_format_name(tmp_path):
 
 
 # build_datasets on a local file
-
-COLUMNS = {
-    "input_ids",
-    "labels",
-    "task",
-    "prompt",
-    "answer",
-    "length",
-    "choices",
-    "correct",
-}
 
 
 def sums(n: int) -> list[dict]:

@@ -152,6 +152,18 @@ def encode_conversation(
     return {"input_ids": input_ids, "labels": labels}
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad with: the pad token, else end-of-sequence, else 0.
+
+    Padded positions are masked and carry no label, so the value only has to
+    be a valid id.
+    """
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
 def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor | None]:
     """Right-pad encoded examples into int64 ``(B, T)`` tensors.
 

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from splitft import lora, report
 from splitft.config import ConfigError, RunConfig, save_config, to_dict
 from splitft.data.federated import load_run_data
+from splitft.data.format import pad_token_id
 from splitft.data.packing import pack
 from splitft.eval import evaluate, task_accuracy
 from splitft.models.default import resolve_model_dir
@@ -27,6 +28,8 @@ from splitft.models.parts import WeightStore, full_part, load_model_config
 from splitft.split.client import SplitClient
 from splitft.split.server import SplitServer
 from splitft.transport import InProcessTransport, Traffic
+
+TOKENS = ["input_ids", "labels"]  # the columns training and the loss need
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,9 +60,7 @@ class Simulation:
                 f"each cut must be in [1, {L - 1}] for this {L}-layer model"
             )
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
+        self.pad_id = pad_token_id(self.tokenizer)
         self.data = load_run_data(cfg, self.tokenizer)
         self.store = WeightStore(
             self.model_dir, device=resolve_device(cfg.model.device)
@@ -80,7 +81,6 @@ class Simulation:
             local_steps=fed.local_steps,
             seed=cfg.seed,
         )
-        cols = ["input_ids", "labels"]
         self.clients = {
             cid: SplitClient(
                 cid,
@@ -99,7 +99,7 @@ class Simulation:
         self.transports = {
             cid: InProcessTransport(self.server, self.traffic) for cid in self.clients
         }
-        self.eval_examples = self.data.held_out.select_columns(cols).to_list()
+        self.eval_examples = self.data.held_out.select_columns(TOKENS).to_list()
         self.accuracy_examples = _per_task(
             self.data.held_out.select_columns(
                 ["task", "prompt", "answer", "choices", "correct"]
@@ -117,9 +117,7 @@ class Simulation:
         self.log = report.MetricsLog(self.run_dir / "metrics.jsonl")
 
     def _client_rows(self, cid: int) -> list[dict]:
-        rows = (
-            self.data.partitions[cid].select_columns(["input_ids", "labels"]).to_list()
-        )
+        rows = self.data.partitions[cid].select_columns(TOKENS).to_list()
         return pack(rows, self.cfg.data.max_length) if self.cfg.data.packing else rows
 
     # ---------------------------------------------------------------- train
