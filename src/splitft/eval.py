@@ -25,12 +25,10 @@ def _labelled_logits(
     every row: with a 49k vocabulary that is most of an eval forward's cost.
     Returns the logits, the targets and the ``(B, T-1)`` mask that chose them.
     """
-    hidden = part.decoder(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts label t + 1
+    # the full part's decoder ends with the final norm
+    hidden = part.client_forward(
+        batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    )[:, :-1]  # (B, T-1, H): position t predicts label t + 1
     target = batch["labels"][:, 1:]  # (B, T-1)
     mask = target != -100
     head = getattr(part.model, part.spec.head)

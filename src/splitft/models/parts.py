@@ -59,10 +59,6 @@ class WeightStore:
             self._cache[key] = t.to(self.device)
         return self._cache[key]
 
-    @property
-    def loaded_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._cache.values())
-
 
 def load_model_config(folder: str | Path) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
