@@ -38,7 +38,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+def _check(ok: bool, name: str, value: Any, allowed: Any) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
 
@@ -145,6 +145,10 @@ class TrainConfig:
         _check(ok, "train.max_grad_norm", self.max_grad_norm, ">= 0")
 
 
+POLICIES = ("fixed", "random", "splitft", "adaptive")
+SERVER_SIDES = ("per_client", "shared")
+
+
 @dataclass
 class FederationConfig:
     num_clients: int = _f(4, "number of simulated clients")
@@ -153,9 +157,25 @@ class FederationConfig:
     clients_per_round: int = _f(0, "clients selected each round (0 = all)")
     cut_layers: list[int] = _f(
         [2, 4, 6, 8],
-        "cut layer k of each client (client i gets cut_layers[i % len]); "
-        "the client runs blocks [0, k)",
+        "policy 'fixed': cut layer k of each client (client i gets "
+        "cut_layers[i % len]); the client runs blocks [0, k), and k = L (the "
+        "model's layer count) trains the whole model locally (FedAvg)",
     )
+    policy: str = _f(
+        "fixed",
+        "how cut layers are chosen each round: 'fixed' (cut_layers), 'random' "
+        "(uniform in [k_min, k_max] within each client's memory), 'splitft' (the "
+        "paper's accuracy rule), 'adaptive' (minimise the round time, with the "
+        "server queue, within memory budgets); see docs/policies.md",
+    )
+    server_side: str = _f(
+        "per_client",
+        "server-side LoRA: 'per_client' (one set per client, averaged after the "
+        "round: SFL-V1) or 'shared' (one set updated at every step in arrival "
+        "order: SFL-V2)",
+    )
+    k_min: int = _f(1, "smallest cut a policy may choose (a privacy floor)")
+    k_max: int = _f(0, "largest cut a policy may choose (0 = L - 1)")
 
     def __post_init__(self) -> None:
         _check(
@@ -169,6 +189,162 @@ class FederationConfig:
         _check(ok, "federation.clients_per_round", self.clients_per_round, allowed)
         ok = len(self.cut_layers) > 0 and all(k >= 1 for k in self.cut_layers)
         _check(ok, "federation.cut_layers", self.cut_layers, "non-empty, each >= 1")
+        _check(self.policy in POLICIES, "federation.policy", self.policy, POLICIES)
+        ok = self.server_side in SERVER_SIDES
+        _check(ok, "federation.server_side", self.server_side, SERVER_SIDES)
+        _check(self.k_min >= 1, "federation.k_min", self.k_min, ">= 1")
+        ok = self.k_max == 0 or self.k_max >= self.k_min
+        allowed = f"0 (= L - 1) or >= federation.k_min={self.k_min}"
+        _check(ok, "federation.k_max", self.k_max, allowed)
+
+
+@dataclass
+class PlannerConfig:
+    replan_every: int = _f(
+        4, "adaptive: re-plan every N rounds (0 = only on the triggers below)"
+    )
+    replan_miss: float = _f(
+        0.2,
+        "adaptive: re-plan at once when a client's measured round time misses "
+        "the prediction by more than this fraction (0 = never)",
+    )
+    max_move: int = _f(4, "adaptive and splitft: most blocks a cut moves per re-plan")
+    min_gain: float = _f(
+        0.02,
+        "adaptive hysteresis: move a cut only if the predicted round time drops "
+        "by this fraction and by more than the move costs",
+    )
+    eps: float = _f(
+        0.05,
+        "adaptive, server_side 'shared': round-time slack (fraction) spent on "
+        "moving the clients whose updates drift most to shallower cuts",
+    )
+    gamma: float = _f(
+        0.5,
+        "splitft: cut change per round = round(gamma * L * (acc_i - mean) / mean)",
+    )
+    ewma: float = _f(
+        0.5, "weight of the newest round in the cost model's running estimates"
+    )
+
+    def __post_init__(self) -> None:
+        ok = self.replan_every >= 0
+        _check(ok, "planner.replan_every", self.replan_every, ">= 0")
+        _check(self.replan_miss >= 0, "planner.replan_miss", self.replan_miss, ">= 0")
+        _check(self.max_move >= 1, "planner.max_move", self.max_move, ">= 1")
+        _check(self.min_gain >= 0, "planner.min_gain", self.min_gain, ">= 0")
+        _check(self.eps >= 0, "planner.eps", self.eps, ">= 0")
+        _check(self.gamma >= 0, "planner.gamma", self.gamma, ">= 0")
+        _check(0 < self.ewma <= 1, "planner.ewma", self.ewma, "in (0, 1]")
+
+
+@dataclass
+class DeviceProfile:
+    """What one simulated client's device can do (see ``sim/profiles.py``)."""
+
+    slowdown: float = _f(
+        1.0, "compute seconds per second of this machine (2 = half as fast)"
+    )
+    memory_mb: float = _f(
+        0.0,
+        "budget for the client part: weights, LoRA and optimizer state and saved "
+        "activations at batch_size x max_length tokens (MB; 0 = no limit)",
+    )
+    up_mbps: float = _f(100.0, "uplink bandwidth (Mbit/s)")
+    down_mbps: float = _f(100.0, "downlink bandwidth (Mbit/s)")
+    rtt_ms: float = _f(10.0, "round-trip time (ms)")
+
+    def check(self, name: str) -> None:
+        _check(self.slowdown > 0, f"{name}.slowdown", self.slowdown, "> 0")
+        _check(self.memory_mb >= 0, f"{name}.memory_mb", self.memory_mb, ">= 0")
+        _check(self.up_mbps > 0, f"{name}.up_mbps", self.up_mbps, "> 0")
+        _check(self.down_mbps > 0, f"{name}.down_mbps", self.down_mbps, "> 0")
+        _check(self.rtt_ms >= 0, f"{name}.rtt_ms", self.rtt_ms, ">= 0")
+
+
+# Named device profiles; sim.profiles adds to or overrides them. Slowdowns are
+# relative to the machine the cost model is measured on (the probe).
+DEVICE_PROFILES = {
+    "workstation": DeviceProfile(1.0, 4000.0, 100.0, 100.0, 10.0),
+    "laptop": DeviceProfile(2.0, 1500.0, 50.0, 50.0, 20.0),
+    "tablet": DeviceProfile(4.0, 600.0, 20.0, 40.0, 40.0),
+    "phone": DeviceProfile(8.0, 300.0, 10.0, 20.0, 60.0),
+}
+
+
+@dataclass
+class ProfileChange:
+    """From round ``round`` on, client ``client`` has a changed profile."""
+
+    round: int = _f(1, "first round (0-based) with the new profile")
+    client: int = _f(0, "client id")
+    profile: str = _f("", "switch to this named profile ('' = keep), then:")
+    slowdown: float | None = _f(None, "new slowdown (None = unchanged)")
+    memory_mb: float | None = _f(None, "new memory budget")
+    up_mbps: float | None = _f(None, "new uplink bandwidth")
+    down_mbps: float | None = _f(None, "new downlink bandwidth")
+    rtt_ms: float | None = _f(None, "new round-trip time")
+
+
+TIMINGS = ("measured", "predicted")
+
+
+@dataclass
+class SimConfig:
+    mix: list[str] = _f(
+        ["workstation"],
+        "device profile of each client by name (client i gets mix[i % len]); "
+        f"built in: {', '.join(DEVICE_PROFILES)}",
+    )
+    profiles: dict[str, dict] = _f(
+        {},
+        "named profiles to add, or fields of built-in ones to override, e.g. "
+        "{phone: {slowdown: 10}}",
+    )
+    changes: list[ProfileChange] = _f(
+        [], "profile changes during the run, e.g. [{round: 5, client: 2, slowdown: 8}]"
+    )
+    server_speed: float = _f(
+        1.0, "server compute speed relative to this machine (8 = eight times faster)"
+    )
+    server_workers: int = _f(1, "requests the server serves at once (FCFS queue)")
+    timing: str = _f(
+        "measured",
+        "simulated durations: 'measured' (this machine's measured compute x the "
+        "profile) or 'predicted' (the cost model's; deterministic)",
+    )
+
+    def profile_names(self) -> dict[str, DeviceProfile]:
+        """Built-in profiles with ``profiles`` merged in, field by field."""
+        known = dict(DEVICE_PROFILES)
+        for name, fields in self.profiles.items():
+            where = f"sim.profiles.{name}"
+            base = dataclasses.asdict(known.get(name, DeviceProfile()))
+            known[name] = from_dict(DeviceProfile, {**base, **fields}, f"{where}.")
+            known[name].check(where)
+        return known
+
+    def __post_init__(self) -> None:
+        known = self.profile_names()
+        ok = len(self.mix) > 0 and all(m in known for m in self.mix)
+        _check(ok, "sim.mix", self.mix, f"non-empty, each one of {sorted(known)}")
+        for i, ch in enumerate(self.changes):
+            where = f"sim.changes[{i}]"
+            _check(ch.round >= 0, f"{where}.round", ch.round, ">= 0")
+            _check(ch.client >= 0, f"{where}.client", ch.client, ">= 0")
+            ok = ch.profile == "" or ch.profile in known
+            _check(ok, f"{where}.profile", ch.profile, f"'' or one of {sorted(known)}")
+            for key in ("slowdown", "up_mbps", "down_mbps"):
+                v = getattr(ch, key)
+                _check(v is None or v > 0, f"{where}.{key}", v, "None or > 0")
+            for key in ("memory_mb", "rtt_ms"):
+                v = getattr(ch, key)
+                _check(v is None or v >= 0, f"{where}.{key}", v, "None or >= 0")
+        ok = self.server_speed > 0
+        _check(ok, "sim.server_speed", self.server_speed, "> 0")
+        ok = self.server_workers >= 1
+        _check(ok, "sim.server_workers", self.server_workers, ">= 1")
+        _check(self.timing in TIMINGS, "sim.timing", self.timing, TIMINGS)
 
 
 PARTITION_METHODS = ("iid", "length_dirichlet", "task_dirichlet")
@@ -230,6 +406,8 @@ class RunConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -241,19 +419,40 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+_KINDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true/false",
+    dict: "a mapping",
+    list: "a list",
+}
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type ``tp``; ints pass as floats."""
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{name}.")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{name}={value!r} is not allowed: a list")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} is not allowed: a mapping")
+        key_tp, item_tp = typing.get_args(tp)
+        return {
+            _coerce(f"{name} key", k, key_tp): _coerce(f"{name}.{k}", v, item_tp)
+            for k, v in value.items()
+        }
     if origin in (typing.Union, types.UnionType):
-        return value
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)] or (Any,)
+        return value if inner is Any else _coerce(name, value, inner)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -273,11 +472,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         dotted = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(f"unknown key {dotted!r}; allowed: {', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, prefix=f"{dotted}.")
-        else:
-            kwargs[key] = _coerce(dotted, value, tp)
+        kwargs[key] = _coerce(dotted, value, hints[key])
     return cls(**kwargs)
 
 

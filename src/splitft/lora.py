@@ -44,6 +44,17 @@ def layer_ranks(layers: range, settings: LoraSettings, cut: bool) -> dict[int, i
     return ranks
 
 
+def client_layer_ranks(
+    k: int, num_layers: int, settings: LoraSettings
+) -> dict[int, int]:
+    """Ranks of a client with cut ``k``: its last block at ``cut_rank``.
+
+    A client with ``k == num_layers`` holds the whole model and sends no
+    activations, so it has no cut layer and every block keeps rank ``r``.
+    """
+    return layer_ranks(range(k), settings, cut=k < num_layers)
+
+
 def peft_config(
     spec: ArchSpec, settings: LoraSettings, ranks: Mapping[int, int]
 ) -> peft.LoraConfig:

@@ -188,8 +188,26 @@ class ModelPart:
 
 
 def client_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPart:
-    """Token embeddings and blocks ``[0, k)``."""
-    return ModelPart(store, config, range(0, k), embed=True, head=False)
+    """Token embeddings and blocks ``[0, k)``; with ``k == L`` the head too.
+
+    A client holding every block trains the whole model locally (FedAvg): it
+    needs the final norm and the head to compute its own loss.
+    """
+    L = config.num_hidden_layers
+    return ModelPart(store, config, range(0, k), embed=True, head=k == L)
+
+
+def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Labelled tokens and how many the logits predict, shifted as the loss is.
+
+    Args:
+        logits: ``(B, T, V)``; position t predicts the label at t + 1.
+        labels: ``(B, T)``, -100 where there is no loss.
+    """
+    target = labels[:, 1:]  # (B, T-1)
+    mask = target != -100
+    hits = (logits[:, :-1].argmax(-1) == target) & mask
+    return int(mask.sum()), int(hits.sum())
 
 
 def server_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPart:

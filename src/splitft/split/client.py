@@ -1,9 +1,15 @@
-"""The client side of the split: embeddings, blocks [0, k) and their LoRA."""
+"""The client side of the split: embeddings, blocks [0, k) and their LoRA.
+
+The client is written as a protocol: :meth:`SplitClient.round_protocol` is a
+generator that yields each request and receives the server's reply, so the
+same code runs behind a blocking transport (:func:`drive`, deployment and the
+tests) and inside the simulated clock, which decides when each reply arrives.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -12,7 +18,7 @@ from transformers import PretrainedConfig
 from splitft import lora
 from splitft.config import LoraSettings, TrainConfig
 from splitft.data import collate
-from splitft.models.parts import ModelPart, WeightStore, client_part
+from splitft.models.parts import ModelPart, WeightStore, client_part, count_correct
 from splitft.split import optim
 from splitft.split.messages import (
     Ack,
@@ -24,9 +30,22 @@ from splitft.split.messages import (
 )
 from splitft.transport.base import Transport
 
+# A client protocol: yields requests, is sent the replies, returns its result.
+Protocol = Generator[object, object, object]
+
 
 class ServerRefused(RuntimeError):
     """The server answered a request with an error."""
+
+
+def drive(protocol: Protocol, call: Callable[[object], object]):
+    """Run a client protocol against a blocking ``call`` (request -> reply)."""
+    try:
+        request = next(protocol)
+        while True:
+            request = protocol.send(call(request))
+    except StopIteration as done:
+        return done.value
 
 
 def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -70,10 +89,16 @@ class SplitClient:
     def cut_layer(self) -> int | None:
         return None if self.part is None else self.part.layers.stop
 
+    @property
+    def local(self) -> bool:
+        """Holds the whole model (cut L): trains without the server (FedAvg)."""
+        return self.part is not None and self.part.has_head
+
     def _build(self, k: int) -> None:
         """(Re)build the client part for cut ``k``: the server may move the cut."""
         self.part = client_part(self.store, self.config, k)
-        ranks = lora.layer_ranks(range(k), self.lora, cut=True)
+        L = self.config.num_hidden_layers
+        ranks = lora.client_layer_ranks(k, L, self.lora)
         lora.inject(self.part.model, self.part.spec, self.lora, ranks)
 
     def _batch_stream(self, rng: np.random.Generator) -> Iterator[dict]:
@@ -84,23 +109,24 @@ class SplitClient:
                 rows = [self.examples[j] for j in order[i : i + bs]]
                 yield collate(rows, self.pad_token_id)
 
-    def run_round(self, transport: Transport, round: int) -> list[dict]:
-        """Fetch the plan, train the local steps through the server, upload.
+    # ------------------------------------------------------------ protocol
+    def round_protocol(self, round: int) -> Protocol:
+        """One round: plan, the local steps through the server, upload.
 
-        Returns:
-            One metrics dict per local optimizer step.
+        Returns (as the generator's value) one metrics dict per local step.
         """
-        plan = self.start_round(transport, round)
-        steps = [
-            self.train_step(transport, step, lr, next(self._batches))
-            for step, lr in enumerate(plan.lrs)
-        ]
-        self.finish_round(transport, round)
+        plan = yield from self._start(round)
+        steps = []
+        for step, lr in enumerate(plan.lrs):
+            batches = [next(self._batches) for _ in range(self.train.grad_accum)]
+            steps.append((yield from self._step(step, lr, batches)))
+        yield from self._finish(round)
         return steps
 
-    def start_round(self, transport: Transport, round: int) -> RoundPlan:
+    def _start(self, round: int) -> Protocol:
         """Ask for the plan; (re)build the part for its cut; load its adapters."""
-        plan = _expect(transport.call(RoundRequest(self.client_id, round)), RoundPlan)
+        reply = yield RoundRequest(self.client_id, round)
+        plan = _expect(reply, RoundPlan)
         if plan.cut_layer != self.cut_layer:
             self._build(plan.cut_layer)
         device = self.store.device
@@ -113,52 +139,46 @@ class SplitClient:
         self.part.model.train()
         return plan
 
-    def train_step(
-        self, transport: Transport, step: int, lr: float, *micro_batches: dict
-    ) -> dict:
-        """One optimizer step over ``train.grad_accum`` micro-batches.
-
-        The first micro-batch is given; the others come from the client's
-        stream. Returns the step's metrics.
-        """
+    def _step(self, step: int, lr: float, batches: list[dict]) -> Protocol:
+        """One optimizer step over the given micro-batches; returns its metrics."""
         device = self.store.device
-        batches = list(micro_batches)
-        while len(batches) < self.train.grad_accum:
-            batches.append(next(self._batches))
-        loss_sum = tokens = 0
+        loss_sum = tokens = correct = 0
         client_s = server_s = 0.0
-        sent_before = transport.traffic.snapshot()
         step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for micro, batch in enumerate(batches):
             batch = {k: _to(v, device) for k, v in batch.items()}
             t0 = time.perf_counter()
-            hidden = self.part.client_forward(  # (B, T, H)
-                batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-            )
-            client_s += time.perf_counter() - t0
-            msg = SmashedData(
-                self.client_id,
-                step,
-                micro,
-                len(batches),
-                hidden.detach(),
-                batch["attention_mask"],
-                batch["position_ids"],
-                batch["labels"],
-                step_tokens,
-            )
-            reply = _expect(transport.call(msg), Gradient)
-            t0 = time.perf_counter()
-            hidden.backward(reply.grad.to(device))
-            client_s += time.perf_counter() - t0
-            loss_sum += reply.loss * reply.tokens
-            tokens += reply.tokens
-            server_s += reply.server_seconds
+            if self.local:
+                n, hits, loss = self._local_micro(batch, step_tokens)
+                client_s += time.perf_counter() - t0
+            else:
+                hidden = self.part.client_forward(  # (B, T, H)
+                    batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+                )
+                client_s += time.perf_counter() - t0
+                reply = yield SmashedData(
+                    client_id=self.client_id,
+                    step=step,
+                    micro=micro,
+                    num_micro=len(batches),
+                    hidden=hidden.detach(),
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
+                    labels=batch["labels"],
+                    step_tokens=step_tokens,
+                )
+                reply = _expect(reply, Gradient)
+                t0 = time.perf_counter()
+                hidden.backward(reply.grad.to(device))
+                client_s += time.perf_counter() - t0
+                n, hits, loss = reply.tokens, reply.correct, reply.loss
+                server_s += reply.server_seconds
+            loss_sum += loss * n
+            tokens += n
+            correct += hits
         t0 = time.perf_counter()
         optim.step(self._opt, lr, self.train.max_grad_norm)
         client_s += time.perf_counter() - t0
-        sent = transport.traffic.snapshot()
-        sent = {f"bytes_{k}": v - sent_before.get(k, 0) for k, v in sent.items()}
         return dict(
             round=self._round,
             client=self.client_id,
@@ -166,14 +186,52 @@ class SplitClient:
             cut_layer=self.cut_layer,
             loss=loss_sum / max(tokens, 1),
             tokens=tokens,
+            token_acc=correct / max(tokens, 1),
+            # token slots the blocks ran on (padding included): the cost model's unit
+            slots=sum(int(b["input_ids"].numel()) for b in batches),
             lr=lr,
             client_seconds=client_s,
             server_seconds=server_s,
-            **{k: v for k, v in sent.items() if v},
         )
 
-    def finish_round(self, transport: Transport, round: int) -> None:
+    def _local_micro(
+        self, batch: dict[str, torch.Tensor], step_tokens: int
+    ) -> tuple[int, int, float]:
+        """Forward and backward of the whole model here: (tokens, correct, loss)."""
+        out = self.part.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
+        n, hits = count_correct(out.logits.detach(), batch["labels"])
+        if n > 0:
+            (out.loss * (n / max(step_tokens, 1))).backward()
+        return n, hits, float(out.loss.detach()) if n > 0 else 0.0
+
+    def _finish(self, round: int) -> Protocol:
         """Upload the client-side adapters for aggregation."""
         state = lora.adapter_state(self.part.model)
-        update = AdapterUpdate(self.client_id, round, self.num_samples, state)
-        _expect(transport.call(update), Ack)
+        reply = yield AdapterUpdate(self.client_id, round, self.num_samples, state)
+        _expect(reply, Ack)
+
+    # ----------------------------------------------- blocking conveniences
+    def run_round(self, transport: Transport, round: int) -> list[dict]:
+        """:meth:`round_protocol` over a blocking transport."""
+        return drive(self.round_protocol(round), transport.call)
+
+    def start_round(self, transport: Transport, round: int) -> RoundPlan:
+        return drive(self._start(round), transport.call)
+
+    def train_step(
+        self, transport: Transport, step: int, lr: float, *micro_batches: dict
+    ) -> dict:
+        """One optimizer step on the given micro-batches (the rest drawn here)."""
+        batches = list(micro_batches)
+        while len(batches) < self.train.grad_accum:
+            batches.append(next(self._batches))
+        return drive(self._step(step, lr, batches), transport.call)
+
+    def finish_round(self, transport: Transport, round: int) -> None:
+        drive(self._finish(round), transport.call)

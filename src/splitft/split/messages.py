@@ -68,6 +68,7 @@ class Gradient:
     tokens: int  # tokens that carried loss
     server_seconds: float
     grad: torch.Tensor  # (B, T, H), same dtype as the smashed data
+    correct: int = 0  # labelled tokens the server's logits predicted right
     kind = GRADIENTS
 
 

@@ -1,8 +1,13 @@
-"""The server side of the split: one frozen base, one LoRA set per client.
+"""The server side of the split: one frozen base, LoRA per client or shared.
 
-The server holds blocks ``[min k, L)``, the final norm and the head once, a
-LoRA adapter per client over that client's blocks ``[k_i, L)``, and the
-global adapter it aggregates into after each round.
+The server holds blocks ``[lowest cut, L)``, the final norm and the head once,
+and the global adapter it aggregates into after each round. Its server-side
+LoRA is either one adapter per client over that client's blocks ``[k_i, L)``
+(``per_client``, SFL-V1: every copy is averaged after the round) or one
+adapter over all its blocks that every client's step updates in arrival order
+(``shared``, SFL-V2). Cuts may change between rounds (:meth:`open_round`): a
+client's adapter is re-injected over its new blocks, and the server part grows
+when a cut moves below its lowest block.
 """
 
 from __future__ import annotations
@@ -12,15 +17,17 @@ import time
 import traceback
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-from peft.functional import set_adapter
+from peft.functional import delete_adapter, set_adapter
 from transformers import PretrainedConfig
 
 from splitft import lora
-from splitft.config import LoraSettings, TrainConfig
+from splitft.config import SERVER_SIDES, LoraSettings, TrainConfig
 from splitft.federation.aggregate import aggregate, slice_rank, truncate_to
-from splitft.models.parts import WeightStore, server_part
+from splitft.models.arch import spec_for
+from splitft.models.parts import WeightStore, count_correct, server_part
 from splitft.split import optim
 from splitft.split.messages import (
     Ack,
@@ -31,9 +38,20 @@ from splitft.split.messages import (
     SmashedData,
 )
 
+SHARED = "shared"  # the adapter name of the shared server-side LoRA
+
 
 class ClientError(RuntimeError):
     """A client sent something the server refused; the server keeps running."""
+
+
+@dataclass
+class _Planned:
+    """What the server handed one client for the current round."""
+
+    round: int
+    cut: int
+    lrs: list[float]
 
 
 class SplitServer:
@@ -49,40 +67,93 @@ class SplitServer:
         total_steps: int,
         local_steps: int,
         seed: int = 0,
+        server_side: str = "per_client",
     ) -> None:
-        self.config, self.lora, self.train = config, lora_settings, train
-        self.cut_layers = dict(cut_layers)
+        if server_side not in SERVER_SIDES:
+            raise ValueError(f"server_side {server_side!r} not in {SERVER_SIDES}")
+        self.store, self.config = store, config
+        self.lora, self.train, self.server_side = lora_settings, train, server_side
+        self.num_layers = config.num_hidden_layers
+        self.cut_layers: dict[int, int] = {}
+        self._check_cuts(cut_layers)
+        self.cut_layers.update(cut_layers)
         self.total_steps, self.local_steps = total_steps, local_steps
         self.device = store.device
-        L = config.num_hidden_layers
-        for cid, k in self.cut_layers.items():
-            if not 1 <= k < L:
-                raise ValueError(f"client {cid}: cut layer {k} not in [1, {L - 1}]")
+        self.spec = spec_for(config.model_type)
         # first: it names lora.target_modules if they match nothing
         state = lora.init_global_adapter(config, lora_settings, seed)
         self.global_state = {k: v.to(self.device) for k, v in state.items()}
-        self.part = server_part(store, config, min(self.cut_layers.values()))
-        self.spec = self.part.spec
-        for cid, k in self.cut_layers.items():
-            ranks = lora.layer_ranks(range(k, L), lora_settings, cut=False)
-            with warnings.catch_warnings():  # one adapter per client is the design
-                warnings.filterwarnings("ignore", "Already found a `peft_config`")
-                lora.inject(
-                    self.part.model, self.spec, lora_settings, ranks, self._name(cid)
-                )
-        self._optim: dict[int, torch.optim.Optimizer] = {}
-        self._lrs: dict[int, list[float]] = {}
-        self._round: dict[int, int] = {}
+        self._build_part(min(self.cut_layers.values()))
+        self._open: set[int] | None = None  # this round's clients (None: any)
+        self._planned: dict[int, _Planned] = {}
+        self._optim: dict[int, torch.optim.Optimizer] = {}  # per_client
+        self._shared_round: int | None = None
+        self._shared_grads: dict[int, dict[torch.nn.Parameter, torch.Tensor]] = {}
+        self._served: dict[int, int] = {}  # shared: client -> cut of its steps
         self.updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
         # one shared model: cut_at swaps its block list and set_adapter is
         # global, so requests (e.g. from concurrent network handlers) run one at
         # a time
         self._lock = threading.Lock()
 
+    # ------------------------------------------------------------ the model
+    def _check_cuts(self, cuts: Mapping[int, int]) -> None:
+        L = self.num_layers
+        for cid, k in cuts.items():
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= L:
+                raise ValueError(f"client {cid}: cut layer {k!r} not in [1, {L}]")
+
+    def _build_part(self, lowest: int) -> None:
+        """The server part for blocks ``[lowest, L)``; adapters come at plan time."""
+        lowest = min(lowest, self.num_layers - 1)
+        self.part = server_part(self.store, self.config, lowest)
+        self._injected: dict[str, int] = {}  # adapter name -> first layer it covers
+        if self.server_side == SHARED:
+            self._inject(SHARED, lowest)
+
+    def _inject(self, name: str, k: int) -> None:
+        """(Re)inject adapter ``name`` over blocks ``[k, L)``; no-op if it is."""
+        if self._injected.get(name) == k:
+            return
+        if name in self._injected:
+            delete_adapter(self.part.model, name, prefix="lora_")
+        ranks = lora.layer_ranks(range(k, self.num_layers), self.lora, cut=False)
+        with warnings.catch_warnings():  # several adapters on one model is the design
+            warnings.filterwarnings("ignore", "Already found a `peft_config`")
+            lora.inject(self.part.model, self.spec, self.lora, ranks, name)
+        self._injected[name] = k
+
+    def open_round(self, round: int, cuts: Mapping[int, int]) -> None:
+        """Start ``round`` with these clients at these cuts (between rounds only).
+
+        A cut below the server part's lowest block rebuilds the part (it only
+        holds frozen weights; adapters are loaded from the global state when a
+        client asks for its plan).
+
+        Raises:
+            ValueError: an unknown client or a cut outside ``[1, L]``.
+        """
+        with self._lock:
+            unknown = sorted(set(cuts) - set(self.cut_layers))
+            if unknown:
+                raise ValueError(f"unknown clients {unknown}")
+            self._check_cuts(cuts)
+            self.cut_layers.update(cuts)
+            split = [k for k in cuts.values() if k < self.num_layers]
+            if split and min(split) < self.part.layers.start:
+                self._build_part(min(split))
+            self._open = set(cuts)
+            self._planned.clear()
+            self._optim.clear()
+
     @staticmethod
     def _name(cid: int) -> str:
         return f"c{cid}"
 
+    def _adapter_of(self, cid: int) -> str:
+        return SHARED if self.server_side == SHARED else self._name(cid)
+
+    # ------------------------------------------------------------ requests
     def handle(self, msg):
         """One request in, one reply out; a bad request never stops the server."""
         with self._lock:
@@ -100,48 +171,81 @@ class SplitServer:
                 return self._receive(msg)
             raise ClientError(f"unexpected message {type(msg).__name__}")
         except Exception as e:  # noqa: BLE001 - reported to the client, not raised
-            opt = self._optim.get(getattr(msg, "client_id", None))
-            if opt is not None:  # a refused step leaves no gradient behind
-                opt.zero_grad(set_to_none=True)
+            self._drop_gradients(getattr(msg, "client_id", None))
             detail = "".join(traceback.format_exception_only(e)).strip()
             return Ack(client_id=getattr(msg, "client_id", -1), error=detail)
 
+    def _drop_gradients(self, cid) -> None:
+        """A refused step leaves no gradient behind."""
+        self._shared_grads.pop(cid, None)
+        opt = self._optimizer(cid) if cid in self._planned else None
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+    def _optimizer(self, cid: int) -> torch.optim.Optimizer:
+        return self._optim[SHARED if self.server_side == SHARED else cid]
+
     def client_ranks(self, k: int) -> dict[str, int]:
         """Rank of each adapter key a client with cut ``k`` holds."""
-        held = lora.layer_ranks(range(k), self.lora, cut=True)
+        held = lora.client_layer_ranks(k, self.num_layers, self.lora)
         return {
             key: held[lora.layer_of(key, self.spec)]
             for key in self.global_state
             if lora.layer_of(key, self.spec) < k
         }
 
+    def _server_keys(self, k: int) -> dict[str, torch.Tensor]:
+        layers = range(k, self.num_layers)
+        return lora.select_layers(self.global_state, self.spec, layers)
+
     def _plan(self, req: RoundRequest) -> RoundPlan:
         cid, k = req.client_id, self.cut_layers[req.client_id]
         rounds = self.total_steps // self.local_steps
         if not 0 <= req.round < rounds:
             raise ClientError(f"round {req.round} not in [0, {rounds})")
-        name = self._name(cid)
-        server_keys = lora.select_layers(
-            self.global_state, self.spec, range(k, self.config.num_hidden_layers)
-        )
-        lora.load_adapter_state(self.part.model, server_keys, name)
-        self._optim[cid] = optim.make_optimizer(
-            lora.adapter_params(self.part.model, name), self.train
-        )
+        if self._open is not None and cid not in self._open:
+            raise ClientError(f"client {cid} is not in this round")
+        if k < self.num_layers:
+            if k < self.part.layers.start:  # open_round grows the part first
+                raise ClientError(f"cut {k} below the server's blocks")
+            if self.server_side == SHARED:
+                self._start_shared(req.round)
+            else:
+                name = self._name(cid)
+                self._inject(name, k)
+                lora.load_adapter_state(self.part.model, self._server_keys(k), name)
+                self._optim[cid] = optim.make_optimizer(
+                    lora.adapter_params(self.part.model, name), self.train
+                )
         first = req.round * self.local_steps
         lrs = [
             optim.lr_at(first + s, self.total_steps, self.train)
             for s in range(self.local_steps)
         ]
-        self._lrs[cid], self._round[cid] = lrs, req.round
+        self._planned[cid] = _Planned(req.round, k, lrs)
         adapter = truncate_to(self.global_state, self.client_ranks(k))
         return RoundPlan(cid, req.round, k, lrs, adapter)
+
+    def _start_shared(self, round: int) -> None:
+        """The first plan of a round loads the shared adapter from the global one."""
+        if self._shared_round == round:
+            return
+        start = self._injected[SHARED]
+        lora.load_adapter_state(self.part.model, self._server_keys(start), SHARED)
+        self._optim[SHARED] = optim.make_optimizer(
+            lora.adapter_params(self.part.model, SHARED), self.train
+        )
+        self._shared_round, self._served = round, {}
+        self._shared_grads.clear()
 
     def _check_smashed(self, msg: SmashedData) -> None:
         """Refuse a malformed micro-batch before it touches the model."""
         cid = msg.client_id
-        if cid not in self._optim:
+        planned = self._planned.get(cid)
+        if planned is None:
             raise ClientError(f"client {cid} sent smashed data before RoundRequest")
+        if planned.cut >= self.num_layers:
+            raise ClientError(f"client {cid} trains locally: no smashed data")
         H = self.config.hidden_size
         if msg.hidden.ndim != 3 or msg.hidden.shape[-1] != H:
             raise ClientError(
@@ -154,8 +258,8 @@ class SplitServer:
                 raise ClientError(
                     f"{name} must be {shape} like hidden, got {tuple(t.shape)}"
                 )
-        if not 0 <= msg.step < len(self._lrs[cid]):
-            raise ClientError(f"step {msg.step} not in [0, {len(self._lrs[cid])})")
+        if not 0 <= msg.step < len(planned.lrs):
+            raise ClientError(f"step {msg.step} not in [0, {len(planned.lrs)})")
         if not 0 <= msg.micro < msg.num_micro:
             raise ClientError(
                 f"micro {msg.micro} not in [0, num_micro={msg.num_micro})"
@@ -167,25 +271,28 @@ class SplitServer:
         t0 = time.perf_counter()
         self._check_smashed(msg)
         cid = msg.client_id
-        set_adapter(self.part.model, self._name(cid))
+        k = self._planned[cid].cut
+        set_adapter(self.part.model, self._adapter_of(cid))
         self.part.model.train()
         hidden = msg.hidden.detach().requires_grad_(True)  # (B, T, H)
-        tokens = int((msg.labels[:, 1:] != -100).sum())
-        with self.part.cut_at(self.cut_layers[cid]):
+        with self.part.cut_at(k):
             out = self.part.server_forward(
                 hidden, msg.attention_mask, msg.position_ids, msg.labels
             )
+        tokens, correct = count_correct(out.logits.detach(), msg.labels)
         # Token-weighted over the step, as unsplit training on the whole batch:
         # this micro-batch's mean loss counts by its share of the step's tokens.
         share = tokens / msg.step_tokens if msg.step_tokens > 0 else 1 / msg.num_micro
         if tokens > 0:
             if not torch.isfinite(out.loss):
-                self._optim[cid].zero_grad(set_to_none=True)
                 raise ClientError("the loss is not finite; step dropped")
             (out.loss * share).backward()
+        self._accumulate(cid, msg)
         if msg.micro == msg.num_micro - 1:
-            lr = self._lrs[cid][msg.step]
-            optim.step(self._optim[cid], lr, self.train.max_grad_norm)
+            lr = self._planned[cid].lrs[msg.step]
+            optim.step(self._optimizer(cid), lr, self.train.max_grad_norm)
+            if self.server_side == SHARED:
+                self._served[cid] = k
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
         return Gradient(
             client_id=cid,
@@ -195,12 +302,34 @@ class SplitServer:
             tokens=tokens,
             server_seconds=time.perf_counter() - t0,
             grad=grad,
+            correct=correct,
         )
 
+    def _accumulate(self, cid: int, msg: SmashedData) -> None:
+        """Shared adapter: keep each client's micro-batch gradients apart.
+
+        Other clients' steps may arrive between this client's micro-batches;
+        their gradients must not mix, so each client's sum is parked until its
+        last micro-batch, then put back for its optimizer step.
+        """
+        if self.server_side != SHARED or msg.num_micro == 1:
+            return
+        params = lora.adapter_params(self.part.model, SHARED)
+        parked = self._shared_grads.setdefault(cid, {})
+        for p in params:
+            if p.grad is not None:
+                parked[p] = parked[p] + p.grad if p in parked else p.grad
+                p.grad = None
+        if msg.micro == msg.num_micro - 1:
+            for p, g in self._shared_grads.pop(cid).items():
+                p.grad = g
+
     def _receive(self, msg: AdapterUpdate) -> Ack:
-        cid, k = msg.client_id, self.cut_layers[msg.client_id]
-        if self._round.get(cid) != msg.round or cid not in self._optim:
+        cid = msg.client_id
+        planned = self._planned.get(cid)
+        if planned is None or planned.round != msg.round:
             raise ClientError(f"client {cid}: no plan of round {msg.round} to answer")
+        k = planned.cut
         expected = self.client_ranks(k)
         missing, extra = (
             set(expected) - set(msg.adapter),
@@ -219,25 +348,59 @@ class SplitServer:
                 )
         if msg.num_samples <= 0:
             raise ClientError(f"client {cid}: num_samples must be > 0")
-        server_side = lora.adapter_state(self.part.model, self._name(cid))
-        both = {**msg.adapter, **server_side}
-        bad = [key for key, t in both.items() if not torch.isfinite(t).all()]
+        state = dict(msg.adapter)
+        if self.server_side != SHARED and k < self.num_layers:
+            # this client's server-side copy: exactly its blocks [k, L)
+            state.update(lora.adapter_state(self.part.model, self._name(cid)))
+        bad = [key for key, t in state.items() if not torch.isfinite(t).all()]
         if bad:
             raise ClientError(f"client {cid}: non-finite values in {bad[:3]}")
-        self.updates[cid] = (both, float(msg.num_samples))
+        self.updates[cid] = (state, float(msg.num_samples))
         return Ack(cid)
 
+    # --------------------------------------------------------- aggregation
     def aggregate(self) -> list[int]:
         """Fold this round's updates into the global adapter; returns who counted."""
         with self._lock:
             return self._aggregate()
 
+    def _shared_updates(self) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """The shared adapter as holder of each layer some uploader trained.
+
+        Layer l of the shared adapter was trained by every client whose cut is
+        at or below l, so it counts with the sum of their sample counts, just
+        as their per-client copies would (``docs/aggregation.md``).
+        """
+        if self.server_side != SHARED or not self._served:
+            return []
+        weights = {
+            cid: w for cid, (_s, w) in self.updates.items() if cid in self._served
+        }
+        state = lora.adapter_state(self.part.model, SHARED)
+        by_weight: dict[float, dict[str, torch.Tensor]] = {}
+        for key, t in state.items():
+            layer = lora.layer_of(key, self.spec)
+            w = sum(n for cid, n in weights.items() if self._served[cid] <= layer)
+            if w > 0:
+                by_weight.setdefault(w, {})[key] = t
+        bad = [
+            k
+            for s in by_weight.values()
+            for k, t in s.items()
+            if not t.isfinite().all()
+        ]
+        if bad:  # never fold a broken shared state into the global adapter
+            raise RuntimeError(f"shared server adapter is not finite: {bad[:3]}")
+        return [(s, w) for w, s in by_weight.items()]
+
     def _aggregate(self) -> list[int]:
         who = sorted(self.updates)
-        if who:
-            self.global_state = aggregate(
-                self.global_state, [self.updates[c] for c in who]
-            )
+        updates = [self.updates[c] for c in who] + self._shared_updates()
+        if updates:
+            self.global_state = aggregate(self.global_state, updates)
         self.updates.clear()
         self._optim.clear()
+        self._planned.clear()
+        self._served = {}
+        self._shared_round = None
         return who
