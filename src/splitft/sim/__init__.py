@@ -1,0 +1,1 @@
+"""Simulated heterogeneity: device profiles, the cost model and the clock."""

@@ -1,0 +1,489 @@
+"""What split training costs: measured on the real model, predicted per round.
+
+:func:`probe` times the real model on this machine: client and server
+forward/backward against the cut layer, saved activations per block, and the
+exact wire size of each message kind. :class:`CostModel` turns that into
+seconds and bytes for any cut (linear in the token slots a batch holds,
+padding included, and in the number of blocks). :func:`predict_round` runs the
+simulated clock on modelled clients to predict a round, and
+:class:`Estimator` keeps the planner's beliefs (each client's speed and
+links, the server's speed), corrected by every round's observations with an
+exponentially weighted moving average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from splitft import lora
+from splitft.config import LoraSettings
+from splitft.federation.aggregate import truncate_to
+from splitft.models.arch import spec_for
+from splitft.models.parts import WeightStore, client_part, server_part
+from splitft.sim.clock import Outgoing, RoundTiming, simulate_round
+from splitft.sim.profiles import Device, ServerDevice
+from splitft.split.messages import (
+    ADAPTERS,
+    CONTROL,
+    GRADIENTS,
+    SMASHED,
+    Gradient,
+    RoundPlan,
+    RoundRequest,
+    SmashedData,
+    encode,
+)
+
+
+@dataclass
+class CostModel:
+    """Seconds (on the probed machine) and bytes of the split workload.
+
+    Times are forward + backward per token slot (a batch of B rows padded to
+    T tokens has B*T slots); memory is bytes; wire sizes are encoded bytes.
+    """
+
+    num_layers: int
+    hidden_size: int
+    embed_s: float  # client: embeddings, per slot
+    block_s: float  # one block, per slot (the same code on either side)
+    head_s: float  # final norm, head and loss, per slot
+    forward_share: float  # share of a client's step compute in its forward
+    embed_bytes: float  # embedding parameters
+    block_bytes: float  # one block's parameters
+    head_bytes: float  # final norm and an untied head (a k = L client)
+    lora_block_bytes: float  # one block's LoRA weights, gradients, AdamW moments
+    act_embed: float  # activations saved for backward per slot: embeddings
+    act_block: float  # ... per block
+    act_head: float  # ... head and loss
+    message_bytes: float  # an encoded message's fixed part
+    smashed_slot_bytes: float  # a SmashedData message per slot
+    gradient_slot_bytes: float
+    adapter_block_bytes: float  # one block's adapter at rank r, encoded
+    adapter_cut_bytes: float  # the cut layer's adapter at the cut rank
+    load_block_s: float  # reading one block's weights from disk (a re-cut)
+
+    # ------------------------------------------------------------ compute
+    def client_seconds(self, k: int, slots: float) -> float:
+        """Client compute of one micro-batch at cut ``k`` (k = L: everything)."""
+        if k >= self.num_layers:
+            per_slot = self.embed_s + self.num_layers * self.block_s
+            return slots * (per_slot + self.head_s)
+        return slots * (self.embed_s + k * self.block_s)
+
+    def server_seconds(self, k: int, slots: float) -> float:
+        """Server compute of one micro-batch of a client with cut ``k``."""
+        if k >= self.num_layers:
+            return 0.0
+        return slots * ((self.num_layers - k) * self.block_s + self.head_s)
+
+    def client_memory(self, k: int, slots: float) -> float:
+        """Bytes of a client part at cut ``k`` training on ``slots`` token slots."""
+        blocks = self.block_bytes + self.lora_block_bytes
+        mem = (
+            self.embed_bytes
+            + k * blocks
+            + slots * (self.act_embed + k * self.act_block)
+        )
+        if k >= self.num_layers:
+            mem += self.head_bytes + slots * self.act_head
+        return mem
+
+    # --------------------------------------------------------------- wire
+    def adapter_bytes(self, k: int) -> float:
+        """An encoded RoundPlan / AdapterUpdate of a client with cut ``k``."""
+        if k >= self.num_layers:  # no cut layer: every block at rank r
+            return self.message_bytes + k * self.adapter_block_bytes
+        last = self.adapter_cut_bytes
+        return self.message_bytes + (k - 1) * self.adapter_block_bytes + last
+
+    def smashed_bytes(self, slots: float) -> float:
+        return self.message_bytes + slots * self.smashed_slot_bytes
+
+    def gradient_bytes(self, slots: float) -> float:
+        return self.message_bytes + slots * self.gradient_slot_bytes
+
+    # ---------------------------------------------------------- persistence
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(data) != names:
+            raise ValueError(
+                f"{path}: not a cost model (fields differ: "
+                f"{sorted(set(data) ^ names)[:4]})"
+            )
+        return cls(**data)
+
+
+# ------------------------------------------------------------------- probe
+def _param_bytes(model: torch.nn.Module, lora_only: bool = False) -> int:
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if ("lora_" in name) != lora_only or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+class _SavedBytes:
+    """Bytes autograd saves for backward, parameters excluded."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: set[int] = set()
+        self.total = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.total += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _probe_client(part, ids, mask, pos, repeats: int) -> dict[str, float]:
+    """Forward and forward+backward seconds, saved and parameter bytes."""
+    part.model.train()
+    fwd = _median_time(lambda: part.client_forward(ids, mask, pos), repeats)
+    total = _median_time(
+        lambda: part.client_forward(ids, mask, pos).sum().backward(), repeats
+    )
+    with _SavedBytes(part.model) as saved:
+        part.client_forward(ids, mask, pos)
+    return dict(
+        total=total,
+        fwd=fwd,
+        saved=saved.total,
+        params=_param_bytes(part.model),
+        lora=_param_bytes(part.model, lora_only=True),
+    )
+
+
+def _probe_server(part, hidden, mask, pos, labels, repeats: int) -> dict[str, float]:
+    part.model.train()
+
+    def step() -> None:
+        h = hidden.detach().requires_grad_(True)
+        part.server_forward(h, mask, pos, labels).loss.backward()
+
+    total = _median_time(step, repeats)
+    with _SavedBytes(part.model) as saved:
+        part.server_forward(hidden.detach().requires_grad_(True), mask, pos, labels)
+    return dict(total=total, saved=saved.total, params=_param_bytes(part.model))
+
+
+def probe(
+    store: WeightStore,
+    model_config: PretrainedConfig,
+    settings: LoraSettings,
+    batch_size: int,
+    seq_len: int,
+    repeats: int = 5,
+) -> CostModel:
+    """Measure the cost model on this machine with a synthetic batch.
+
+    Builds client parts at cuts 1 and ``kb`` (5 when the model has enough
+    blocks) and a server part holding the last block, times their forward and
+    backward (median of ``repeats`` after a warm-up), counts the activations
+    autograd saves and encodes one message of each kind. A block costs the same
+    on either side (the same code on the same machine), so the block time comes
+    from the client's parts, and the server's part gives the head's.
+    """
+    L = model_config.num_hidden_layers
+    if L < 3:
+        raise ValueError(f"the cost probe needs a model of >= 3 blocks, not {L}")
+    ka, kb = 1, min(5, L - 1)
+    device = store.device
+    g = torch.Generator().manual_seed(0)
+    vocab = model_config.vocab_size
+    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    pos = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+    slots = batch_size * seq_len
+
+    client = {}
+    for k in (ka, kb):
+        part = client_part(store, model_config, k)
+        lora.inject(
+            part.model, part.spec, settings, lora.client_layer_ranks(k, L, settings)
+        )
+        client[k] = _probe_client(part, ids, mask, pos, repeats)
+    part = server_part(store, model_config, L - 1)
+    ranks = lora.layer_ranks(range(L - 1, L), settings, cut=False)
+    lora.inject(part.model, part.spec, settings, ranks)
+    hidden = torch.randn(batch_size, seq_len, model_config.hidden_size, generator=g)
+    last = _probe_server(part, hidden.to(device), mask, pos, ids, repeats)
+
+    dk = kb - ka
+    a, b = client[ka], client[kb]
+    block_s = max(b["total"] - a["total"], 0.0) / dk / slots
+    embed_s = max(a["total"] / slots - ka * block_s, 0.0)
+    forward_share = (a["fwd"] + b["fwd"]) / (a["total"] + b["total"])
+    head_s = max(last["total"] / slots - block_s, 0.0)
+    block_bytes = (b["params"] - a["params"]) / dk
+    embed_bytes = a["params"] - ka * block_bytes
+    act_block = (b["saved"] - a["saved"]) / dk / slots
+    act_embed = max(a["saved"] / slots - ka * act_block, 0.0)
+    act_head = max(last["saved"] / slots - act_block, 0.0)
+    tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    head_bytes = max(last["params"] - block_bytes - (embed_bytes if tied else 0), 0.0)
+    # LoRA bytes: (k-1) blocks at r and one at the cut rank; 4 copies with AdamW
+    lora_block_bytes = 4 * (b["lora"] - a["lora"]) / dk
+
+    state = lora.init_global_adapter(model_config, settings, 0)
+    spec = spec_for(model_config.model_type)
+
+    def plan_bytes(k: int) -> int:
+        held = lora.client_layer_ranks(k, L, settings)
+        ranks = {
+            key: held[lora.layer_of(key, spec)]
+            for key in state
+            if lora.layer_of(key, spec) < k
+        }
+        return len(encode(RoundPlan(0, 0, k, [0.0], truncate_to(state, ranks))))
+
+    message = len(encode(RoundRequest(0, 0)))
+    adapter_block = plan_bytes(2) - plan_bytes(1)
+    adapter_cut = adapter_block * settings.cut_rank / settings.r
+    hidden = torch.zeros(batch_size, seq_len, model_config.hidden_size)
+    smashed = encode(SmashedData(0, 0, 0, 1, hidden, mask.cpu(), pos.cpu(), ids.cpu()))
+    gradient = encode(Gradient(0, 0, 0, 0.0, 0, 0.0, hidden))
+
+    fresh = WeightStore(store.folder, device="cpu")
+    prefix = spec.block_prefix(0)
+    keys = [k for k in fresh._files if k.startswith(prefix)]
+    t0 = time.perf_counter()
+    for key in keys:
+        fresh.get(key)
+    load_block_s = time.perf_counter() - t0
+
+    return CostModel(
+        num_layers=L,
+        hidden_size=model_config.hidden_size,
+        embed_s=embed_s,
+        block_s=block_s,
+        head_s=head_s,
+        forward_share=forward_share,
+        embed_bytes=embed_bytes,
+        block_bytes=block_bytes,
+        head_bytes=head_bytes,
+        lora_block_bytes=lora_block_bytes,
+        act_embed=act_embed,
+        act_block=act_block,
+        act_head=act_head,
+        message_bytes=message,
+        smashed_slot_bytes=(len(smashed) - message) / slots,
+        gradient_slot_bytes=(len(gradient) - message) / slots,
+        adapter_block_bytes=adapter_block,
+        adapter_cut_bytes=adapter_cut,
+        load_block_s=load_block_s,
+    )
+
+
+# -------------------------------------------------------------- prediction
+@dataclass
+class Workload:
+    """What every client does in a round, in the cost model's units."""
+
+    local_steps: int
+    grad_accum: int
+    slots: dict[int, float]  # expected token slots per micro-batch, per client
+    worst_slots: int  # batch_size x max_length: memory is planned for it
+
+
+@dataclass
+class World:
+    """Everything a round's time depends on besides the cuts."""
+
+    costs: CostModel
+    devices: dict[int, Device]
+    server: ServerDevice
+    workload: Workload
+    compute: dict[int, float]  # per client: device seconds per modelled second
+    server_factor: float  # server seconds per modelled second
+
+    @classmethod
+    def of(
+        cls,
+        costs: CostModel,
+        devices: Mapping[int, Device],
+        server: ServerDevice,
+        workload: Workload,
+    ) -> World:
+        """The world as declared: slowdowns and speeds taken at their word."""
+        compute = {cid: d.slowdown for cid, d in devices.items()}
+        return cls(costs, dict(devices), server, workload, compute, 1 / server.speed)
+
+    def memory(self, cid: int, k: int) -> float:
+        return self.costs.client_memory(k, self.workload.worst_slots)
+
+    def fits(self, cid: int, k: int) -> bool:
+        return self.memory(cid, k) <= self.devices[cid].memory
+
+    def deepest_fit(self, cid: int, hi: int) -> int:
+        """The largest cut <= ``hi`` within the client's memory (0 if none)."""
+        for k in range(hi, 0, -1):
+            if self.fits(cid, k):
+                return k
+        return 0
+
+
+class _ModelledClient:
+    """A client whose every duration and size comes from the cost model."""
+
+    def __init__(self, cid: int, k: int, world: World) -> None:
+        self._steps = self._run(cid, k, world)
+
+    @staticmethod
+    def _run(cid: int, k: int, world: World):
+        c, w = world.costs, world.workload
+        slots = w.slots[cid]
+        micro_s = world.compute[cid] * c.client_seconds(k, slots)
+        yield 0.0, Outgoing(("plan", k, 0.0), c.message_bytes, CONTROL)
+        n = w.local_steps * w.grad_accum
+        if k >= c.num_layers:  # trains alone, then uploads
+            yield (
+                n * micro_s,
+                Outgoing(("upload", k, 0.0), c.adapter_bytes(k), ADAPTERS),
+            )
+            return
+        fwd = c.forward_share * micro_s
+        for i in range(n):
+            before = (
+                micro_s - fwd if i else 0.0
+            )  # the previous backward, then this forward
+            yield (
+                before + fwd,
+                Outgoing(("smashed", k, slots), c.smashed_bytes(slots), SMASHED),
+            )
+        yield micro_s - fwd, Outgoing(("upload", k, 0.0), c.adapter_bytes(k), ADAPTERS)
+
+    def resume(self, reply: Any) -> tuple[float, Outgoing | None]:
+        try:
+            return next(self._steps)
+        except StopIteration:
+            return 0.0, None
+
+
+def modelled_serve(world: World):
+    """The server of a modelled round: service times from the cost model."""
+    c = world.costs
+
+    def serve(cid: int, request: tuple[str, int, float]) -> tuple[float, Outgoing]:
+        kind, k, slots = request
+        if kind == "plan":
+            return 0.0, Outgoing(None, c.adapter_bytes(k), ADAPTERS)
+        if kind == "smashed":
+            seconds = world.server_factor * c.server_seconds(k, slots)
+            return seconds, Outgoing(None, c.gradient_bytes(slots), GRADIENTS)
+        return 0.0, Outgoing(None, c.message_bytes, CONTROL)
+
+    return serve
+
+
+def predict_round(cuts: Mapping[int, int], world: World) -> RoundTiming:
+    """The simulated clock run on modelled clients: no model, no training."""
+    processes = {cid: _ModelledClient(cid, k, world) for cid, k in cuts.items()}
+    devices = {cid: world.devices[cid] for cid in cuts}
+    return simulate_round(
+        processes, devices, modelled_serve(world), world.server.workers
+    )
+
+
+# --------------------------------------------------------------- beliefs
+class Estimator:
+    """The planner's beliefs about the federation, refreshed every round.
+
+    Starts from the declared profiles (in a deployment: each client's own
+    probe); after each round, each client's compute factor, its uplink and
+    downlink and the server's factor move towards what the round showed, by
+    ``ewma``. Memory budgets are declared by the clients, not learned.
+    """
+
+    def __init__(self, world: World, ewma: float) -> None:
+        self.world = world
+        self.ewma = ewma
+
+    def _blend(self, old: float, new: float) -> float:
+        return (1 - self.ewma) * old + self.ewma * new
+
+    def declare_memory(self, devices: Mapping[int, Device]) -> None:
+        """Clients report their current memory budgets (known, not estimated)."""
+        for cid, dev in devices.items():
+            old = self.world.devices[cid]
+            self.world.devices[cid] = dataclasses.replace(old, memory=dev.memory)
+
+    def observe(
+        self, cuts: Mapping[int, int], timing: RoundTiming, steps: Iterable[dict]
+    ) -> None:
+        """Fold one round's timings and step records into the beliefs."""
+        c, w = self.world.costs, self.world.workload
+        modelled_client: dict[int, float] = {}
+        modelled_server = 0.0
+        slots: dict[int, list[float]] = {}
+        for s in steps:
+            cid, k = s["client"], cuts[s["client"]]
+            per_micro = s["slots"] / w.grad_accum
+            slots.setdefault(cid, []).append(per_micro)
+            modelled_client[cid] = modelled_client.get(
+                cid, 0.0
+            ) + w.grad_accum * c.client_seconds(k, per_micro)
+            modelled_server += w.grad_accum * c.server_seconds(k, per_micro)
+        served = 0.0
+        for cid, t in timing.clients.items():
+            if t.failed or cid not in modelled_client:
+                continue
+            served += t.served
+            if modelled_client[cid] > 0:
+                ratio = t.compute / modelled_client[cid]
+                self.world.compute[cid] = self._blend(self.world.compute[cid], ratio)
+            w.slots[cid] = self._blend(w.slots[cid], statistics.fmean(slots[cid]))
+            dev = self.world.devices[cid]
+            half_rtts = t.messages * dev.rtt / 2
+            up = dev.up_bps
+            if t.uplink > half_rtts:
+                up = self._blend(
+                    up, 8 * sum(t.bytes_up.values()) / (t.uplink - half_rtts)
+                )
+            down = dev.down_bps
+            if t.downlink > half_rtts:
+                down = self._blend(
+                    down, 8 * sum(t.bytes_down.values()) / (t.downlink - half_rtts)
+                )
+            self.world.devices[cid] = dataclasses.replace(dev, up_bps=up, down_bps=down)
+        if modelled_server > 0:
+            ratio = served / modelled_server
+            self.world.server_factor = self._blend(self.world.server_factor, ratio)

@@ -1,0 +1,110 @@
+"""The event-driven clock: FCFS server queue, links, parallel clients."""
+
+import pytest
+from synthetic import device, world
+
+from splitft.sim.clock import ClientFailed, Outgoing, simulate_round
+from splitft.sim.costs import predict_round
+
+
+class Scripted:
+    """A client that computes, then sends, a fixed list of (seconds, bytes)."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.replies = []
+
+    def resume(self, reply):
+        self.replies.append(reply)
+        if not self.script:
+            return 0.0, None
+        seconds, nbytes = self.script.pop(0)
+        return seconds, Outgoing(f"req{len(self.replies)}", nbytes, "smashed")
+
+
+def server(seconds, order=None):
+    def serve(cid, payload):
+        if order is not None:
+            order.append(cid)
+        return seconds, Outgoing(payload, 1000, "gradients")
+
+    return serve
+
+
+FAST = device(up=8.0, down=8.0, rtt_ms=0.0)  # 1000 bytes take 1 ms each way
+
+
+def test_one_client_adds_compute_links_and_service():
+    timing = simulate_round(
+        {0: Scripted([(1.0, 1000), (2.0, 1000)])}, {0: FAST}, server(0.5)
+    )
+    t = timing.clients[0]
+    assert t.compute == 3.0 and t.served == 1.0 and t.queued == 0.0
+    assert t.uplink == pytest.approx(0.002) and t.downlink == pytest.approx(0.002)
+    assert timing.makespan == pytest.approx(3.0 + 1.0 + 0.004)
+    assert t.bytes_up == {"smashed": 2000} and t.bytes_down == {"gradients": 2000}
+
+
+@pytest.mark.parametrize("workers, queued", [(1, 0.5), (2, 0.0)])
+def test_simultaneous_arrivals_queue_for_the_workers(workers, queued):
+    procs = {c: Scripted([(1.0, 1000)]) for c in (0, 1)}
+    devices = dict.fromkeys(procs, FAST)
+    timing = simulate_round(procs, devices, server(0.5), workers)
+    waits = sorted(t.queued for t in timing.clients.values())
+    assert waits == pytest.approx([0.0, queued])
+    assert timing.makespan == pytest.approx(1.0 + 0.001 + 0.5 + queued + 0.001)
+    assert timing.server_busy == pytest.approx(1.0)
+
+
+def test_server_serves_in_simulated_arrival_order():
+    """The slow client's request was made first in code but arrives last."""
+    order = []
+    procs = {
+        0: Scripted([(5.0, 1000)]),
+        1: Scripted([(1.0, 1000)]),
+        2: Scripted([(3.0, 1000)]),
+    }
+    simulate_round(procs, dict.fromkeys(procs, FAST), server(0.1, order))
+    assert order == [1, 2, 0]
+
+
+def test_slow_link_delays_only_its_client():
+    slow = device(up=0.008, down=8.0, rtt_ms=100.0)  # 1000 bytes: 1 s up, +50 ms
+    procs = {0: Scripted([(0.0, 1000)]), 1: Scripted([(0.0, 1000)])}
+    timing = simulate_round(procs, {0: slow, 1: FAST}, server(0.0))
+    assert timing.clients[0].uplink == pytest.approx(1.05)
+    assert timing.clients[1].finish == pytest.approx(0.002)
+    assert timing.clients[0].finish == pytest.approx(1.05 + 0.051)
+
+
+def test_a_failed_client_ends_alone():
+    class Failing(Scripted):
+        def resume(self, reply):
+            if len(self.replies) == 1:
+                raise ClientFailed("refused")
+            return super().resume(reply)
+
+    procs = {0: Failing([(1.0, 1000), (1.0, 1000)]), 1: Scripted([(2.0, 1000)])}
+    timing = simulate_round(procs, dict.fromkeys(procs, FAST), server(0.1))
+    assert timing.clients[0].failed == "refused"
+    assert timing.clients[1].finish > 2.0 and not timing.clients[1].failed
+
+
+def test_modelled_round_trades_client_work_for_server_work():
+    """Deeper cuts: more client time, less server time; a faster server helps."""
+    devices = {c: device() for c in range(4)}
+    shallow, deep = predict_round(dict.fromkeys(devices, 2), world(devices)), None
+    deep = predict_round(dict.fromkeys(devices, 20), world(devices))
+    assert deep.server_busy < shallow.server_busy
+    assert deep.clients[0].compute > shallow.clients[0].compute
+    fast = predict_round(dict.fromkeys(devices, 2), world(devices, speed=8.0))
+    assert fast.makespan < shallow.makespan
+
+
+def test_modelled_local_client_uses_no_server():
+    devices = {0: device(slowdown=2.0)}
+    w = world(devices, num_layers=30)
+    t = predict_round({0: 30}, w).clients[0]
+    assert t.bytes_up.get("smashed", 0) == 0 and t.served == 0.0
+    expected = 4 * 2.0 * w.costs.client_seconds(30, 256)
+    assert t.compute == pytest.approx(expected)
