@@ -1,0 +1,235 @@
+"""The adaptive cut-layer planner: shortest round within memory budgets.
+
+Pure functions of a :class:`~splitft.sim.costs.World` (what the planner
+believes about clients, links and the server); the objective is the round's
+makespan as the simulated clock predicts it, server queue included. The
+search (see ``docs/policies.md``):
+
+1. each client's feasible cuts: ``[k_min, min(k_max, deepest that fits its
+   memory)]``;
+2. binary search on the round time T: each client takes the deepest cut that
+   finishes alone within T (deeper = less server work), and T is kept if the
+   server's total work fits in T on its workers;
+3. that plan and every uniform cut are scored by the clock; the best is
+   improved client by client (coordinate descent on the clock's makespan)
+   until no single move helps.
+
+So the result is never predicted slower than any uniform cut.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from splitft.sim.costs import World, predict_round
+
+
+class Infeasible(ValueError):
+    """A client cannot hold even the smallest allowed cut in its memory."""
+
+
+@dataclass
+class Plan:
+    cuts: dict[int, int]
+    makespan: float  # predicted, seconds
+    evaluations: int  # clock predictions made
+    seconds: float = 0.0  # planner wall time
+
+
+def feasible(world: World, clients: Sequence[int], k_min: int, k_max: int):
+    """``{client: (lo, hi)}``: the cuts each client may take.
+
+    Raises:
+        Infeasible: naming the client, its budget and what ``k_min`` needs.
+    """
+    out = {}
+    for cid in clients:
+        hi = world.deepest_fit(cid, k_max)
+        if hi < k_min:
+            need = world.memory(cid, k_min) / 1e6
+            have = world.devices[cid].memory / 1e6
+            raise Infeasible(
+                f"client {cid} ({world.devices[cid].name}): a memory budget of "
+                f"{have:.0f} MB cannot hold k_min={k_min} blocks ({need:.0f} MB)"
+            )
+        out[cid] = (k_min, hi)
+    return out
+
+
+class _Scorer:
+    """``(makespan, mean finish)`` from the clock, memoised.
+
+    The mean finish breaks ties: when two clients are both critical, moving
+    one of them does not shorten the round yet, but it frees the server and is
+    the step the next move needs.
+    """
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.cache: dict[tuple, tuple[float, float]] = {}
+
+    def __call__(self, cuts: Mapping[int, int]) -> tuple[float, float]:
+        key = tuple(sorted(cuts.items()))
+        if key not in self.cache:
+            t = predict_round(cuts, self.world)
+            mean = sum(c.finish for c in t.clients.values()) / len(t.clients)
+            self.cache[key] = (t.makespan, mean)
+        return self.cache[key]
+
+
+def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """``a`` beats ``b``: a shorter round, or as short with earlier finishes."""
+    rel = 1e-9
+    if a[0] < b[0] * (1 - rel):
+        return True
+    return a[0] <= b[0] * (1 + rel) and a[1] < b[1] * (1 - rel)
+
+
+def _binary_search(world: World, ranges, tol: float = 1e-3) -> dict[int, int]:
+    """Deepest cuts that finish alone within T, for the smallest feasible T."""
+    w = world.workload
+    n = w.local_steps * w.grad_accum
+    solo = {  # a client's round with the server to itself
+        cid: {k: predict_round({cid: k}, world).makespan for k in range(lo, hi + 1)}
+        for cid, (lo, hi) in ranges.items()
+    }
+    work = {
+        cid: {
+            k: n * world.server_factor * world.costs.server_seconds(k, w.slots[cid])
+            for k in range(lo, hi + 1)
+        }
+        for cid, (lo, hi) in ranges.items()
+    }
+
+    def cuts_for(T: float) -> dict[int, int] | None:
+        cuts = {}
+        for cid, times in solo.items():
+            fits = [k for k, t in times.items() if t <= T]
+            if not fits:
+                return None
+            cuts[cid] = max(fits)
+        load = sum(work[cid][k] for cid, k in cuts.items()) / world.server.workers
+        return cuts if load <= T else None
+
+    lo = max(min(t.values()) for t in solo.values())
+    hi = max(max(t.values()) for t in solo.values())
+    hi += sum(max(c.values()) for c in work.values()) / world.server.workers
+    best = cuts_for(hi)
+    while hi - lo > tol * hi:
+        mid = (lo + hi) / 2
+        cuts = cuts_for(mid)
+        if cuts is None:
+            lo = mid
+        else:
+            hi, best = mid, cuts
+    return best
+
+
+def _descend(score: _Scorer, cuts: dict[int, int], ranges, passes: int = 8):
+    """Coordinate descent: move one client's cut while the makespan drops."""
+    best = score(cuts)
+    for _ in range(passes):
+        improved = False
+        for cid, (lo, hi) in ranges.items():
+            for k in range(lo, hi + 1):
+                if k == cuts[cid]:
+                    continue
+                trial = {**cuts, cid: k}
+                m = score(trial)
+                if _better(m, best):
+                    cuts, best, improved = trial, m, True
+        if not improved:
+            break
+    return cuts, best
+
+
+def fastest(world: World, clients: Sequence[int], k_min: int, k_max: int) -> Plan:
+    """The cuts that minimise the predicted round time (see the module doc)."""
+    t0 = time.perf_counter()
+    ranges = feasible(world, clients, k_min, k_max)
+    score = _Scorer(world)
+    candidates = [_binary_search(world, ranges)]
+    for k in range(k_min, max(hi for _, hi in ranges.values()) + 1):
+        candidates.append(
+            {cid: min(max(k, lo), hi) for cid, (lo, hi) in ranges.items()}
+        )
+    start = min(candidates, key=score)
+    cuts, (makespan, _) = _descend(score, dict(start), ranges)
+    return Plan(cuts, makespan, len(score.cache), time.perf_counter() - t0)
+
+
+def move_cost(world: World, cid: int, old: int, new: int) -> float:
+    """Seconds a client spends moving its cut: loading the blocks it gains and
+    fetching their adapters (blocks it gives up cost nothing)."""
+    gained = max(new - old, 0)
+    dev = world.devices[cid]
+    fetch = gained * world.costs.adapter_block_bytes * 8 / dev.down_bps
+    return gained * world.costs.load_block_s * world.compute[cid] + fetch
+
+
+def settle(
+    world: World,
+    previous: Mapping[int, int],
+    target: Plan,
+    ranges,
+    max_move: int,
+    min_gain: float,
+    horizon: int,
+) -> dict[int, int]:
+    """Hysteresis: move from ``previous`` towards ``target`` only if it pays.
+
+    Each client moves at most ``max_move`` blocks towards its target cut; the
+    move is kept only if the predicted round time drops by more than
+    ``min_gain`` (a fraction) and the time saved over ``horizon`` rounds beats
+    the slowest client's cost of moving. A cut that no longer fits its range
+    (a budget shrank) moves regardless.
+    """
+    score = _Scorer(world)
+    stay = {}
+    for cid, (lo, hi) in ranges.items():
+        old = previous.get(cid, target.cuts[cid])
+        stay[cid] = min(max(old, lo), hi)
+    moved = {
+        cid: stay[cid] + max(-max_move, min(max_move, target.cuts[cid] - stay[cid]))
+        for cid in ranges
+    }
+    if moved == stay:
+        return stay
+    before, after = score(stay)[0], score(moved)[0]
+    cost = max(move_cost(world, c, stay[c], moved[c]) for c in ranges)
+    gain = before - after
+    if gain > min_gain * before and gain * horizon > cost:
+        return moved
+    return stay
+
+
+def shallower_for_quality(
+    world: World,
+    cuts: Mapping[int, int],
+    ranges,
+    drift: Mapping[int, float],
+    eps: float,
+    max_move: int,
+) -> dict[int, int]:
+    """Spend ``eps`` of round time moving the most drifting clients shallower.
+
+    With a shared server-side adapter, a shallower cut puts more of the
+    client's layers into the adapter every client updates, which pulls its
+    non-IID updates towards the others (HASFL/AdaptSFL). Clients are taken in
+    order of decreasing drift; each goes as shallow as the slack allows.
+    """
+    score = _Scorer(world)
+    budget = score(cuts)[0] * (1 + eps)
+    out = dict(cuts)
+    for cid in sorted(drift, key=lambda c: -drift[c]):
+        if cid not in out or not math.isfinite(drift[cid]):
+            continue
+        lo = max(ranges[cid][0], out[cid] - max_move)
+        for k in range(lo, out[cid]):
+            if score({**out, cid: k})[0] <= budget:
+                out[cid] = k
+                break
+    return out
