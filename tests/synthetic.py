@@ -10,9 +10,10 @@ from splitft.sim.profiles import Device, ServerDevice
 MB = 1e6
 
 
-def costs(num_layers: int = 30, head_blocks: float = 7.0) -> CostModel:
+def costs(
+    num_layers: int = 30, head_blocks: float = 7.0, block_s: float = 1e-4
+) -> CostModel:
     """Round numbers shaped like SmolLM2-135M's probe: 1e-4 s per block and slot."""
-    block_s = 1e-4
     return CostModel(
         num_layers=num_layers,
         hidden_size=576,

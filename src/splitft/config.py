@@ -313,6 +313,11 @@ class SimConfig:
         "simulated durations: 'measured' (this machine's measured compute x the "
         "profile) or 'predicted' (the cost model's; deterministic)",
     )
+    cost_model: str = _f(
+        "",
+        "a costs.json written by an earlier run, used instead of probing the "
+        "model at start-up ('' = probe)",
+    )
 
     def profile_names(self) -> dict[str, DeviceProfile]:
         """Built-in profiles with ``profiles`` merged in, field by field."""

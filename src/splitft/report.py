@@ -38,11 +38,25 @@ def _fmt(record: dict[str, Any], key: str, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def cuts_cell(record: dict[str, Any], clients: list[str]) -> str:
+    """Each client's cut this round, in client order ('.' = not selected)."""
+    cuts = record.get("cuts") or {}
+    return " ".join(str(cuts.get(c, ".")) for c in clients)
+
+
 def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
     """One row per round (round 0 = the base model before training)."""
-    table = Table(title=title)
+    table = Table(
+        title=title,
+        caption="cuts: each client's cut layer, client 0 first ('.' = not this "
+        "round); sim time: simulated seconds; wall s: this machine's",
+    )
+    clients = sorted(
+        {c for r in rounds for c in (r.get("cuts") or {})}, key=lambda c: int(c)
+    )
     for col in (
         "round",
+        "cuts",
         "train loss",
         "eval loss",
         "token acc",
@@ -50,12 +64,14 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
         "MC acc",
         "bytes up",
         "bytes down",
-        "time s",
+        "sim time s",
+        "wall s",
     ):
         table.add_column(col, justify="right")
     for r in rounds:
         table.add_row(
             str(r["round"]),
+            cuts_cell(r, clients) if r.get("cuts") else "-",
             _fmt(r, "train_loss"),
             _fmt(r, "eval_loss"),
             _fmt(r, "eval_token_acc", ".3f"),
@@ -63,6 +79,7 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
             _fmt(r, "mc_accuracy", ".3f"),
             human_bytes(r.get("bytes_up", 0)),
             human_bytes(r.get("bytes_down", 0)),
+            _fmt(r, "sim_time_s", ".1f"),
             _fmt(r, "elapsed_s", ".1f"),
         )
     return table
@@ -70,8 +87,8 @@ def results_table(rounds: list[dict[str, Any]], title: str) -> Table:
 
 def print_table(rounds: list[dict[str, Any]], title: str) -> None:
     console = Console()
-    if console.width < 100:  # not a terminal (a log, CI): do not squeeze columns
-        console = Console(width=100)
+    if console.width < 120:  # not a terminal (a log, CI): do not squeeze columns
+        console = Console(width=120)
     console.print(results_table(rounds, title))
     scored = [r for r in rounds if "task_accuracy" in r]
     if len(scored) >= 2:

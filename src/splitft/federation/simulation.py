@@ -2,8 +2,12 @@
 
 A recipe in the torchtune sense: ``setup`` builds everything from the config,
 ``train`` owns the round loop, ``finish`` writes the adapter and the summary.
-Clients reach the server through a transport, exactly as deployed clients
-will; only the transport differs.
+Clients reach the server through the simulated network
+(:mod:`splitft.transport.simulated`): real messages, encoded exactly as on a
+wire, delivered when the event-driven clock says, so heterogeneous devices,
+links and the server queue shape each round's simulated time. The round's
+decisions (who trains, at which cut) belong to the strategy and its
+cut-layer policy.
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ from splitft.data.federated import load_run_data
 from splitft.data.format import pad_token_id
 from splitft.data.packing import pack
 from splitft.eval import evaluate, task_accuracy
+from splitft.federation.policies import PolicyContext, make_policy
+from splitft.federation.strategy import RoundConfig, Strategy
 from splitft.models.default import resolve_model_dir
 from splitft.models.parts import WeightStore, full_part, load_model_config
+from splitft.sim.clock import RoundTiming, simulate_round
+from splitft.sim.costs import CostModel, Estimator, Workload, World, probe
+from splitft.sim.profiles import devices_at, server_device
 from splitft.split.client import SplitClient
 from splitft.split.server import SplitServer
-from splitft.transport import InProcessTransport, Traffic
+from splitft.transport import Traffic
+from splitft.transport.simulated import ClockedClient, clocked_server
 
 TOKENS = ["input_ids", "labels"]  # the columns training and the loss need
 
@@ -38,67 +48,80 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Simulation:
-    """Runs ``cfg.federation.rounds`` rounds of split federated fine-tuning."""
+def expected_slots(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """Mean token slots of a right-padded batch: B x the longest row drawn."""
+    rng = np.random.default_rng(seed)
+    lengths_arr = np.asarray(lengths)
+    bs = min(batch_size, len(lengths_arr))
+    draws = [
+        lengths_arr[rng.permutation(len(lengths_arr))[:bs]].max() for _ in range(64)
+    ]
+    return float(bs * np.mean(draws))
 
-    def __init__(self, cfg: RunConfig) -> None:
+
+class Simulation:
+    """Runs ``cfg.federation.rounds`` rounds of split federated fine-tuning.
+
+    Args:
+        cfg: the run's settings.
+        costs: a cost model to use instead of probing (benchmarks share one).
+    """
+
+    def __init__(self, cfg: RunConfig, costs: CostModel | None = None) -> None:
         self.cfg = cfg
         self.run_dir: Path = cfg.run_dir
         self.rounds: list[dict[str, Any]] = []
+        self.costs = costs
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, fed = self.cfg, self.cfg.federation
         torch.manual_seed(cfg.seed)
         self.model_dir = resolve_model_dir(cfg.model.path)
-        self.config = load_model_config(self.model_dir)
-        L = self.config.num_hidden_layers
-        bad = [k for k in cfg.federation.cut_layers if not 1 <= k < L]
-        if bad:
-            raise ConfigError(
-                f"federation.cut_layers={cfg.federation.cut_layers} is not allowed: "
-                f"each cut must be in [1, {L - 1}] for this {L}-layer model"
-            )
+        self.model_config = load_model_config(self.model_dir)
+        L = self.model_config.num_hidden_layers
+        self.k_max = fed.k_max or L - 1
+        _check_cuts(fed, self.k_max, L)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.pad_id = pad_token_id(self.tokenizer)
         self.data = load_run_data(cfg, self.tokenizer)
         self.store = WeightStore(
             self.model_dir, device=resolve_device(cfg.model.device)
         )
-        fed = cfg.federation
+        # the fixed policy's cuts; any other policy starts every client at k_min
+        fixed = fed.cut_layers if fed.policy == "fixed" else [fed.k_min]
         self.cut_layers = {
-            cid: fed.cut_layers[cid % len(fed.cut_layers)]
-            for cid in range(fed.num_clients)
+            cid: fixed[cid % len(fixed)] for cid in range(fed.num_clients)
         }
-        per_round = fed.clients_per_round or fed.num_clients
+        self.per_round = fed.clients_per_round or fed.num_clients
         self.server = SplitServer(
             self.store,
-            self.config,
+            self.model_config,
             cfg.lora,
             cfg.train,
             self.cut_layers,
             total_steps=fed.rounds * fed.local_steps,
             local_steps=fed.local_steps,
             seed=cfg.seed,
+            server_side=fed.server_side,
         )
+        rows = {cid: self._client_rows(cid) for cid in range(fed.num_clients)}
         self.clients = {
             cid: SplitClient(
                 cid,
                 self.store,
-                self.config,
+                self.model_config,
                 cfg.lora,
                 cfg.train,
-                self._client_rows(cid),
+                rows[cid],
                 self.pad_id,
                 seed=cfg.seed,
                 num_samples=len(self.data.partitions[cid]),
             )
             for cid in range(fed.num_clients)
         }
-        self.traffic = Traffic()
-        self.transports = {
-            cid: InProcessTransport(self.server, self.traffic) for cid in self.clients
-        }
+        self._setup_strategy(rows)
+        self.traffic = {cid: Traffic() for cid in self.clients}
         self.eval_examples = self.data.held_out.select_columns(TOKENS).to_list()
         self.accuracy_examples = _per_task(
             self.data.held_out.select_columns(
@@ -106,19 +129,56 @@ class Simulation:
             ),
             cfg.eval.accuracy_examples,
         )
-        self.evaluator = full_part(self.store, self.config)
+        self.evaluator = full_part(self.store, self.model_config)
         ranks = lora.layer_ranks(range(L), cfg.lora, cut=False)
         lora.inject(self.evaluator.model, self.evaluator.spec, cfg.lora, ranks)
-        self._rng = np.random.default_rng(cfg.seed)
-        self.per_round = per_round
         _keep_previous(self.run_dir)
         self.run_dir.mkdir(parents=True)
         save_config(cfg, self.run_dir / "config.yaml")
+        self.costs.save(self.run_dir / "costs.json")
         self.log = report.MetricsLog(self.run_dir / "metrics.jsonl")
+        self.sim_time = 0.0
 
     def _client_rows(self, cid: int) -> list[dict]:
         rows = self.data.partitions[cid].select_columns(TOKENS).to_list()
         return pack(rows, self.cfg.data.max_length) if self.cfg.data.packing else rows
+
+    def _setup_strategy(self, rows: dict[int, list[dict]]) -> None:
+        """The cost model, the planner's beliefs, the policy and the strategy."""
+        cfg, fed, sim = self.cfg, self.cfg.federation, self.cfg.sim
+        bs = cfg.train.batch_size
+        lengths = {cid: [len(r["input_ids"]) for r in rs] for cid, rs in rows.items()}
+        if self.costs is None and sim.cost_model:
+            self.costs = CostModel.load(sim.cost_model)
+        if self.costs is None:
+            typical = int(np.mean([n for ls in lengths.values() for n in ls]))
+            self.costs = probe(self.store, self.model_config, cfg.lora, bs, typical)
+        workload = Workload(
+            local_steps=fed.local_steps,
+            grad_accum=cfg.train.grad_accum,
+            slots={
+                cid: expected_slots(ls, bs, cfg.seed) for cid, ls in lengths.items()
+            },
+            worst_slots=bs * cfg.data.max_length,
+        )
+        self.server_device = server_device(sim)
+        devices = devices_at(sim, fed.num_clients, 0)
+        world = World.of(self.costs, devices, self.server_device, workload)
+        estimator = Estimator(world, cfg.planner.ewma)
+        context = PolicyContext(
+            num_layers=self.model_config.num_hidden_layers,
+            k_min=fed.k_min,
+            k_max=self.k_max,
+            fixed=self.cut_layers,
+            settings=cfg.planner,
+            server_side=fed.server_side,
+            estimator=estimator,
+            rng=np.random.default_rng([cfg.seed, 1]),
+        )
+        policy = make_policy(fed.policy, context)
+        self.strategy = Strategy(
+            policy, estimator, fed.num_clients, self.per_round, cfg.seed
+        )
 
     # ---------------------------------------------------------------- train
     def evaluate_global(self, accuracy: bool) -> dict[str, Any]:
@@ -153,82 +213,143 @@ class Simulation:
         )
 
     def train(self) -> list[dict[str, Any]]:
-        cfg, fed = self.cfg, self.cfg.federation
-        t_start = time.perf_counter()
+        fed, sim = self.cfg.federation, self.cfg.sim
+        self._t_start = time.perf_counter()
         base = {
             "type": "round",
             "round": 0,
             **self.evaluate_global(self._accuracy_due(0)),
-            "elapsed_s": time.perf_counter() - t_start,
+            "sim_time_s": 0.0,
+            "elapsed_s": time.perf_counter() - self._t_start,
         }
         self.log.write(base)
         self.rounds.append(base)
-        bar = tqdm(
+        self._bar = tqdm(
             total=fed.rounds * self.per_round * fed.local_steps,
             desc="split training",
             unit="step",
         )
         for rnd in range(fed.rounds):
-            before = dict(self.traffic.snapshot())
-            chosen = sorted(
-                self._rng.choice(fed.num_clients, self.per_round, replace=False)
-            )
-            losses, tokens = [], 0
-            for cid in chosen:
-                bar.set_postfix(round=rnd + 1, client=int(cid))
-                for step in self.clients[cid].run_round(self.transports[cid], rnd):
-                    self.log.write({"type": "step", **step})
-                    losses.append(step["loss"] * step["tokens"])
-                    tokens += step["tokens"]
-                    bar.update(1)
-                    bar.set_postfix(
-                        round=rnd + 1, client=int(cid), loss=f"{step['loss']:.3f}"
-                    )
-            self.server.aggregate()
-            # aggregated adapters go back to every holder with the next plan;
-            # they are counted when sent.
-            traffic = {
-                k: v - before.get(k, 0) for k, v in self.traffic.snapshot().items()
-            }
-            record = {
-                "type": "round",
-                "round": rnd + 1,
-                "clients": [int(c) for c in chosen],
-                "train_loss": sum(losses) / max(tokens, 1),
-                "train_tokens": tokens,
-                "bytes_up": sum(v for k, v in traffic.items() if k.startswith("up_")),
-                "bytes_down": sum(
-                    v for k, v in traffic.items() if k.startswith("down_")
-                ),
-                **traffic,
-            }
-            accuracy = self._accuracy_due(rnd + 1)
-            if accuracy or (rnd + 1) % cfg.eval.every == 0 or rnd + 1 == fed.rounds:
-                record.update(self.evaluate_global(accuracy))
-            record["elapsed_s"] = time.perf_counter() - t_start
-            self.log.write(record)
-            self.rounds.append(record)
-        bar.close()
+            devices = devices_at(sim, fed.num_clients, rnd)
+            planned = self.strategy.configure_round(rnd, devices)
+            timing, steps = self.run_round(planned, devices)
+            self.finish_round(planned, timing, steps)
+        self._bar.close()
         return self.rounds
+
+    def run_round(
+        self, planned: RoundConfig, devices
+    ) -> tuple[RoundTiming, list[dict]]:
+        """The selected clients train through the server on the simulated clock."""
+        sim = self.cfg.sim
+        self.server.open_round(planned.round, planned.cuts)
+        processes = {
+            cid: ClockedClient(
+                self.clients[cid], planned.round, devices[cid], sim.timing, self.costs
+            )
+            for cid in planned.cuts
+        }
+        serve = clocked_server(
+            self.server, self.server_device.speed, sim.timing, self.costs
+        )
+        self._bar.set_postfix(round=planned.round + 1)
+        timing = simulate_round(processes, devices, serve, self.server_device.workers)
+        steps = [s for cid in sorted(processes) for s in processes[cid].steps]
+        self._bar.update(len(steps))
+        return timing, steps
+
+    def finish_round(
+        self, planned: RoundConfig, timing: RoundTiming, steps: list[dict]
+    ) -> dict[str, Any]:
+        """Aggregate, feed the strategy, evaluate when due, log the round."""
+        cfg, rnd = self.cfg, planned.round + 1
+        t0 = time.perf_counter()
+        counted = self.server.aggregate()
+        aggregate_s = (time.perf_counter() - t0) / self.server_device.speed
+        if cfg.sim.timing == "predicted":
+            aggregate_s = 0.0
+        self.sim_time += timing.makespan + aggregate_s
+        for s in steps:
+            self.log.write({"type": "step", **s})
+        observed = self.strategy.observe_round(
+            planned, timing, steps, dict(self.server.drift)
+        )
+        up: dict[str, int] = {}
+        down: dict[str, int] = {}
+        for cid, t in timing.clients.items():
+            for kind, n in t.bytes_up.items():
+                self.traffic[cid].record("up", kind, n)
+                up[kind] = up.get(kind, 0) + n
+            for kind, n in t.bytes_down.items():
+                self.traffic[cid].record("down", kind, n)
+                down[kind] = down.get(kind, 0) + n
+        tokens = sum(s["tokens"] for s in steps)
+        worst = self.strategy.estimator.world.workload.worst_slots
+        record: dict[str, Any] = {
+            "type": "round",
+            "round": rnd,
+            "clients": sorted(planned.cuts),
+            "cuts": {str(c): k for c, k in sorted(planned.cuts.items())},
+            "counted": counted,
+            "failed": sorted(c for c, t in timing.clients.items() if t.failed),
+            "over_budget": planned.over_budget,
+            "replan": planned.reason,
+            "train_loss": sum(s["loss"] * s["tokens"] for s in steps) / max(tokens, 1),
+            "train_token_acc": sum(s["token_acc"] * s["tokens"] for s in steps)
+            / max(tokens, 1),
+            "train_tokens": tokens,
+            "bytes_up": sum(up.values()),
+            "bytes_down": sum(down.values()),
+            **{f"up_{k}": v for k, v in sorted(up.items())},
+            **{f"down_{k}": v for k, v in sorted(down.items())},
+            "sim_round_s": timing.makespan + aggregate_s,
+            "sim_time_s": self.sim_time,
+            "server_busy_s": timing.server_busy,
+            **observed,
+            "planner_s": planned.planner_s,
+            "memory_mb": {
+                str(c): self.costs.client_memory(k, worst) / 1e6
+                for c, k in sorted(planned.cuts.items())
+            },
+            "timing": timing.record(),
+        }
+        accuracy = self._accuracy_due(rnd)
+        last = rnd == cfg.federation.rounds
+        if accuracy or rnd % cfg.eval.every == 0 or last:
+            record.update(self.evaluate_global(accuracy))
+        record["elapsed_s"] = time.perf_counter() - self._t_start
+        self.log.write(record)
+        self.rounds.append(record)
+        return record
 
     # ---------------------------------------------------------------- finish
     def finish(self) -> dict[str, Any]:
         """Export the global adapter in PEFT format and write summary.json."""
         adapter_dir = lora.export_peft(
             self.server.global_state,
-            self.config,
+            self.model_config,
             self.cfg.lora,
             self.run_dir / "adapter",
             str(self.model_dir),
         )
-        totals = self.traffic.snapshot()
+        totals: dict[str, int] = {}
+        for t in self.traffic.values():
+            for k, v in t.snapshot().items():
+                totals[k] = totals.get(k, 0) + v
+        trained = [r for r in self.rounds if r["round"] > 0]
+        errors = [r["prediction_error"] for r in trained]
         summary = {
             "run": self.cfg.name,
             "model": str(self.model_dir),
-            "cut_layers": self.cut_layers,
+            "policy": self.cfg.federation.policy,
+            "server_side": self.cfg.federation.server_side,
+            "cut_layers": {str(r["round"]): r["cuts"] for r in trained},
+            "sim_time_s": self.sim_time,
+            "prediction_error_mean": sum(errors) / len(errors) if errors else None,
             "data": self.data.info,
             "rounds": self.rounds,
             "bytes": totals,
+            "bytes_per_client": {str(c): t.snapshot() for c, t in self.traffic.items()},
             "adapter": str(adapter_dir),
             "config": to_dict(self.cfg),
         }
@@ -242,6 +363,22 @@ class Simulation:
         summary = self.finish()
         report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
         return summary
+
+
+def _check_cuts(fed, k_max: int, L: int) -> None:
+    """Cuts against the model's layer count, which the config does not know."""
+    bad = [k for k in fed.cut_layers if not 1 <= k <= L]
+    if fed.policy == "fixed" and bad:
+        raise ConfigError(
+            f"federation.cut_layers={fed.cut_layers} is not allowed: each cut must "
+            f"be in [1, {L}] for this {L}-layer model ({L} = the whole model on "
+            "the client)"
+        )
+    if not fed.k_min <= k_max <= L:
+        raise ConfigError(
+            f"federation.k_min={fed.k_min}, federation.k_max={fed.k_max} are not "
+            f"allowed: 1 <= k_min <= k_max <= {L} for this {L}-layer model"
+        )
 
 
 def _per_task(held_out, limit: int) -> list[dict]:

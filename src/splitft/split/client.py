@@ -83,6 +83,9 @@ class SplitClient:
         # aggregation weight: examples held, not rows (packing merges rows)
         self.num_samples = num_samples or len(examples)
         self.part: ModelPart | None = None
+        # (kind, token slots) of the compute done since the owner last cleared
+        # it: "forward", "backward" or "local"; the cost model prices it
+        self.work: list[tuple[str, int]] = []
         self._batches = self._batch_stream(np.random.default_rng([seed, client_id]))
 
     @property
@@ -127,6 +130,7 @@ class SplitClient:
         """Ask for the plan; (re)build the part for its cut; load its adapters."""
         reply = yield RoundRequest(self.client_id, round)
         plan = _expect(reply, RoundPlan)
+        self.work.clear()
         if plan.cut_layer != self.cut_layer:
             self._build(plan.cut_layer)
         device = self.store.device
@@ -147,15 +151,18 @@ class SplitClient:
         step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for micro, batch in enumerate(batches):
             batch = {k: _to(v, device) for k, v in batch.items()}
+            slots = int(batch["input_ids"].numel())
             t0 = time.perf_counter()
             if self.local:
                 n, hits, loss = self._local_micro(batch, step_tokens)
                 client_s += time.perf_counter() - t0
+                self.work.append(("local", slots))
             else:
                 hidden = self.part.client_forward(  # (B, T, H)
                     batch["input_ids"], batch["attention_mask"], batch["position_ids"]
                 )
                 client_s += time.perf_counter() - t0
+                self.work.append(("forward", slots))
                 reply = yield SmashedData(
                     client_id=self.client_id,
                     step=step,
@@ -171,6 +178,7 @@ class SplitClient:
                 t0 = time.perf_counter()
                 hidden.backward(reply.grad.to(device))
                 client_s += time.perf_counter() - t0
+                self.work.append(("backward", slots))
                 n, hits, loss = reply.tokens, reply.correct, reply.loss
                 server_s += reply.server_seconds
             loss_sum += loss * n

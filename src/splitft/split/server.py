@@ -25,7 +25,12 @@ from transformers import PretrainedConfig
 
 from splitft import lora
 from splitft.config import SERVER_SIDES, LoraSettings, TrainConfig
-from splitft.federation.aggregate import aggregate, slice_rank, truncate_to
+from splitft.federation.aggregate import (
+    aggregate,
+    rank_of,
+    slice_rank,
+    truncate_to,
+)
 from splitft.models.arch import spec_for
 from splitft.models.parts import WeightStore, count_correct, server_part
 from splitft.split import optim
@@ -91,6 +96,8 @@ class SplitServer:
         self._shared_grads: dict[int, dict[torch.nn.Parameter, torch.Tensor]] = {}
         self._served: dict[int, int] = {}  # shared: client -> cut of its steps
         self.updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+        self._client_keys: dict[int, set[str]] = {}  # what each update held client-side
+        self.drift: dict[int, float] = {}  # of the last aggregation, per client
         # one shared model: cut_at swaps its block list and set_adapter is
         # global, so requests (e.g. from concurrent network handlers) run one at
         # a time
@@ -115,11 +122,12 @@ class SplitServer:
         """(Re)inject adapter ``name`` over blocks ``[k, L)``; no-op if it is."""
         if self._injected.get(name) == k:
             return
-        if name in self._injected:
-            delete_adapter(self.part.model, name, prefix="lora_")
         ranks = lora.layer_ranks(range(k, self.num_layers), self.lora, cut=False)
         with warnings.catch_warnings():  # several adapters on one model is the design
             warnings.filterwarnings("ignore", "Already found a `peft_config`")
+            warnings.filterwarnings("ignore", "Adapter .* was active")
+            if name in self._injected:
+                delete_adapter(self.part.model, name, prefix="lora_")
             lora.inject(self.part.model, self.spec, self.lora, ranks, name)
         self._injected[name] = k
 
@@ -356,9 +364,25 @@ class SplitServer:
         if bad:
             raise ClientError(f"client {cid}: non-finite values in {bad[:3]}")
         self.updates[cid] = (state, float(msg.num_samples))
+        self._client_keys[cid] = set(msg.adapter)
         return Ack(cid)
 
     # --------------------------------------------------------- aggregation
+    def _drift(self, cid: int, new: Mapping[str, torch.Tensor]) -> float:
+        """How far a client's own layers ended from the aggregate, relative to
+        how far the aggregate moved: ``|theta_i - new| / |new - old|`` over the
+        client-side keys (each at the client's rank)."""
+        state = self.updates[cid][0]
+        far = moved = 0.0
+        for key in self._client_keys[cid]:
+            t = state[key]
+            rank = rank_of(key, t)
+            after = slice_rank(key, new[key], rank)
+            before = slice_rank(key, self.global_state[key], rank)
+            far += float((t - after).pow(2).sum())
+            moved += float((after - before).pow(2).sum())
+        return (far / moved) ** 0.5 if moved > 0 else 0.0
+
     def aggregate(self) -> list[int]:
         """Fold this round's updates into the global adapter; returns who counted."""
         with self._lock:
@@ -397,8 +421,11 @@ class SplitServer:
         who = sorted(self.updates)
         updates = [self.updates[c] for c in who] + self._shared_updates()
         if updates:
-            self.global_state = aggregate(self.global_state, updates)
+            new = aggregate(self.global_state, updates)
+            self.drift = {cid: self._drift(cid, new) for cid in who}
+            self.global_state = new
         self.updates.clear()
+        self._client_keys.clear()
         self._optim.clear()
         self._planned.clear()
         self._served = {}

@@ -1,0 +1,177 @@
+"""The whole simulation on a tiny model and a local data file."""
+
+import json
+
+import peft
+import pytest
+import synthetic
+from tiny import make_tiny, make_tokenizer
+from transformers import AutoModelForCausalLM
+
+from splitft.config import load_config
+from splitft.federation.simulation import Simulation
+from splitft.split.client import ServerRefused
+
+QUESTIONS = [
+    {"instruction": f"What is {a} plus {b}?", "output": str(a + b)}
+    for a in range(10)
+    for b in range(7)
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sim")
+    tok = make_tokenizer()
+    make_tiny("llama", root / "model", vocab_size=len(tok))
+    tok.save_pretrained(root / "model")
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return root
+
+
+def config(assets, tmp_path, *overrides):
+    return load_config(
+        None,
+        [
+            f"model.path={assets / 'model'}",
+            "model.device=cpu",
+            f"data.source={assets / 'qa.jsonl'}",
+            "data.max_length=32",
+            "data.eval_size=8",
+            f"out_dir={tmp_path}",
+            "eval.accuracy=false",
+            "train.batch_size=2",
+            "federation.num_clients=4",
+            "federation.rounds=3",
+            "federation.local_steps=2",
+            "federation.cut_layers=[1, 2, 3, 2]",
+            "sim.mix=[workstation, laptop, tablet, phone]",
+            "sim.server_speed=2.0",
+            *overrides,
+        ],
+    )
+
+
+def run(cfg, costs=None):
+    sim = Simulation(cfg, costs)
+    summary = sim.run()
+    return sim, summary
+
+
+TIMING_FREE = {"elapsed_s", "planner_s", "timing", "server_busy_s"}
+
+
+def test_adaptive_run_plans_cuts_within_budgets_and_exports_peft(assets, tmp_path):
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=adaptive",
+        "federation.policy=adaptive",
+        "sim.profiles={phone: {memory_mb: 140}}",  # the phone holds one block
+    )
+    sim, summary = run(cfg, synthetic.costs(num_layers=4))
+    trained = [r for r in summary["rounds"] if r["round"] > 0]
+    assert [r["round"] for r in trained] == [1, 2, 3]
+    for r in trained:
+        assert set(r["cuts"]) == {"0", "1", "2", "3"}
+        assert all(1 <= k <= 3 for k in r["cuts"].values())
+        assert r["cuts"]["3"] == 1 and not r["over_budget"]
+        assert r["sim_round_s"] > 0 and r["predicted_round_s"] > 0
+        assert r["up_smashed"] > 0 and r["down_adapters"] > 0
+    times = [r["sim_time_s"] for r in trained]
+    assert times == sorted(times) and summary["sim_time_s"] == times[-1]
+    assert trained[0]["replan"] == "first plan"
+    assert (tmp_path / "adapter" / "costs.json").exists() is False
+    assert (sim.run_dir / "costs.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(assets / "model")
+    peft.PeftModel.from_pretrained(base, sim.run_dir / "adapter")
+
+
+@pytest.mark.parametrize("side", ["per_client", "shared"])
+def test_predicted_timing_makes_runs_repeat_exactly(assets, tmp_path, side):
+    common = ("federation.policy=adaptive", "sim.timing=predicted")
+    records = []
+    for name in ("a", "b"):
+        cfg = config(
+            assets,
+            tmp_path,
+            f"name={name}",
+            f"federation.server_side={side}",
+            *common,
+        )
+        _, summary = run(cfg, synthetic.costs(num_layers=4))
+        records.append(
+            [
+                {k: v for k, v in r.items() if k not in TIMING_FREE}
+                for r in summary["rounds"]
+            ]
+        )
+    assert records[0] == records[1]
+
+
+def test_a_client_that_slows_down_is_replanned(assets, tmp_path):
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=slowed",
+        "federation.policy=adaptive",
+        "sim.timing=predicted",
+        "sim.mix=[laptop]",
+        "sim.server_speed=0.5",  # a slow server: deep cuts pay
+        "planner.replan_every=0",
+        "sim.changes=[{round: 1, client: 0, slowdown: 40}]",
+        "federation.rounds=3",
+    )
+    # tiny batches: make compute, not the network, what the cut changes
+    _, summary = run(cfg, synthetic.costs(num_layers=4, block_s=1e-2))
+    r1, r2, r3 = (r for r in summary["rounds"] if r["round"] > 0)
+    assert r1["cuts"]["0"] == 3
+    assert r2["replan"] == "" and r2["cuts"] == r1["cuts"]  # not known yet
+    assert r2["prediction_error"] > 0.2
+    assert "client 0 took" in r3["replan"]
+    assert r3["cuts"]["0"] < r1["cuts"]["0"]
+
+
+def test_fixed_cuts_over_a_budget_are_reported(assets, tmp_path):
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=fixed",
+        "federation.cut_layers=[3]",
+        "sim.profiles={phone: {memory_mb: 140}}",
+        "federation.rounds=1",
+    )
+    _, summary = run(cfg, synthetic.costs(num_layers=4))
+    assert summary["rounds"][1]["over_budget"] == [3]
+
+
+def test_a_failing_client_does_not_stop_the_round(assets, tmp_path):
+    cfg = config(assets, tmp_path, "name=failing", "federation.rounds=1")
+    sim = Simulation(cfg, synthetic.costs(num_layers=4))
+    sim.setup()
+
+    def refuse(*args, **kwargs):
+        raise ServerRefused("client 2 lost its data")
+        yield  # a protocol step that never gets to send anything
+
+    sim.clients[2]._step = refuse
+    sim.train()
+    record = sim.rounds[1]
+    assert record["failed"] == [2] and record["counted"] == [0, 1, 3]
+    assert record["timing"]["2"]["failed"] == "client 2 lost its data"
+
+
+def test_local_clients_and_centralized_run(assets, tmp_path):
+    """k = L for everyone is FedAvg; one client with all data is centralized."""
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=fedavg",
+        "federation.cut_layers=[4]",
+        "federation.rounds=1",
+    )
+    _, summary = run(cfg, synthetic.costs(num_layers=4))
+    r = summary["rounds"][1]
+    assert "up_smashed" not in r and r["up_adapters"] > 0
+    assert r["eval_loss"] < summary["rounds"][0]["eval_loss"]
