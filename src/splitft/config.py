@@ -206,7 +206,8 @@ class PlannerConfig:
     replan_miss: float = _f(
         0.2,
         "adaptive: re-plan at once when a client's measured round time misses "
-        "the prediction by more than this fraction (0 = never)",
+        "the prediction by more than this fraction (0 = never); an estimate "
+        "that moved by more than it is taken as a change and replaces the belief",
     )
     max_move: int = _f(4, "adaptive and splitft: most blocks a cut moves per re-plan")
     min_gain: float = _f(

@@ -48,3 +48,44 @@ def test_two_clients_different_cuts_one_round(tmp_path):
     model = peft.PeftModel.from_pretrained(base, run / "adapter")
     n = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     assert n > 0
+
+
+@pytest.mark.integration
+def test_adaptive_policy_on_heterogeneous_clients(tmp_path):
+    """The probe on the real model, a plan within budgets, the clock's numbers."""
+    cfg = load_config(
+        None,
+        [
+            f"out_dir={tmp_path}",
+            "name=adaptive",
+            "federation.num_clients=3",
+            "federation.rounds=2",
+            "federation.local_steps=2",
+            "federation.policy=adaptive",
+            "partition.method=length_dirichlet",
+            "sim.mix=[workstation, tablet, phone]",
+            "sim.server_speed=0.25",  # a busy server: offloading it pays
+            "data.tasks=[arithmetic/2_digit_addition, date_understanding]",
+            "data.eval_size=4",
+            "data.max_train_per_task=24",
+            "train.batch_size=2",
+            "eval.accuracy=false",
+        ],
+    )
+    sim = Simulation(cfg)
+    summary = sim.run()
+    costs = sim.costs
+    assert costs.num_layers == 30 and costs.hidden_size == 576
+    assert costs.block_s > 0 and costs.head_s > costs.block_s  # a 49k-token head
+    assert costs.block_bytes == pytest.approx(14.16e6, rel=0.01)  # fp32 weights
+    trained = [r for r in summary["rounds"] if r["round"] > 0]
+    for r in trained:
+        assert not r["over_budget"] and not r["failed"]
+        for cid, k in r["cuts"].items():
+            assert 1 <= k <= 29
+            mem = costs.client_memory(k, 2 * cfg.data.max_length)
+            budget = {"0": 4000e6, "1": 600e6, "2": 300e6}[cid]
+            assert mem <= budget
+        assert r["sim_round_s"] > 0 and 0 <= r["prediction_error"] < 1.0
+    # the workstation takes more blocks than the phone
+    assert trained[0]["cuts"]["0"] > trained[0]["cuts"]["2"]

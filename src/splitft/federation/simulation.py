@@ -164,7 +164,7 @@ class Simulation:
         self.server_device = server_device(sim)
         devices = devices_at(sim, fed.num_clients, 0)
         world = World.of(self.costs, devices, self.server_device, workload)
-        estimator = Estimator(world, cfg.planner.ewma)
+        estimator = Estimator(world, cfg.planner.ewma, cfg.planner.replan_miss)
         context = PolicyContext(
             num_layers=self.model_config.num_hidden_layers,
             k_min=fed.k_min,

@@ -164,21 +164,23 @@ class _SavedBytes:
         return self._ctx.__exit__(*exc)
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` runs after a warm-up: other load only adds
+    time, and each round's measurements correct the model for it anyway."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _probe_client(part, ids, mask, pos, repeats: int) -> dict[str, float]:
     """Forward and forward+backward seconds, saved and parameter bytes."""
     part.model.train()
-    fwd = _median_time(lambda: part.client_forward(ids, mask, pos), repeats)
-    total = _median_time(
+    fwd = _best_time(lambda: part.client_forward(ids, mask, pos), repeats)
+    total = _best_time(
         lambda: part.client_forward(ids, mask, pos).sum().backward(), repeats
     )
     with _SavedBytes(part.model) as saved:
@@ -199,7 +201,7 @@ def _probe_server(part, hidden, mask, pos, labels, repeats: int) -> dict[str, fl
         h = hidden.detach().requires_grad_(True)
         part.server_forward(h, mask, pos, labels).loss.backward()
 
-    total = _median_time(step, repeats)
+    total = _best_time(step, repeats)
     with _SavedBytes(part.model) as saved:
         part.server_forward(hidden.detach().requires_grad_(True), mask, pos, labels)
     return dict(total=total, saved=saved.total, params=_param_bytes(part.model))
@@ -217,7 +219,7 @@ def probe(
 
     Builds client parts at cuts 1 and ``kb`` (5 when the model has enough
     blocks) and a server part holding the last block, times their forward and
-    backward (median of ``repeats`` after a warm-up), counts the activations
+    backward (fastest of ``repeats`` after a warm-up), counts the activations
     autograd saves and encodes one message of each kind. A block costs the same
     on either side (the same code on the same machine), so the block time comes
     from the client's parts, and the server's part gives the head's.
@@ -430,14 +432,18 @@ class Estimator:
     Starts from the declared profiles (in a deployment: each client's own
     probe); after each round, each client's compute factor, its uplink and
     downlink and the server's factor move towards what the round showed, by
-    ``ewma``. Memory budgets are declared by the clients, not learned.
+    ``ewma``; a value that moved by more than a factor ``1 + jump`` is taken
+    as a change, not noise, and replaces the belief. Memory budgets are
+    declared by the clients, not learned.
     """
 
-    def __init__(self, world: World, ewma: float) -> None:
+    def __init__(self, world: World, ewma: float, jump: float = 0.0) -> None:
         self.world = world
-        self.ewma = ewma
+        self.ewma, self.jump = ewma, jump
 
     def _blend(self, old: float, new: float) -> float:
+        if self.jump and not old / (1 + self.jump) <= new <= old * (1 + self.jump):
+            return new
         return (1 - self.ewma) * old + self.ewma * new
 
     def declare_memory(self, devices: Mapping[int, Device]) -> None:
