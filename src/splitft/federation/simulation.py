@@ -13,6 +13,7 @@ cut-layer policy.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,10 @@ class Simulation:
             e.accuracy_every > 0 and rnd % e.accuracy_every == 0
         )
 
-    def train(self) -> list[dict[str, Any]]:
+    def train(
+        self, stop: Callable[[dict[str, Any]], bool] | None = None
+    ) -> list[dict[str, Any]]:
+        """The round loop; ``stop(record)`` may end it early (benchmarks)."""
         fed, sim = self.cfg.federation, self.cfg.sim
         self._t_start = time.perf_counter()
         base = {
@@ -233,7 +237,9 @@ class Simulation:
             devices = devices_at(sim, fed.num_clients, rnd)
             planned = self.strategy.configure_round(rnd, devices)
             timing, steps = self.run_round(planned, devices)
-            self.finish_round(planned, timing, steps)
+            record = self.finish_round(planned, timing, steps)
+            if stop is not None and stop(record):
+                break
         self._bar.close()
         return self.rounds
 
@@ -357,11 +363,16 @@ class Simulation:
         self.log.close()
         return summary
 
-    def run(self) -> dict[str, Any]:
+    def run(
+        self,
+        stop: Callable[[dict[str, Any]], bool] | None = None,
+        table: bool = True,
+    ) -> dict[str, Any]:
         self.setup()
-        self.train()
+        self.train(stop)
         summary = self.finish()
-        report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
+        if table:
+            report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
         return summary
 
 

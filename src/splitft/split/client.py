@@ -83,9 +83,11 @@ class SplitClient:
         # aggregation weight: examples held, not rows (packing merges rows)
         self.num_samples = num_samples or len(examples)
         self.part: ModelPart | None = None
-        # (kind, token slots) of the compute done since the owner last cleared
-        # it: "forward", "backward" or "local"; the cost model prices it
+        # (kind, amount) of the compute done since the owner last cleared it:
+        # "forward", "backward" or "local" token slots, or "load" blocks (a
+        # re-cut); the cost model prices it
         self.work: list[tuple[str, int]] = []
+        self.startup_s = 0.0  # building the first part: start-up, not a round
         self._batches = self._batch_stream(np.random.default_rng([seed, client_id]))
 
     @property
@@ -99,10 +101,15 @@ class SplitClient:
 
     def _build(self, k: int) -> None:
         """(Re)build the client part for cut ``k``: the server may move the cut."""
+        t0, first = time.perf_counter(), self.part is None
         self.part = client_part(self.store, self.config, k)
         L = self.config.num_hidden_layers
         ranks = lora.client_layer_ranks(k, L, self.lora)
         lora.inject(self.part.model, self.part.spec, self.lora, ranks)
+        if first:
+            self.startup_s += time.perf_counter() - t0
+        else:
+            self.work.append(("load", k))
 
     def _batch_stream(self, rng: np.random.Generator) -> Iterator[dict]:
         n, bs = len(self.examples), self.train.batch_size
@@ -118,6 +125,7 @@ class SplitClient:
 
         Returns (as the generator's value) one metrics dict per local step.
         """
+        self.work.clear()  # whoever prices the work reads it as it goes
         plan = yield from self._start(round)
         steps = []
         for step, lr in enumerate(plan.lrs):
@@ -130,7 +138,6 @@ class SplitClient:
         """Ask for the plan; (re)build the part for its cut; load its adapters."""
         reply = yield RoundRequest(self.client_id, round)
         plan = _expect(reply, RoundPlan)
-        self.work.clear()
         if plan.cut_layer != self.cut_layer:
             self._build(plan.cut_layer)
         device = self.store.device

@@ -2,12 +2,14 @@
 
 The server holds blocks ``[lowest cut, L)``, the final norm and the head once,
 and the global adapter it aggregates into after each round. Its server-side
-LoRA is either one adapter per client over that client's blocks ``[k_i, L)``
+LoRA is either one adapter per client, of which the client's blocks ``[k_i, L)``
+count
 (``per_client``, SFL-V1: every copy is averaged after the round) or one
 adapter over all its blocks that every client's step updates in arrival order
-(``shared``, SFL-V2). Cuts may change between rounds (:meth:`open_round`): a
-client's adapter is re-injected over its new blocks, and the server part grows
-when a cut moves below its lowest block.
+(``shared``, SFL-V2). Cuts may change between rounds (:meth:`open_round`):
+every adapter covers all the server's blocks, a client with cut k runs and
+trains only ``[k, L)`` of it, and the server part grows (and its adapters are
+rebuilt) only when a cut moves below its lowest block.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from peft.functional import delete_adapter, set_adapter
+from peft.functional import set_adapter
 from transformers import PretrainedConfig
 
 from splitft import lora
@@ -111,25 +113,23 @@ class SplitServer:
                 raise ValueError(f"client {cid}: cut layer {k!r} not in [1, {L}]")
 
     def _build_part(self, lowest: int) -> None:
-        """The server part for blocks ``[lowest, L)``; adapters come at plan time."""
+        """The server part for blocks ``[lowest, L)`` with every adapter on it.
+
+        Each adapter covers all the part's blocks, whatever a client's cut: a
+        client with cut k simply never runs (nor trains) the blocks below k,
+        so a cut that moves needs no new adapter (injecting one takes PEFT a
+        noticeable fraction of a second). Only growing the part rebuilds them.
+        """
         lowest = min(lowest, self.num_layers - 1)
         self.part = server_part(self.store, self.config, lowest)
-        self._injected: dict[str, int] = {}  # adapter name -> first layer it covers
-        if self.server_side == SHARED:
-            self._inject(SHARED, lowest)
-
-    def _inject(self, name: str, k: int) -> None:
-        """(Re)inject adapter ``name`` over blocks ``[k, L)``; no-op if it is."""
-        if self._injected.get(name) == k:
-            return
-        ranks = lora.layer_ranks(range(k, self.num_layers), self.lora, cut=False)
+        names = (
+            [SHARED] if self.server_side == SHARED else map(self._name, self.cut_layers)
+        )
+        ranks = lora.layer_ranks(range(lowest, self.num_layers), self.lora, cut=False)
         with warnings.catch_warnings():  # several adapters on one model is the design
             warnings.filterwarnings("ignore", "Already found a `peft_config`")
-            warnings.filterwarnings("ignore", "Adapter .* was active")
-            if name in self._injected:
-                delete_adapter(self.part.model, name, prefix="lora_")
-            lora.inject(self.part.model, self.spec, self.lora, ranks, name)
-        self._injected[name] = k
+            for name in names:
+                lora.inject(self.part.model, self.spec, self.lora, ranks, name)
 
     def open_round(self, round: int, cuts: Mapping[int, int]) -> None:
         """Start ``round`` with these clients at these cuts (between rounds only).
@@ -220,8 +220,8 @@ class SplitServer:
                 self._start_shared(req.round)
             else:
                 name = self._name(cid)
-                self._inject(name, k)
-                lora.load_adapter_state(self.part.model, self._server_keys(k), name)
+                held = self._server_keys(self.part.layers.start)
+                lora.load_adapter_state(self.part.model, held, name)
                 self._optim[cid] = optim.make_optimizer(
                     lora.adapter_params(self.part.model, name), self.train
                 )
@@ -238,8 +238,8 @@ class SplitServer:
         """The first plan of a round loads the shared adapter from the global one."""
         if self._shared_round == round:
             return
-        start = self._injected[SHARED]
-        lora.load_adapter_state(self.part.model, self._server_keys(start), SHARED)
+        held = self._server_keys(self.part.layers.start)
+        lora.load_adapter_state(self.part.model, held, SHARED)
         self._optim[SHARED] = optim.make_optimizer(
             lora.adapter_params(self.part.model, SHARED), self.train
         )
@@ -333,7 +333,7 @@ class SplitServer:
                 p.grad = g
 
     def _receive(self, msg: AdapterUpdate) -> Ack:
-        cid = msg.client_id
+        cid, L = msg.client_id, self.num_layers
         planned = self._planned.get(cid)
         if planned is None or planned.round != msg.round:
             raise ClientError(f"client {cid}: no plan of round {msg.round} to answer")
@@ -359,7 +359,8 @@ class SplitServer:
         state = dict(msg.adapter)
         if self.server_side != SHARED and k < self.num_layers:
             # this client's server-side copy: exactly its blocks [k, L)
-            state.update(lora.adapter_state(self.part.model, self._name(cid)))
+            server_side = lora.adapter_state(self.part.model, self._name(cid))
+            state.update(lora.select_layers(server_side, self.spec, range(k, L)))
         bad = [key for key, t in state.items() if not torch.isfinite(t).all()]
         if bad:
             raise ClientError(f"client {cid}: non-finite values in {bad[:3]}")

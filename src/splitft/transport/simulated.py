@@ -40,19 +40,26 @@ class ClockedClient:
         self.steps: list[dict] = []  # the protocol's result once it is done
 
     def _seconds(self, wall: float) -> float:
+        """Device seconds of the segment just run (the first part build is
+        start-up, not round time)."""
+        wall -= self.client.startup_s
+        self.client.startup_s = 0.0
         if self.timing == "measured":
-            return wall * self.device.slowdown
+            return max(wall, 0.0) * self.device.slowdown
         c, k, fs = self.costs, self.client.cut_layer, self.costs.forward_share
+        share = {"forward": fs, "backward": 1 - fs, "local": 1.0}
         modelled = 0.0
-        for kind, slots in self.client.work:
-            full = c.client_seconds(k, slots)
-            share = {"forward": fs, "backward": 1 - fs}.get(kind, 1.0)
-            modelled += share * full
+        for kind, amount in self.client.work:
+            if kind == "load":
+                modelled += amount * c.load_block_s
+            else:
+                modelled += share[kind] * c.client_seconds(k, amount)
         return modelled * self.device.slowdown
 
     def resume(self, reply: Any) -> tuple[float, Outgoing | None]:
         t0 = time.perf_counter()
         self.client.work.clear()
+        self.client.startup_s = 0.0
         try:
             if self._started:
                 request = self._protocol.send(decode(reply, self.client.store.device))

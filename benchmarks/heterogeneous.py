@@ -1,0 +1,572 @@
+"""Adaptive cut layers against the baselines on simulated heterogeneous clients.
+
+    python benchmarks/heterogeneous.py [--quick] [--out runs/bench/heterogeneous]
+
+SmolLM2-135M-Instruct, the four default BIG-bench tasks, a length-Dirichlet
+partition (alpha 0.5). Three device mixes (``MIX``: compute 1:2:4:8,
+10-100 Mbit/s, a tablet that holds only 4 blocks and a phone only 2):
+
+- P1: 8 clients on one server (speed ``--speed`` x this machine);
+- P2: P1 with client 0 (a workstation) slowed 4x from the middle round on;
+- P3: 16 clients on one server.
+
+Part A needs no training: the clock's predicted round time of the fixed k=2
+cut, the best uniform cut that fits every client and the adaptive plan, for
+server speeds 1-32 and 8-32 clients. Part B trains every method on the real
+model with the same data, partition, seed and token budget (``--rounds`` x
+``--local-steps`` per client) and compares simulated time to a target eval
+loss fixed in advance (what fixed k=2 reaches at its last round, per
+server-side mode), the final eval loss, bytes, memory and planner time.
+
+Every run evaluates each round. A method may run up to ``--extra`` rounds
+past the budget, only to reach the target; the final loss is the budget's.
+The learning rate is constant, so a longer run's first rounds are the same
+run. ``--quick`` runs fewer rounds and steps, the best uniform cut predicted
+by the clock instead of a swept grid, and the shared server side only for
+fixed k=2 and adaptive; it finishes in under 10 minutes on 2 CPU cores.
+Writes results.json, loss_vs_time_<P>.png and cuts_<P>.png to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import MB, merge, probe_default, run_method, write_json  # noqa: E402
+
+from splitft.config import (  # noqa: E402
+    DEFAULT_TASKS,
+    DeviceProfile,  # noqa: E402
+)
+from splitft.federation import planner  # noqa: E402
+from splitft.federation.simulation import expected_slots  # noqa: E402
+from splitft.sim.costs import (  # noqa: E402
+    CostModel,
+    Workload,
+    World,
+    predict_round,
+)
+from splitft.sim.profiles import Device, ServerDevice  # noqa: E402
+
+MIX = ["ws", "laptop", "tablet", "phone"]
+BATCH, MAX_LENGTH = 2, 128
+
+
+def fleet(costs: CostModel) -> dict[str, dict]:
+    """The device types; the tablet fits 4 blocks and the phone 2 (plus 1 MB)."""
+    worst = BATCH * MAX_LENGTH
+
+    def fits(k: int) -> float:
+        return round(costs.client_memory(k, worst) / MB + 1.0, 1)
+
+    return {
+        "ws": dict(
+            slowdown=1.0, memory_mb=2000.0, up_mbps=100.0, down_mbps=100.0, rtt_ms=10.0
+        ),
+        "laptop": dict(
+            slowdown=2.0, memory_mb=1000.0, up_mbps=50.0, down_mbps=50.0, rtt_ms=20.0
+        ),
+        "tablet": dict(
+            slowdown=4.0, memory_mb=fits(4), up_mbps=20.0, down_mbps=40.0, rtt_ms=40.0
+        ),
+        "phone": dict(
+            slowdown=8.0, memory_mb=fits(2), up_mbps=10.0, down_mbps=20.0, rtt_ms=60.0
+        ),
+    }
+
+
+def devices(costs: CostModel, n: int) -> dict[int, Device]:
+    types = fleet(costs)
+    return {
+        c: Device.of(MIX[c % 4], DeviceProfile(**types[MIX[c % 4]])) for c in range(n)
+    }
+
+
+# ---------------------------------------------------------------- part A
+def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
+    """Predicted round time of fixed k=2, best fitting uniform cut and adaptive."""
+    rows = []
+    for n in (8, 16, 32):
+        devs = devices(costs, n)
+        for speed in (1, 2, 4, 8, 16, 32):
+            workload = Workload(
+                steps, 1, dict.fromkeys(devs, slots), BATCH * MAX_LENGTH
+            )
+            world = World.of(costs, devs, ServerDevice(speed, 1), workload)
+            fixed2 = predict_round(dict.fromkeys(devs, 2), world).makespan
+            uniform = {
+                k: predict_round(dict.fromkeys(devs, k), world).makespan
+                for k in range(1, 30)
+                if all(world.fits(c, k) for c in devs)
+            }
+            best_k = min(uniform, key=uniform.get)
+            plan = planner.fastest(world, list(devs), 1, 29)
+            rows.append(
+                dict(
+                    clients=n,
+                    server_speed=speed,
+                    fixed2_s=fixed2,
+                    best_uniform_k=best_k,
+                    best_uniform_s=uniform[best_k],
+                    adaptive_s=plan.makespan,
+                    adaptive_vs_fixed2=plan.makespan / fixed2,
+                    adaptive_vs_uniform=plan.makespan / uniform[best_k],
+                    planner_ms=plan.seconds * 1e3,
+                    adaptive_cuts=[plan.cuts[c] for c in sorted(plan.cuts)],
+                )
+            )
+    return rows
+
+
+def print_part_a(rows: list[dict]) -> None:
+    print("\nPart A: predicted round time (s) by the clock, no training")
+    print(
+        f"{'clients':>7} {'speed':>5} {'fixed k=2':>9} {'best unif.':>10} "
+        f"{'adaptive':>8} {'vs k=2':>7} {'vs unif.':>8} {'plan ms':>7}  adaptive cuts"
+    )
+    for r in rows:
+        print(
+            f"{r['clients']:>7} {r['server_speed']:>5} {r['fixed2_s']:>9.2f} "
+            f"{r['best_uniform_s']:>7.2f} k={r['best_uniform_k']:<2}"
+            f"{r['adaptive_s']:>8.2f} {r['adaptive_vs_fixed2']:>7.2f} "
+            f"{r['adaptive_vs_uniform']:>8.2f} {r['planner_ms']:>7.0f}  "
+            + " ".join(map(str, r["adaptive_cuts"][:16]))
+            + (" ..." if len(r["adaptive_cuts"]) > 16 else "")
+        )
+
+
+# ---------------------------------------------------------------- part B
+def base_tree(args, out: Path, profile: str, costs: CostModel) -> dict:
+    n = 16 if profile == "P3" else 8
+    tree = {
+        "out_dir": str(out / profile),
+        "seed": 0,
+        "data": {
+            "tasks": list(DEFAULT_TASKS),
+            "max_length": MAX_LENGTH,
+            "eval_size": args.eval_size,
+            "max_train_per_task": args.train_per_task,
+        },
+        "partition": {"method": "length_dirichlet", "alpha": 0.5},
+        "train": {
+            "batch_size": BATCH,
+            "lr": 1e-3,
+            "schedule": "constant",
+            "warmup_steps": 2,
+        },
+        "federation": {
+            "num_clients": n,
+            "rounds": args.rounds + args.extra,
+            "local_steps": args.local_steps,
+        },
+        "eval": {
+            "every": 1,
+            "accuracy": False,
+            "accuracy_examples": args.accuracy_examples,
+            "max_new_tokens": 8,
+        },
+        "sim": {
+            "mix": MIX,
+            "profiles": fleet(costs),
+            "server_speed": args.speed,
+            "server_workers": 1,
+        },
+    }
+    if profile == "P2":  # the workstation slows down 4x from the middle round on
+        change = {"round": args.rounds // 2, "client": 0, "slowdown": 4.0}
+        tree["sim"]["changes"] = [change]
+    return tree
+
+
+def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]]:
+    """(method, server side, settings) in the order they run; fixed k=2 first."""
+    adaptive = {"federation": {"policy": "adaptive"}}
+
+    def cut(k: int) -> dict:
+        return {"federation": {"cut_layers": [k]}}
+
+    grid = [best_uniform] if args.quick else [1, 2, 4, 8, 16, 29]
+    out: list[tuple[str, str, dict]] = []
+    for side in ("per_client", "shared"):
+        out.append(("fixed k=2", side, cut(2)))
+        if profile == "P1":
+            out += [(f"uniform k={k}", side, cut(k)) for k in grid if k != 2]
+            for policy in ("random", "splitft"):
+                out.append((policy, side, {"federation": {"policy": policy}}))
+            out.append(("adaptive", side, adaptive))
+        elif profile == "P2":
+            keep = {"planner": {"replan_every": 0, "replan_miss": 0.0}}
+            out.append(("adaptive (round-0 plan)", side, merge(adaptive, keep)))
+            out.append(("adaptive", side, adaptive))
+        else:
+            if best_uniform != 2:
+                out.append((f"uniform k={best_uniform}", side, cut(best_uniform)))
+            out.append(("adaptive", side, adaptive))
+    if profile == "P1":
+        out.append(("FedAvg-LoRA", "per_client", cut(30)))
+        out.append(("centralized", "per_client", {}))
+    if args.quick:  # fewer baselines; the shared side only for P1's two headliners
+        keep = {"fixed k=2", "adaptive", "adaptive (round-0 plan)", "FedAvg-LoRA"}
+        keep.add(f"uniform k={best_uniform}")
+        out = [
+            (name, side, extra)
+            for name, side, extra in out
+            if name in keep
+            and (
+                side == "per_client"
+                or (profile == "P1" and name in ("fixed k=2", "adaptive"))
+            )
+        ]
+    return out
+
+
+def centralized(tree: dict, args) -> dict:
+    """One machine (the server) with all the data: the quality bound."""
+    n = tree["federation"]["num_clients"]
+    return merge(
+        tree,
+        {
+            "partition": {"method": "iid"},
+            "federation": {
+                "num_clients": 1,
+                "local_steps": n * args.local_steps,  # the same tokens per round
+                "cut_layers": [30],
+            },
+            "sim": {
+                "mix": ["server"],
+                "profiles": {
+                    "server": dict(
+                        slowdown=1 / args.speed,
+                        memory_mb=0.0,
+                        up_mbps=1e6,
+                        down_mbps=1e6,
+                        rtt_ms=0.0,
+                    )
+                },
+                "changes": [],
+            },
+        },
+    )
+
+
+def run_profile(args, out: Path, profile: str, costs: CostModel, best_uniform: int):
+    tree = base_tree(args, out, profile, costs)
+    targets: dict[str, float] = {}
+    rows = []
+    for name, side, extra in methods(args, profile, best_uniform):
+        run_tree = (
+            centralized(tree, args) if name == "centralized" else merge(tree, extra)
+        )
+        slug = name.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
+        run_tree = merge(
+            run_tree, {"name": f"{slug}-{side}", "federation": {"server_side": side}}
+        )
+        target = targets.get(side, targets.get("per_client"))
+        if name == "fixed k=2":  # the target comes from its budget's last round
+            run_tree["federation"]["rounds"] = args.rounds
+            target = None
+        t0 = time.perf_counter()
+        result = run_method(
+            run_tree, costs, args.rounds, target, accuracy=args.accuracy
+        )
+        if name == "fixed k=2":
+            targets[side] = result["final_eval_loss"]
+            result["time_to_target_s"] = result["sim_time_at_budget_s"]
+        rows.append({"method": name, "server_side": side, **result})
+        print(
+            f"[{profile}] {name:<24} {side:<10} final eval loss "
+            f"{result['final_eval_loss']:.4f}  time to target "
+            f"{_s(result['time_to_target_s'])}  ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    base = {r["server_side"]: r for r in rows if r["method"] == "fixed k=2"}
+    for r in rows:
+        t, ref = r["time_to_target_s"], base[r["server_side"]]
+        r["target_eval_loss"] = targets[r["server_side"]]
+        r["time_vs_fixed2"] = None if t is None else t / ref["time_to_target_s"]
+    return {"targets": targets, "methods": rows}
+
+
+def _s(x) -> str:
+    return "not reached" if x is None else f"{x:.1f} s"
+
+
+def best_uniform(costs: CostModel, n: int, speed: float, slots: float, steps: int):
+    """The uniform cut every client can hold with the shortest predicted round."""
+    devs = devices(costs, n)
+    workload = Workload(steps, 1, dict.fromkeys(devs, slots), BATCH * MAX_LENGTH)
+    world = World.of(costs, devs, ServerDevice(speed, 1), workload)
+    fits = [k for k in range(1, 30) if all(world.fits(c, k) for c in devs)]
+    return min(
+        fits, key=lambda k: predict_round(dict.fromkeys(devs, k), world).makespan
+    )
+
+
+# -------------------------------------------------------------- report
+COLUMNS = (
+    ("method", "{:<24}", "method"),
+    ("side", "{:<10}", "server_side"),
+    ("to target s", "{:>11}", "time_to_target_s"),
+    ("vs k=2", "{:>6}", "time_vs_fixed2"),
+    ("eval loss", "{:>9}", "final_eval_loss"),
+    ("tok acc", "{:>7}", "final_token_acc"),
+    ("EM", "{:>5}", "exact_match"),
+    ("MC", "{:>5}", "mc_accuracy"),
+    ("act MB/rd", "{:>9}", "activation_mb_per_round"),
+    ("adp MB/rd", "{:>9}", "adapter_mb_per_round"),
+    ("peak MB", "{:>7}", "peak_client_memory_mb"),
+    ("over budget", "{:<12}", "over_budget"),
+    ("plan ms", "{:>7}", "planner_ms_per_round"),
+    ("pred err", "{:>8}", "prediction_error"),
+)
+DIGITS = {
+    "time_to_target_s": 1,
+    "time_vs_fixed2": 2,
+    "final_eval_loss": 4,
+    "final_token_acc": 3,
+    "exact_match": 3,
+    "mc_accuracy": 3,
+    "activation_mb_per_round": 1,
+    "adapter_mb_per_round": 1,
+    "peak_client_memory_mb": 0,
+    "planner_ms_per_round": 1,
+    "prediction_error": 3,
+}
+
+
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    if key == "over_budget":
+        return ",".join(map(str, v)) or "none"
+    if key in DIGITS:
+        return f"{v:.{DIGITS[key]}f}"
+    return str(v)
+
+
+def print_profile(profile: str, result: dict) -> None:
+    targets = ", ".join(f"{k} {v:.4f}" for k, v in result["targets"].items())
+    print(f"\n{profile}: target eval loss (fixed k=2 at its last round): {targets}")
+    print(" ".join(fmt.format(head) for head, fmt, _ in COLUMNS))
+    for row in result["methods"]:
+        print(" ".join(fmt.format(_cell(row, key)) for _, fmt, key in COLUMNS))
+
+
+def goals(results: dict) -> list[str]:
+    """The issue's goals, each with the measured ratio and whether it holds."""
+    lines = []
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    def line(text, value, bound):
+        if value is None:
+            lines.append(f"{text}: not measured (target not reached)")
+        else:
+            ok = "met" if value <= bound else "MISSED"
+            lines.append(f"{text}: {value:.3f} (goal <= {bound}) {ok}")
+
+    p1 = results["profiles"].get("P1")
+    if p1:
+        for side in ("per_client", "shared"):
+            rows = [r for r in p1["methods"] if r["server_side"] == side]
+            get = {r["method"]: r for r in rows}
+            if "adaptive" not in get:
+                continue
+            t = get["adaptive"]["time_to_target_s"]
+            line(
+                f"P1 {side}: adaptive / fixed k=2 time to target",
+                ratio(t, get["fixed k=2"]["time_to_target_s"]),
+                0.70,
+            )
+            uniform = [
+                r
+                for r in rows
+                if (r["method"].startswith("uniform") or r["method"] == "fixed k=2")
+                and not r["over_budget"]
+                and r["time_to_target_s"] is not None
+            ]
+            if uniform:
+                best = min(uniform, key=lambda r: r["time_to_target_s"])
+                line(
+                    f"P1 {side}: adaptive / best uniform cut that fits "
+                    f"({best['method']})",
+                    ratio(t, best["time_to_target_s"]),
+                    0.85,
+                )
+            others = [
+                r["final_eval_loss"]
+                for r in rows
+                if r["method"] not in ("adaptive", "centralized")
+            ]
+            line(
+                f"P1 {side}: adaptive final eval loss / best federated baseline",
+                ratio(get["adaptive"]["final_eval_loss"], min(others)),
+                1.01,
+            )
+        central = [r for r in p1["methods"] if r["method"] == "centralized"]
+        adaptive = [r for r in p1["methods"] if r["method"] == "adaptive"]
+        if central and adaptive:
+            line(
+                "P1: adaptive (per_client) final eval loss / centralized",
+                ratio(adaptive[0]["final_eval_loss"], central[0]["final_eval_loss"]),
+                1.01,
+            )
+    p2 = results["profiles"].get("P2")
+    if p2:
+        for side in ("per_client", "shared"):
+            get = {r["method"]: r for r in p2["methods"] if r["server_side"] == side}
+            if "adaptive" in get:
+                line(
+                    f"P2 {side}: adaptive / its round-0 plan kept, time to target",
+                    ratio(
+                        get["adaptive"]["time_to_target_s"],
+                        get["adaptive (round-0 plan)"]["time_to_target_s"],
+                    ),
+                    0.80,
+                )
+    over = [
+        f"{p} {r['method']} {r['server_side']}"
+        for p, res in results["profiles"].items()
+        for r in res["methods"]
+        if r["method"].startswith("adaptive") and r["over_budget"]
+    ]
+    lines.append("adaptive over a memory budget: " + (", ".join(over) or "never"))
+    return lines
+
+
+def plot(results: dict, out: Path) -> None:
+    for profile, res in results["profiles"].items():
+        sides = sorted({r["server_side"] for r in res["methods"]})
+        fig, axes = plt.subplots(
+            1, len(sides), figsize=(6.5 * len(sides), 4.5), squeeze=False
+        )
+        for ax, side in zip(axes[0], sides, strict=True):
+            for r in res["methods"]:
+                if r["server_side"] != side and r["method"] not in (
+                    "centralized",
+                    "FedAvg-LoRA",
+                ):
+                    continue
+                pts = [
+                    (c["sim_time_s"], c["eval_loss"])
+                    for c in r["curve"]
+                    if c["eval_loss"] is not None
+                ]
+                style = "-" if r["method"].startswith("adaptive") else "--"
+                ax.plot(*zip(*pts, strict=True), style, marker=".", label=r["method"])
+            ax.axhline(
+                res["targets"][side], color="grey", lw=0.8, ls=":", label="target"
+            )
+            ax.set(
+                title=f"{profile}, server side {side}",
+                xlabel="simulated time (s)",
+                ylabel="eval loss",
+            )
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"loss_vs_time_{profile}.png", dpi=110)
+        plt.close(fig)
+
+        moving = [
+            r
+            for r in res["methods"]
+            if r["method"]
+            in ("adaptive", "adaptive (round-0 plan)", "random", "splitft")
+        ]
+        if not moving:
+            continue
+        fig, axes = plt.subplots(
+            1, len(moving), figsize=(4 * len(moving), 3.6), squeeze=False
+        )
+        for ax, r in zip(axes[0], moving, strict=True):
+            clients = sorted(r["cuts"][0], key=int)
+            for c in clients:
+                ys = [cuts.get(c) for cuts in r["cuts"]]
+                ax.plot(
+                    range(1, len(ys) + 1),
+                    ys,
+                    marker=".",
+                    label=f"{c} {MIX[int(c) % 4]}",
+                )
+            ax.set(
+                title=f"{r['method']} ({r['server_side']})",
+                xlabel="round",
+                ylabel="cut layer",
+                ylim=(0, 30),
+            )
+        axes[0][0].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / f"cuts_{profile}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="runs/bench/heterogeneous")
+    ap.add_argument("--profiles", nargs="+", default=["P1", "P2", "P3"])
+    ap.add_argument("--speed", type=float, default=1.0, help="server speed")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--local-steps", type=int, default=None)
+    ap.add_argument("--extra", type=int, default=None, help="rounds past the budget")
+    ap.add_argument(
+        "--accuracy", action="store_true", help="task accuracy at the budget"
+    )
+    args = ap.parse_args()
+    quick = dict(rounds=3, local_steps=2, extra=2, eval_size=8, train_per_task=100)
+    full = dict(rounds=5, local_steps=6, extra=3, eval_size=16, train_per_task=200)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.accuracy_examples = 12
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    costs, lengths = probe_default(
+        BATCH, MAX_LENGTH, args.eval_size, args.train_per_task
+    )
+    slots = expected_slots(lengths, BATCH)
+    print(
+        f"cost model: {costs.block_s * 1e6:.1f} us per block and token slot, "
+        f"head {costs.head_s * 1e6:.0f} us; {slots:.0f} token slots per batch"
+    )
+    results = {
+        "command": "python " + " ".join(sys.argv),
+        "settings": {k: v for k, v in vars(args).items()},
+        "fleet": fleet(costs),
+        "costs": costs.__dict__,
+        "part_a": part_a(costs, slots, args.local_steps),
+        "profiles": {},
+    }
+    print_part_a(results["part_a"])
+    for profile in args.profiles:
+        n = 16 if profile == "P3" else 8
+        best = best_uniform(costs, n, args.speed, slots, args.local_steps)
+        results["profiles"][profile] = run_profile(args, out, profile, costs, best)
+        write_json(out / "results.json", results)  # what is done survives a crash
+        print_profile(profile, results["profiles"][profile])
+    results["goals"] = goals(results)
+    results["wall_s"] = time.perf_counter() - t_start
+    write_json(out / "results.json", results)
+    plot(results, out)
+    for profile in results["profiles"]:
+        print_profile(profile, results["profiles"][profile])
+    print("\ngoals:")
+    for g in results["goals"]:
+        print("  " + g)
+    print(f"\n{results['wall_s'] / 60:.1f} min; results.json and PNGs in {out}/")
+
+
+if __name__ == "__main__":
+    main()
