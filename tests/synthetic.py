@@ -34,6 +34,7 @@ def costs(
         adapter_block_bytes=327e3,
         adapter_cut_bytes=164e3,
         load_block_s=0.003,
+        codec_s_per_byte=0.0,
     )
 
 

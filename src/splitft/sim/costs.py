@@ -41,6 +41,7 @@ from splitft.split.messages import (
     RoundPlan,
     RoundRequest,
     SmashedData,
+    decode,
     encode,
 )
 
@@ -72,6 +73,7 @@ class CostModel:
     adapter_block_bytes: float  # one block's adapter at rank r, encoded
     adapter_cut_bytes: float  # the cut layer's adapter at the cut rank
     load_block_s: float  # reading one block's weights from disk (a re-cut)
+    codec_s_per_byte: float  # encoding or decoding a message, per byte
 
     # ------------------------------------------------------------ compute
     def client_seconds(self, k: int, slots: float) -> float:
@@ -106,6 +108,10 @@ class CostModel:
             return self.message_bytes + k * self.adapter_block_bytes
         last = self.adapter_cut_bytes
         return self.message_bytes + (k - 1) * self.adapter_block_bytes + last
+
+    def codec_seconds(self, nbytes: float) -> float:
+        """Encoding (or decoding) a message of ``nbytes``."""
+        return nbytes * self.codec_s_per_byte
 
     def smashed_bytes(self, slots: float) -> float:
         return self.message_bytes + slots * self.smashed_slot_bytes
@@ -279,6 +285,9 @@ def probe(
 
     message = len(encode(RoundRequest(0, 0)))
     adapter_block = plan_bytes(2) - plan_bytes(1)
+    big = RoundPlan(0, 0, L - 1, [0.0], state)
+    data = encode(big)
+    codec = _best_time(lambda: decode(encode(big)), repeats) / 2 / len(data)
     adapter_cut = adapter_block * settings.cut_rank / settings.r
     hidden = torch.zeros(batch_size, seq_len, model_config.hidden_size)
     smashed = encode(SmashedData(0, 0, 0, 1, hidden, mask.cpu(), pos.cpu(), ids.cpu()))
@@ -312,6 +321,7 @@ def probe(
         adapter_block_bytes=adapter_block,
         adapter_cut_bytes=adapter_cut,
         load_block_s=load_block_s,
+        codec_s_per_byte=codec,
     )
 
 
@@ -405,13 +415,20 @@ def modelled_serve(world: World):
     c = world.costs
 
     def serve(cid: int, request: tuple[str, int, float]) -> tuple[float, Outgoing]:
+        """Decode the request, do the work, encode the reply."""
         kind, k, slots = request
+        g = world.server_factor
         if kind == "plan":
-            return 0.0, Outgoing(None, c.adapter_bytes(k), ADAPTERS)
+            nbytes = c.adapter_bytes(k)
+            seconds = c.codec_seconds(c.message_bytes + nbytes)
+            return g * seconds, Outgoing(None, nbytes, ADAPTERS)
         if kind == "smashed":
-            seconds = world.server_factor * c.server_seconds(k, slots)
-            return seconds, Outgoing(None, c.gradient_bytes(slots), GRADIENTS)
-        return 0.0, Outgoing(None, c.message_bytes, CONTROL)
+            nbytes = c.gradient_bytes(slots)
+            wire = c.codec_seconds(c.smashed_bytes(slots) + nbytes)
+            seconds = c.server_seconds(k, slots) + wire
+            return g * seconds, Outgoing(None, nbytes, GRADIENTS)
+        seconds = c.codec_seconds(c.adapter_bytes(k) + c.message_bytes)
+        return g * seconds, Outgoing(None, c.message_bytes, CONTROL)
 
     return serve
 
@@ -455,41 +472,48 @@ class Estimator:
     def observe(
         self, cuts: Mapping[int, int], timing: RoundTiming, steps: Iterable[dict]
     ) -> None:
-        """Fold one round's timings and step records into the beliefs."""
-        c, w = self.world.costs, self.world.workload
-        modelled_client: dict[int, float] = {}
-        modelled_server = 0.0
+        """Fold one round's timings and step records into the beliefs.
+
+        What the cost model alone predicts for the round (the clock on unit
+        factors, at the token slots the clients actually had) is set against
+        what the round took: the ratios are the new compute and server factors.
+        """
+        w = self.world.workload
         slots: dict[int, list[float]] = {}
         for s in steps:
-            cid, k = s["client"], cuts[s["client"]]
-            per_micro = s["slots"] / w.grad_accum
-            slots.setdefault(cid, []).append(per_micro)
-            modelled_client[cid] = modelled_client.get(
-                cid, 0.0
-            ) + w.grad_accum * c.client_seconds(k, per_micro)
-            modelled_server += w.grad_accum * c.server_seconds(k, per_micro)
-        served = 0.0
-        for cid, t in timing.clients.items():
-            if t.failed or cid not in modelled_client:
-                continue
-            served += t.served
-            if modelled_client[cid] > 0:
-                ratio = t.compute / modelled_client[cid]
-                self.world.compute[cid] = self._blend(self.world.compute[cid], ratio)
+            slots.setdefault(s["client"], []).append(s["slots"] / w.grad_accum)
+        ok = [c for c, t in timing.clients.items() if not t.failed and c in slots]
+        if not ok:
+            return
+        for cid in ok:
             w.slots[cid] = self._blend(w.slots[cid], statistics.fmean(slots[cid]))
+        unit = World(
+            self.world.costs,
+            self.world.devices,
+            self.world.server,
+            Workload(w.local_steps, w.grad_accum, w.slots, w.worst_slots),
+            dict.fromkeys(ok, 1.0),
+            1.0,
+        )
+        model = predict_round({cid: cuts[cid] for cid in ok}, unit)
+        for cid in ok:
+            t, m = timing.clients[cid], model.clients[cid]
+            if m.compute > 0:
+                ratio = t.compute / m.compute
+                self.world.compute[cid] = self._blend(self.world.compute[cid], ratio)
             dev = self.world.devices[cid]
             half_rtts = t.messages * dev.rtt / 2
-            up = dev.up_bps
+            up, down = dev.up_bps, dev.down_bps
             if t.uplink > half_rtts:
-                up = self._blend(
-                    up, 8 * sum(t.bytes_up.values()) / (t.uplink - half_rtts)
-                )
-            down = dev.down_bps
+                seen = 8 * sum(t.bytes_up.values()) / (t.uplink - half_rtts)
+                up = self._blend(up, seen)
             if t.downlink > half_rtts:
-                down = self._blend(
-                    down, 8 * sum(t.bytes_down.values()) / (t.downlink - half_rtts)
-                )
+                seen = 8 * sum(t.bytes_down.values()) / (t.downlink - half_rtts)
+                down = self._blend(down, seen)
             self.world.devices[cid] = dataclasses.replace(dev, up_bps=up, down_bps=down)
-        if modelled_server > 0:
-            ratio = served / modelled_server
-            self.world.server_factor = self._blend(self.world.server_factor, ratio)
+        served = sum(timing.clients[c].served for c in ok)
+        modelled = sum(model.clients[c].served for c in ok)
+        if modelled > 0:
+            self.world.server_factor = self._blend(
+                self.world.server_factor, served / modelled
+            )
