@@ -287,7 +287,7 @@ class ProfileChange:
     rtt_ms: float | None = _f(None, "new round-trip time")
 
 
-TIMINGS = ("measured", "predicted")
+TIMINGS = ("measured", "predicted", "live")
 
 
 @dataclass
@@ -311,8 +311,10 @@ class SimConfig:
     server_workers: int = _f(1, "requests the server serves at once (FCFS queue)")
     timing: str = _f(
         "measured",
-        "simulated durations: 'measured' (this machine's measured compute x the "
-        "profile) or 'predicted' (the cost model's; deterministic)",
+        "simulated durations: 'measured' (the round runs in the order the cost "
+        "model predicts, so it repeats; its time is replayed from this machine's "
+        "measured compute x the profiles), 'predicted' (the cost model's for "
+        "both) or 'live' (measured, order included)",
     )
     cost_model: str = _f(
         "",

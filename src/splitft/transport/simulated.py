@@ -4,17 +4,28 @@ Every message is encoded and decoded exactly as on a wire (the same codec as
 the in-process and network transports) and its encoded size is what the
 simulated links carry. What differs from a blocking transport is *when*
 things happen: the clock (:mod:`splitft.sim.clock`) decides when each request
-reaches the server and each reply reaches its client, and each side's
-simulated duration is its measured compute scaled by its device profile
-(``timing="measured"``) or the cost model's prediction (``"predicted"``).
+reaches the server and each reply reaches its client.
+
+Each side's duration is both measured (wall time here, times the client's
+slowdown or over the server's speed) and predicted (the cost model's price of
+the work done). ``sim.timing`` picks how they are used:
+
+- ``measured``: the round *runs* on the predicted durations, so the order in
+  which the server sees steps (which a shared server-side adapter learns in)
+  does not depend on this machine's timing noise, and its simulated time is
+  then *replayed* from the measured durations (:func:`replay`);
+- ``predicted``: predicted durations for both;
+- ``live``: measured durations for both, as they happen.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
-from splitft.sim.clock import ClientFailed, Outgoing
+from splitft.sim.clock import ClientFailed, Outgoing, RoundTiming, simulate_round
 from splitft.sim.costs import CostModel
 from splitft.sim.profiles import Device
 from splitft.split.client import ServerRefused, SplitClient
@@ -38,14 +49,10 @@ class ClockedClient:
         self._protocol = client.round_protocol(round)
         self._started = False
         self.steps: list[dict] = []  # the protocol's result once it is done
+        # per resume: (measured device seconds, what was sent or None, failure)
+        self.trace: list[tuple[float, Outgoing | None, str]] = []
 
-    def _seconds(self, wall: float) -> float:
-        """Device seconds of the segment just run (the first part build is
-        start-up, not round time)."""
-        wall -= self.client.startup_s
-        self.client.startup_s = 0.0
-        if self.timing == "measured":
-            return max(wall, 0.0) * self.device.slowdown
+    def _predicted(self) -> float:
         c, k, fs = self.costs, self.client.cut_layer, self.costs.forward_share
         share = {"forward": fs, "backward": 1 - fs, "local": 1.0}
         modelled = 0.0
@@ -56,10 +63,26 @@ class ClockedClient:
                 modelled += share[kind] * c.client_seconds(k, amount)
         return modelled * self.device.slowdown
 
+    def _seconds(
+        self, t0: float, received: int, out: Outgoing | None, failure: str = ""
+    ) -> float:
+        """Record the segment just run; return its duration for this clock.
+
+        Building the client's first part is start-up, not round time.
+        """
+        wall = time.perf_counter() - t0 - self.client.startup_s
+        measured = max(wall, 0.0) * self.device.slowdown
+        wire = received + (out.nbytes if out is not None else 0)
+        codec = self.costs.codec_seconds(wire) * self.device.slowdown
+        predicted = self._predicted() + codec
+        self.trace.append((measured, out, failure))
+        return measured if self.timing == "live" else predicted
+
     def resume(self, reply: Any) -> tuple[float, Outgoing | None]:
         t0 = time.perf_counter()
         self.client.work.clear()
         self.client.startup_s = 0.0
+        received = 0 if reply is None else len(reply)
         try:
             if self._started:
                 request = self._protocol.send(decode(reply, self.client.store.device))
@@ -68,29 +91,72 @@ class ClockedClient:
                 request = next(self._protocol)
         except StopIteration as done:
             self.steps = done.value
-            return self._seconds(time.perf_counter() - t0), None
+            return self._seconds(t0, received, None), None
         except ServerRefused as e:
+            self._seconds(t0, received, None, str(e))
             raise ClientFailed(str(e)) from e
         data = encode(request)
-        seconds = self._seconds(time.perf_counter() - t0)
-        return seconds, Outgoing(data, len(data), request.kind)
+        out = Outgoing(data, len(data), request.kind)
+        return self._seconds(t0, received, out), out
 
 
-def clocked_server(server: SplitServer, speed: float, timing: str, costs: CostModel):
+class ClockedServer:
     """The server as the clock's ``serve``: decode, handle, encode the reply."""
 
-    def serve(cid: int, data: bytes) -> tuple[float, Outgoing]:
-        t0 = time.perf_counter()
-        request = decode(data, server.device)
-        reply = server.handle(request)
-        out = encode(reply)
-        if timing == "measured":
-            seconds = (time.perf_counter() - t0) / speed
-        elif isinstance(request, SmashedData):
-            slots = request.hidden.shape[0] * request.hidden.shape[1]
-            seconds = costs.server_seconds(server.cut_layers[cid], slots) / speed
-        else:
-            seconds = 0.0
-        return seconds, Outgoing(out, len(out), reply.kind)
+    def __init__(
+        self, server: SplitServer, speed: float, timing: str, costs: CostModel
+    ) -> None:
+        self.server, self.speed = server, speed
+        self.timing, self.costs = timing, costs
+        # per client, in the order served: (measured seconds, the reply)
+        self.trace: dict[int, list[tuple[float, Outgoing]]] = defaultdict(list)
 
-    return serve
+    def __call__(self, cid: int, data: bytes) -> tuple[float, Outgoing]:
+        t0 = time.perf_counter()
+        request = decode(data, self.server.device)
+        reply = self.server.handle(request)
+        out = encode(reply)
+        measured = (time.perf_counter() - t0) / self.speed
+        reply_out = Outgoing(out, len(out), reply.kind)
+        self.trace[cid].append((measured, reply_out))
+        if self.timing == "live":
+            return measured, reply_out
+        c = self.costs
+        seconds = c.codec_seconds(len(data) + len(out))
+        if isinstance(request, SmashedData):
+            slots = request.hidden.shape[0] * request.hidden.shape[1]
+            seconds += c.server_seconds(self.server.cut_layers[cid], slots)
+        return seconds / self.speed, reply_out
+
+
+class _Replayed:
+    """A client that repeats what a real one did, with its measured durations."""
+
+    def __init__(self, trace: list[tuple[float, Outgoing | None, str]]) -> None:
+        self._trace = iter(trace)
+        self._sent = 0
+
+    def resume(self, reply: Any) -> tuple[float, Outgoing | None]:
+        seconds, out, failure = next(self._trace)
+        if failure:
+            raise ClientFailed(failure)
+        if out is None:
+            return seconds, None
+        self._sent += 1
+        return seconds, Outgoing(self._sent - 1, out.nbytes, out.kind)
+
+
+def replay(
+    clients: Mapping[int, ClockedClient],
+    server: ClockedServer,
+    devices: Mapping[int, Device],
+    workers: int,
+) -> RoundTiming:
+    """The round again on the clock, with every duration as measured."""
+
+    def serve(cid: int, index: int) -> tuple[float, Outgoing]:
+        seconds, out = server.trace[cid][index]
+        return seconds, Outgoing(None, out.nbytes, out.kind)
+
+    processes = {cid: _Replayed(c.trace) for cid, c in clients.items()}
+    return simulate_round(processes, devices, serve, workers)
