@@ -31,3 +31,15 @@ def test_adapter_dict_and_byte_count():
     )
     # the payload dominates: 64 float32 values plus a small header
     assert 4 * 64 < len(data) < 4 * 64 + 1024
+
+
+def test_a_measured_duration_never_changes_a_messages_size():
+    from splitft.split.messages import Gradient
+
+    sizes = {
+        len(encode(Gradient(0, 0, 0, 1.25, 3, seconds, torch.zeros(1, 2, 4))))
+        for seconds in (0.0, 0.1, 1 / 3, 123.456789, 1e-9)
+    }
+    assert len(sizes) == 1
+    back = decode(encode(Gradient(0, 0, 0, 1.25, 3, 1 / 3, torch.zeros(1, 2, 4))))
+    assert back.server_seconds == 1 / 3 and isinstance(back.server_seconds, float)

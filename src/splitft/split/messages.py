@@ -106,12 +106,20 @@ def _wire(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     return t
 
 
+def _timed(name: str) -> bool:
+    """Measured durations travel as float64 tensors, not JSON text, so that a
+    message's size never depends on how long something took."""
+    return name.endswith("_seconds")
+
+
 def encode(msg) -> bytes:
     """Serialise a message: tensors into safetensors, the rest into its metadata."""
     tensors, scalars, seen = {}, {}, set()
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
-        if isinstance(value, torch.Tensor):
+        if _timed(f.name):
+            tensors[f.name] = torch.tensor(float(value), dtype=torch.float64)
+        elif isinstance(value, torch.Tensor):
             tensors[f.name] = _wire(value, seen)
         elif isinstance(value, dict):
             for k, v in value.items():
@@ -133,6 +141,8 @@ def decode(data: bytes, device: torch.device | str = "cpu"):
         if "/" in name:
             field_name, key = name.split("/", 1)
             kwargs[field_name][key] = t
+        elif _timed(name):
+            kwargs[name] = float(t)
         else:
             kwargs[name] = t
     return cls(**kwargs)
