@@ -26,10 +26,10 @@ import torch
 from transformers import PretrainedConfig
 
 from splitft import lora
-from splitft.config import LoraSettings
+from splitft.config import LoraSettings, TrainConfig
 from splitft.federation.aggregate import truncate_to
 from splitft.models.arch import spec_for
-from splitft.models.parts import WeightStore, client_part, server_part
+from splitft.models.parts import WeightStore, client_part
 from splitft.sim.clock import Outgoing, RoundTiming, simulate_round
 from splitft.sim.profiles import Device, ServerDevice
 from splitft.split.messages import (
@@ -44,6 +44,7 @@ from splitft.split.messages import (
     decode,
     encode,
 )
+from splitft.split.server import SplitServer
 
 
 @dataclass
@@ -170,23 +171,23 @@ class _SavedBytes:
         return self._ctx.__exit__(*exc)
 
 
-def _best_time(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` runs after a warm-up: other load only adds
-    time, and each round's measurements correct the model for it anyway."""
+def _typical_time(fn, repeats: int) -> float:
+    """The median of ``repeats`` runs after a warm-up; each round's
+    measurements correct the model for what it misses anyway."""
     fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return statistics.median(times)
 
 
 def _probe_client(part, ids, mask, pos, repeats: int) -> dict[str, float]:
     """Forward and forward+backward seconds, saved and parameter bytes."""
     part.model.train()
-    fwd = _best_time(lambda: part.client_forward(ids, mask, pos), repeats)
-    total = _best_time(
+    fwd = _typical_time(lambda: part.client_forward(ids, mask, pos), repeats)
+    total = _typical_time(
         lambda: part.client_forward(ids, mask, pos).sum().backward(), repeats
     )
     with _SavedBytes(part.model) as saved:
@@ -200,16 +201,39 @@ def _probe_client(part, ids, mask, pos, repeats: int) -> dict[str, float]:
     )
 
 
-def _probe_server(part, hidden, mask, pos, labels, repeats: int) -> dict[str, float]:
-    part.model.train()
+def _probe_server(
+    store: WeightStore,
+    model_config: PretrainedConfig,
+    settings: LoraSettings,
+    smashed: SmashedData,
+    repeats: int,
+) -> dict[str, float]:
+    """The real server's handling of one micro-batch at a one-block cut.
 
-    def step() -> None:
-        h = hidden.detach().requires_grad_(True)
-        part.server_forward(h, mask, pos, labels).loss.backward()
+    Through :meth:`SplitServer.handle`, so the time includes what the server
+    does around the forward and backward: checks, switching adapters, the
+    accuracy count and the optimizer step.
+    """
+    L = model_config.num_hidden_layers
+    steps = repeats + 1
+    server = SplitServer(
+        store, model_config, settings, TrainConfig(), {0: L - 1}, steps, steps
+    )
+    server.handle(RoundRequest(0, 0))
+    count = iter(range(steps))
 
-    total = _best_time(step, repeats)
+    def serve() -> None:
+        reply = server.handle(dataclasses.replace(smashed, step=next(count)))
+        if not isinstance(reply, Gradient):
+            raise RuntimeError(f"the cost probe's step was refused: {reply.error}")
+
+    total = _typical_time(serve, repeats)
+    part = server.part
+    hidden = smashed.hidden.detach().requires_grad_(True)
     with _SavedBytes(part.model) as saved:
-        part.server_forward(hidden.detach().requires_grad_(True), mask, pos, labels)
+        part.server_forward(
+            hidden, smashed.attention_mask, smashed.position_ids, smashed.labels
+        )
     return dict(total=total, saved=saved.total, params=_param_bytes(part.model))
 
 
@@ -224,11 +248,13 @@ def probe(
     """Measure the cost model on this machine with a synthetic batch.
 
     Builds client parts at cuts 1 and ``kb`` (5 when the model has enough
-    blocks) and a server part holding the last block, times their forward and
-    backward (fastest of ``repeats`` after a warm-up), counts the activations
-    autograd saves and encodes one message of each kind. A block costs the same
-    on either side (the same code on the same machine), so the block time comes
-    from the client's parts, and the server's part gives the head's.
+    blocks) and a real :class:`SplitServer` holding the last block, times
+    their forward and backward (median of ``repeats`` after a warm-up; the
+    server's whole handling of a micro-batch), counts the activations autograd
+    saves and encodes one message of each kind. A block costs the same on
+    either side (the same code on the same machine), so the block time comes
+    from the client's parts, and the server's one-block time gives the head's
+    (with the server's overheads, which do not grow with the cut).
     """
     L = model_config.num_hidden_layers
     if L < 3:
@@ -249,11 +275,9 @@ def probe(
             part.model, part.spec, settings, lora.client_layer_ranks(k, L, settings)
         )
         client[k] = _probe_client(part, ids, mask, pos, repeats)
-    part = server_part(store, model_config, L - 1)
-    ranks = lora.layer_ranks(range(L - 1, L), settings, cut=False)
-    lora.inject(part.model, part.spec, settings, ranks)
     hidden = torch.randn(batch_size, seq_len, model_config.hidden_size, generator=g)
-    last = _probe_server(part, hidden.to(device), mask, pos, ids, repeats)
+    smashed = SmashedData(0, 0, 0, 1, hidden.to(device), mask, pos, ids, slots)
+    last = _probe_server(store, model_config, settings, smashed, repeats)
 
     dk = kb - ka
     a, b = client[ka], client[kb]
@@ -287,7 +311,7 @@ def probe(
     adapter_block = plan_bytes(2) - plan_bytes(1)
     big = RoundPlan(0, 0, L - 1, [0.0], state)
     data = encode(big)
-    codec = _best_time(lambda: decode(encode(big)), repeats) / 2 / len(data)
+    codec = _typical_time(lambda: decode(encode(big)), repeats) / 2 / len(data)
     adapter_cut = adapter_block * settings.cut_rank / settings.r
     hidden = torch.zeros(batch_size, seq_len, model_config.hidden_size)
     smashed = encode(SmashedData(0, 0, 0, 1, hidden, mask.cpu(), pos.cpu(), ids.cpu()))
