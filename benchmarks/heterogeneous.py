@@ -7,7 +7,7 @@ partition (alpha 0.5). Three device mixes (``MIX``: compute 1:2:4:8,
 10-100 Mbit/s, a tablet that holds only 4 blocks and a phone only 2):
 
 - P1: 8 clients on one server (speed ``--speed`` x this machine);
-- P2: P1 with client 0 (a workstation) slowed 4x from the middle round on;
+- P2: P1 with client 1 (a laptop, 2x) slowed 4x (to 8x) from the middle round on;
 - P3: 16 clients on one server.
 
 Part A needs no training: the clock's predicted round time of the fixed k=2
@@ -182,8 +182,8 @@ def base_tree(args, out: Path, profile: str, costs: CostModel) -> dict:
             "server_workers": 1,
         },
     }
-    if profile == "P2":  # the workstation slows down 4x from the middle round on
-        change = {"round": args.rounds // 2, "client": 0, "slowdown": 4.0}
+    if profile == "P2":  # a laptop slows down 4x from the middle round on
+        change = {"round": args.rounds // 2, "client": 1, "slowdown": 8.0}
         tree["sim"]["changes"] = [change]
     return tree
 
@@ -527,8 +527,8 @@ def main() -> None:
         "--accuracy", action="store_true", help="task accuracy at the budget"
     )
     args = ap.parse_args()
-    quick = dict(rounds=3, local_steps=2, extra=1, eval_size=4, train_per_task=100)
-    full = dict(rounds=5, local_steps=6, extra=3, eval_size=16, train_per_task=200)
+    quick = dict(rounds=3, local_steps=2, extra=1, eval_size=8, train_per_task=100)
+    full = dict(rounds=6, local_steps=4, extra=2, eval_size=16, train_per_task=200)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
