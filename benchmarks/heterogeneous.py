@@ -32,6 +32,7 @@ Writes results.json, loss_vs_time_<P>.png and cuts_<P>.png to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MB, merge, probe_default, run_method, write_json  # noqa: E402
+from common import (  # noqa: E402
+    MB,
+    merge,
+    probe_default,
+    run_method,
+    time_to_target,
+    write_json,
+)
 
 from splitft.config import (  # noqa: E402
     DEFAULT_TASKS,
@@ -283,24 +291,35 @@ def run_profile(args, out: Path, profile: str, costs: CostModel, best_uniform: i
         )
         if name == "fixed k=2":
             targets[side] = result["final_eval_loss"]
-            result["time_to_target_s"] = result["sim_time_at_budget_s"]
         rows.append({"method": name, "server_side": side, **result})
         print(
             f"[{profile}] {name:<24} {side:<10} final eval loss "
-            f"{result['final_eval_loss']:.4f}  time to target "
-            f"{_s(result['time_to_target_s'])}  ({time.perf_counter() - t0:.0f} s)",
+            f"{result['final_eval_loss']:.4f}  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
+    result = {"targets": targets, "methods": rows}
+    compare(result)
+    return result
+
+
+def compare(result: dict) -> None:
+    """Time to target and its ratio to fixed k=2, for every method alike.
+
+    The target is fixed k=2's eval loss at its last budget round, per server
+    side (centralized and FedAvg-LoRA use the per-client one); every method's
+    time is when its own curve first reaches it, fixed k=2's included.
+    """
+    targets = result["targets"]
+    rows = result["methods"]
+    for r in rows:
+        r["target_eval_loss"] = targets[r["server_side"]]
+        r["time_to_target_s"] = time_to_target(r["curve"], r["target_eval_loss"])
     base = {r["server_side"]: r for r in rows if r["method"] == "fixed k=2"}
     for r in rows:
-        t, ref = r["time_to_target_s"], base[r["server_side"]]
-        r["target_eval_loss"] = targets[r["server_side"]]
-        r["time_vs_fixed2"] = None if t is None else t / ref["time_to_target_s"]
-    return {"targets": targets, "methods": rows}
-
-
-def _s(x) -> str:
-    return "not reached" if x is None else f"{x:.1f} s"
+        ref = base[r["server_side"]]
+        t, t0 = r["time_to_target_s"], ref["time_to_target_s"]
+        r["time_vs_fixed2"] = None if t is None or not t0 else t / t0
+        r["round_time_vs_fixed2"] = r["mean_round_s"] / ref["mean_round_s"]
 
 
 def best_uniform(costs: CostModel, n: int, speed: float, slots: float, steps: int):
@@ -320,6 +339,8 @@ COLUMNS = (
     ("side", "{:<10}", "server_side"),
     ("to target s", "{:>11}", "time_to_target_s"),
     ("vs k=2", "{:>6}", "time_vs_fixed2"),
+    ("round s", "{:>7}", "mean_round_s"),
+    ("vs k=2", "{:>6}", "round_time_vs_fixed2"),
     ("eval loss", "{:>9}", "final_eval_loss"),
     ("tok acc", "{:>7}", "final_token_acc"),
     ("EM", "{:>5}", "exact_match"),
@@ -334,6 +355,8 @@ COLUMNS = (
 DIGITS = {
     "time_to_target_s": 1,
     "time_vs_fixed2": 2,
+    "mean_round_s": 2,
+    "round_time_vs_fixed2": 2,
     "final_eval_loss": 4,
     "final_token_acc": 3,
     "exact_match": 3,
@@ -392,6 +415,10 @@ def goals(results: dict) -> list[str]:
                 ratio(t, get["fixed k=2"]["time_to_target_s"]),
                 0.70,
             )
+            lines.append(
+                f"  (mean round time, adaptive / fixed k=2: "
+                f"{get['adaptive']['round_time_vs_fixed2']:.3f})"
+            )
             uniform = [
                 r
                 for r in rows
@@ -407,6 +434,18 @@ def goals(results: dict) -> list[str]:
                     ratio(t, best["time_to_target_s"]),
                     0.85,
                 )
+            fitting = [
+                r
+                for r in rows
+                if (r["method"].startswith("uniform") or r["method"] == "fixed k=2")
+                and not r["over_budget"]
+            ]
+            quickest = min(fitting, key=lambda r: r["mean_round_s"])
+            lines.append(
+                f"  (mean round time, adaptive / quickest uniform cut that fits, "
+                f"{quickest['method']}: "
+                f"{get['adaptive']['mean_round_s'] / quickest['mean_round_s']:.3f})"
+            )
             others = [
                 r["final_eval_loss"]
                 for r in rows
@@ -526,7 +565,13 @@ def main() -> None:
     ap.add_argument(
         "--accuracy", action="store_true", help="task accuracy at the budget"
     )
+    ap.add_argument(
+        "--report", metavar="RESULTS", help="re-render a results.json, run nothing"
+    )
     args = ap.parse_args()
+    if args.report:
+        report(Path(args.report))
+        return
     quick = dict(rounds=3, local_steps=2, extra=1, eval_size=8, train_per_task=100)
     full = dict(rounds=6, local_steps=4, extra=2, eval_size=16, train_per_task=200)
     for key, value in (quick if args.quick else full).items():
@@ -560,16 +605,26 @@ def main() -> None:
         results["profiles"][profile] = run_profile(args, out, profile, costs, best)
         write_json(out / "results.json", results)  # what is done survives a crash
         print_profile(profile, results["profiles"][profile])
-    results["goals"] = goals(results)
     results["wall_s"] = time.perf_counter() - t_start
     write_json(out / "results.json", results)
-    plot(results, out)
-    for profile in results["profiles"]:
-        print_profile(profile, results["profiles"][profile])
+    report(out / "results.json")
+
+
+def report(path: Path) -> None:
+    """Tables, goals and plots from a results.json (written back with them)."""
+    results = json.loads(path.read_text())
+    for res in results["profiles"].values():
+        compare(res)
+    results["goals"] = goals(results)
+    write_json(path, results)
+    plot(results, path.parent)
+    print_part_a(results["part_a"])
+    for profile, res in results["profiles"].items():
+        print_profile(profile, res)
     print("\ngoals:")
     for g in results["goals"]:
         print("  " + g)
-    print(f"\n{results['wall_s'] / 60:.1f} min; results.json and PNGs in {out}/")
+    print(f"\n{results['command']}: {results['wall_s'] / 60:.1f} min; {path.parent}/")
 
 
 if __name__ == "__main__":
