@@ -624,7 +624,9 @@ def report(path: Path) -> None:
     print("\ngoals:")
     for g in results["goals"]:
         print("  " + g)
-    print(f"\n{results['command']}: {results['wall_s'] / 60:.1f} min; {path.parent}/")
+    wall = results.get("wall_s")  # absent while a run is still going
+    took = f"{wall / 60:.1f} min" if wall else "unfinished"
+    print(f"\n{results['command']}: {took}; {path.parent}/")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ def client_layer_ranks(
     return layer_ranks(range(k), settings, cut=k < num_layers)
 
 
+def client_key_ranks(
+    keys: Iterable[str], spec: ArchSpec, k: int, num_layers: int, settings: LoraSettings
+) -> dict[str, int]:
+    """Rank of each adapter key a client with cut ``k`` holds (its layers < k)."""
+    held = client_layer_ranks(k, num_layers, settings)
+    return {key: held[layer_of(key, spec)] for key in keys if layer_of(key, spec) < k}
+
+
 def peft_config(
     spec: ArchSpec, settings: LoraSettings, ranks: Mapping[int, int]
 ) -> peft.LoraConfig:

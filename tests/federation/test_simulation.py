@@ -176,7 +176,7 @@ def test_a_failing_client_does_not_stop_the_round(assets, tmp_path):
 
 
 def test_local_clients_and_centralized_run(assets, tmp_path):
-    """k = L for everyone is FedAvg; one client with all data is centralized."""
+    """k = L for everyone is FedAvg: no activations leave the clients."""
     cfg = config(
         assets,
         tmp_path,
@@ -208,3 +208,123 @@ def test_measured_timing_keeps_the_shared_adapters_update_order(assets, tmp_path
         times.append([r["sim_round_s"] for r in trained])
     assert losses[0] == losses[1]
     assert all(t > 0 for t in times[0] + times[1])
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "splitft", "random"])
+def test_partial_participation(assets, tmp_path, policy):
+    cfg = config(
+        assets,
+        tmp_path,
+        f"name=partial-{policy}",
+        f"federation.policy={policy}",
+        "federation.clients_per_round=2",
+        "sim.timing=predicted",
+        "federation.rounds=3",
+    )
+    _, summary = run(cfg, synthetic.costs(num_layers=4))
+    trained = [r for r in summary["rounds"] if r["round"] > 0]
+    for r in trained:
+        assert len(r["cuts"]) == 2 and r["counted"] == r["clients"]
+    sets = [tuple(r["clients"]) for r in trained]
+    if policy == "adaptive":
+        changed = [
+            r["replan"]
+            for a, b, r in zip(sets, sets[1:], trained[1:], strict=False)
+            if a != b
+        ]
+        assert changed and all(changed)  # a new set of clients is re-planned
+
+
+def test_a_round_where_every_client_fails(assets, tmp_path):
+    cfg = config(assets, tmp_path, "name=allfail", "federation.rounds=2")
+    sim = Simulation(cfg, synthetic.costs(num_layers=4))
+    sim.setup()
+    real = {cid: c._step for cid, c in sim.clients.items()}
+
+    def refuse(*args, **kwargs):
+        raise ServerRefused("no network")
+        yield
+
+    for c in sim.clients.values():
+        c._step = refuse
+    sim.train(stop=lambda record: True)  # one round
+    record = sim.rounds[1]
+    assert record["failed"] == [0, 1, 2, 3] and record["counted"] == []
+    assert record["train_loss"] is None and sim.server.drift == {}
+    for cid, c in sim.clients.items():  # they come back
+        c._step = real[cid]
+    planned = sim.strategy.configure_round(1, sim_devices(sim, 1))
+    result = sim.run_round(planned, sim_devices(sim, 1))
+    assert not any(t.failed for t in result.timing.clients.values())
+
+
+def sim_devices(sim, rnd):
+    from splitft.sim.profiles import devices_at
+
+    return devices_at(sim.cfg.sim, sim.cfg.federation.num_clients, rnd)
+
+
+def test_a_shrinking_memory_budget_moves_the_cut_at_once(assets, tmp_path):
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=shrink",
+        "federation.policy=adaptive",
+        "sim.timing=predicted",
+        "sim.mix=[workstation]",
+        "sim.server_speed=0.5",
+        "planner.replan_every=0",
+        "planner.replan_miss=0",
+        "sim.changes=[{round: 2, client: 0, memory_mb: 140}]",
+        "federation.rounds=3",
+    )
+    _, summary = run(cfg, synthetic.costs(num_layers=4, block_s=1e-2))
+    r1, r2, r3 = (r for r in summary["rounds"] if r["round"] > 0)
+    assert r1["cuts"]["0"] > 1 and r2["cuts"] == r1["cuts"]
+    assert r3["replan"] == "cut no longer fits the memory of clients [0]"
+    assert r3["cuts"]["0"] == 1 and not r3["over_budget"]
+
+
+def test_prediction_matches_when_the_model_is_the_clock(tmp_path, assets):
+    """Predicted timing, declared beliefs, rows of one length: the planner's
+    prediction is the round's time up to message headers the linear byte model
+    does not follow exactly."""
+    same = tmp_path / "same.jsonl"
+    same.write_text(
+        "".join(
+            json.dumps({"instruction": f"What is {a} plus {b}?", "output": str(a + b)})
+            + "\n"
+            for a in range(1, 5)
+            for b in range(1, 5)
+        )
+    )
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=exact",
+        f"data.source={same}",
+        "data.eval_size=4",
+        "partition.min_partition_size=2",
+        "sim.timing=predicted",
+        "federation.cut_layers=[1, 2, 3, 4]",
+        "federation.rounds=2",
+    )
+    _, summary = run(cfg)  # the tiny model's own probe: its real message sizes
+    for r in summary["rounds"][1:]:
+        assert r["prediction_error"] < 0.02
+
+
+def test_cost_model_reuse_and_the_live_clock(assets, tmp_path):
+    first = config(assets, tmp_path, "name=first", "federation.rounds=1")
+    sim, _ = run(first)  # probes the tiny model
+    again = config(
+        assets,
+        tmp_path,
+        "name=again",
+        "federation.rounds=1",
+        "sim.timing=live",
+        f"sim.cost_model={sim.run_dir / 'costs.json'}",
+    )
+    sim2, summary = run(again)
+    assert sim2.costs == sim.costs
+    assert summary["rounds"][1]["sim_round_s"] > 0

@@ -11,7 +11,7 @@ from splitft.config import LoraSettings, TrainConfig
 from splitft.federation.aggregate import rank_of, truncate_to
 from splitft.models.parts import WeightStore
 from splitft.split.client import ServerRefused, SplitClient
-from splitft.split.messages import RoundRequest
+from splitft.split.messages import AdapterUpdate, RoundRequest, SmashedData
 from splitft.split.server import SHARED, SplitServer
 from splitft.transport import InProcessTransport
 
@@ -244,3 +244,61 @@ def test_local_step_equals_plain_peft_training(tiny):
 
 def truncate(state, server, k):
     return truncate_to(state, server.client_ranks(k))
+
+
+@pytest.mark.parametrize("server_side", ["per_client", "shared"])
+def test_a_refused_local_client_does_not_crash_the_server(tiny, server_side):
+    """A k = L client has no server optimizer; refusing it must still answer."""
+    _, folder, config, _ = tiny
+    L = config.num_hidden_layers
+    server, clients, transport = federation(
+        folder, config, {0: L}, CUT, server_side=server_side
+    )
+    transport.call(RoundRequest(0, 0))
+    nan = {
+        k: torch.full_like(v, float("nan"))
+        for k, v in truncate(server.global_state, server, L).items()
+    }
+    reply = transport.call(AdapterUpdate(0, 0, 5, nan))
+    assert "non-finite" in reply.error
+    assert server.aggregate() == []
+
+
+def test_shared_gradients_of_interleaved_clients_do_not_mix(tiny):
+    """With grad_accum 2, A's step uses A's micro-batches only, whatever
+    arrives in between."""
+    _, folder, config, _ = tiny
+    train = TrainConfig(lr=1e-2, warmup_steps=0, batch_size=2, grad_accum=2)
+    store = WeightStore(folder)
+    H = config.hidden_size
+
+    def micro(cid, m, seed):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 90, (2, 6), generator=g)
+        return SmashedData(
+            cid,
+            0,
+            m,
+            2,
+            torch.randn(2, 6, H, generator=g),
+            torch.ones_like(ids),
+            torch.arange(6).expand(2, 6),
+            ids,
+            20,
+        )
+
+    def after_a(order):
+        server = SplitServer(
+            store, config, CUT, train, {0: 1, 1: 1}, 2, 2, server_side="shared"
+        )
+        server.handle(RoundRequest(0, 0))
+        server.handle(RoundRequest(1, 0))
+        for cid, m in order:
+            reply = server.handle(micro(cid, m, seed=10 * cid + m))
+            assert not getattr(reply, "error", "")
+        return lora.adapter_state(server.part.model, SHARED)
+
+    alone = after_a([(0, 0), (0, 1)])
+    mixed = after_a([(0, 0), (1, 0), (0, 1)])  # B's first micro-batch in between
+    for key in alone:
+        torch.testing.assert_close(mixed[key], alone[key], atol=1e-7, rtol=0)

@@ -35,7 +35,6 @@ class Infeasible(ValueError):
 class Plan:
     cuts: dict[int, int]
     makespan: float  # predicted, seconds
-    evaluations: int  # clock predictions made
     seconds: float = 0.0  # planner wall time
 
 
@@ -158,16 +157,14 @@ def fastest(world: World, clients: Sequence[int], k_min: int, k_max: int) -> Pla
         )
     start = min(candidates, key=score)
     cuts, (makespan, _) = _descend(score, dict(start), ranges)
-    return Plan(cuts, makespan, len(score.cache), time.perf_counter() - t0)
+    return Plan(cuts, makespan, time.perf_counter() - t0)
 
 
 def move_cost(world: World, cid: int, old: int, new: int) -> float:
-    """Seconds a client spends moving its cut: loading the blocks it gains and
-    fetching their adapters (blocks it gives up cost nothing)."""
-    gained = max(new - old, 0)
-    dev = world.devices[cid]
-    fetch = gained * world.costs.adapter_block_bytes * 8 / dev.down_bps
-    return gained * world.costs.load_block_s * world.compute[cid] + fetch
+    """Device seconds a client spends moving its cut: loading the blocks it
+    gains (blocks it gives up cost nothing; the adapters of its new blocks
+    come with every round's plan anyway, and the round's prediction has them)."""
+    return max(new - old, 0) * world.costs.load_block_s * world.compute[cid]
 
 
 def settle(
@@ -184,8 +181,8 @@ def settle(
     Each client moves at most ``max_move`` blocks towards its target cut; the
     move is kept only if the predicted round time drops by more than
     ``min_gain`` (a fraction) and the time saved over ``horizon`` rounds beats
-    the slowest client's cost of moving. A cut that no longer fits its range
-    (a budget shrank) moves regardless.
+    the largest single client's cost of moving (clients move in parallel). A
+    cut that no longer fits its range (a budget shrank) moves regardless.
     """
     score = _Scorer(world)
     stay = {}

@@ -107,7 +107,6 @@ class SplitFTRule(CutPolicy):
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
         self.cuts: dict[int, int] = {}
-        self.accuracy: dict[int, float] = {}
 
     def _initial(self, ranges) -> dict[int, int]:
         compute = self.ctx.estimator.world.compute
@@ -121,18 +120,6 @@ class SplitFTRule(CutPolicy):
         ranges = self.ranges(clients)
         new = [c for c in clients if c not in self.cuts]
         self.cuts.update(self._initial({c: ranges[c] for c in new}))
-        scored = {c: self.accuracy[c] for c in clients if c in self.accuracy}
-        if len(scored) >= 2 and statistics.fmean(scored.values()) > 0:
-            mean = statistics.fmean(scored.values())
-            g, L, step = (
-                self.ctx.settings.gamma,
-                self.ctx.num_layers,
-                self.ctx.settings.max_move,
-            )
-            for cid, acc in scored.items():
-                delta = round(g * L * (acc - mean) / mean)
-                self.cuts[cid] += max(-step, min(step, delta))
-        self.accuracy.clear()
         out = {}
         for cid in clients:
             lo, hi = ranges[cid]
@@ -140,16 +127,22 @@ class SplitFTRule(CutPolicy):
         return out
 
     def observe(self, outcome):
+        """Apply the rule to the round's clients, against the round's mean."""
         tokens: dict[int, int] = {}
         hits: dict[int, float] = {}
         for s in outcome.steps:
-            tokens[s["client"]] = tokens.get(s["client"], 0) + s["tokens"]
-            hits[s["client"]] = (
-                hits.get(s["client"], 0.0) + s["token_acc"] * s["tokens"]
-            )
-        for cid, n in tokens.items():
-            if n > 0:
-                self.accuracy[cid] = hits[cid] / n
+            c = s["client"]
+            tokens[c] = tokens.get(c, 0) + s["tokens"]
+            hits[c] = hits.get(c, 0.0) + s["token_acc"] * s["tokens"]
+        accuracy = {c: hits[c] / n for c, n in tokens.items() if n > 0}
+        if len(accuracy) < 2 or statistics.fmean(accuracy.values()) <= 0:
+            return
+        mean = statistics.fmean(accuracy.values())
+        g, L = self.ctx.settings.gamma, self.ctx.num_layers
+        step = self.ctx.settings.max_move
+        for cid, acc in accuracy.items():
+            delta = round(g * L * (acc - mean) / mean)
+            self.cuts[cid] = outcome.cuts[cid] + max(-step, min(step, delta))
 
 
 class Adaptive(CutPolicy):
@@ -171,20 +164,21 @@ class Adaptive(CutPolicy):
         self.drift: dict[int, float] = {}
         self._since = 0
         self._due = "first plan"
+        self._planned_for: frozenset[int] = frozenset()
 
     def plan(self, rnd, clients):
         c, s = self.ctx, self.ctx.settings
         world = c.estimator.world
         ranges = self.ranges(clients)
-        missing = [cid for cid in clients if cid not in self.cuts]
         moved = [
             cid
             for cid in clients
             if cid in self.cuts
             and not ranges[cid][0] <= self.cuts[cid] <= ranges[cid][1]
         ]
-        if missing and not self._due:
-            self._due = f"new clients {missing}"
+        if frozenset(clients) != self._planned_for and not self._due:
+            # who shares the server decides the best cuts: plan for this set
+            self._due = "a different set of clients"
         if moved and not self._due:
             self._due = f"cut no longer fits the memory of clients {moved}"
         self.reason = ""
@@ -207,6 +201,7 @@ class Adaptive(CutPolicy):
                 world, cuts, ranges, drift, s.eps, s.max_move
             )
         self.reason, self._due, self._since = self._due, "", 0
+        self._planned_for = frozenset(clients)
         self.cuts.update(cuts)
         return dict(cuts)
 

@@ -29,10 +29,10 @@ from splitft.data.format import pad_token_id
 from splitft.data.packing import pack
 from splitft.eval import evaluate, task_accuracy
 from splitft.federation.policies import PolicyContext, make_policy
-from splitft.federation.strategy import RoundConfig, Strategy
+from splitft.federation.strategy import RoundConfig, RoundResult, Strategy
 from splitft.models.default import resolve_model_dir
 from splitft.models.parts import WeightStore, full_part, load_model_config
-from splitft.sim.clock import RoundTiming, simulate_round
+from splitft.sim.clock import simulate_round
 from splitft.sim.costs import CostModel, Estimator, Workload, World, probe
 from splitft.sim.profiles import devices_at, server_device
 from splitft.split.client import SplitClient
@@ -236,16 +236,14 @@ class Simulation:
         for rnd in range(fed.rounds):
             devices = devices_at(sim, fed.num_clients, rnd)
             planned = self.strategy.configure_round(rnd, devices)
-            timing, steps = self.run_round(planned, devices)
-            record = self.finish_round(planned, timing, steps)
+            result = self.run_round(planned, devices)
+            record = self.finish_round(planned, result)
             if stop is not None and stop(record):
                 break
         self._bar.close()
         return self.rounds
 
-    def run_round(
-        self, planned: RoundConfig, devices
-    ) -> tuple[RoundTiming, list[dict]]:
+    def run_round(self, planned: RoundConfig, devices) -> RoundResult:
         """The selected clients train through the server on the simulated clock."""
         sim = self.cfg.sim
         self.server.open_round(planned.round, planned.cuts)
@@ -265,13 +263,13 @@ class Simulation:
             timing = replay(processes, server, devices, workers)
         steps = [s for cid in sorted(processes) for s in processes[cid].steps]
         self._bar.update(len(steps))
-        return timing, steps
+        recut = {cid: p.recut for cid, p in processes.items()}
+        return RoundResult(timing, steps, recut)
 
-    def finish_round(
-        self, planned: RoundConfig, timing: RoundTiming, steps: list[dict]
-    ) -> dict[str, Any]:
+    def finish_round(self, planned: RoundConfig, result: RoundResult) -> dict[str, Any]:
         """Aggregate, feed the strategy, evaluate when due, log the round."""
         cfg, rnd = self.cfg, planned.round + 1
+        timing, steps = result.timing, result.steps
         t0 = time.perf_counter()
         counted = self.server.aggregate()
         aggregate_s = (time.perf_counter() - t0) / self.server_device.speed
@@ -280,9 +278,7 @@ class Simulation:
         self.sim_time += timing.makespan + aggregate_s
         for s in steps:
             self.log.write({"type": "step", **s})
-        observed = self.strategy.observe_round(
-            planned, timing, steps, dict(self.server.drift)
-        )
+        observed = self.strategy.observe_round(planned, result, dict(self.server.drift))
         up: dict[str, int] = {}
         down: dict[str, int] = {}
         for cid, t in timing.clients.items():
@@ -303,9 +299,12 @@ class Simulation:
             "failed": sorted(c for c, t in timing.clients.items() if t.failed),
             "over_budget": planned.over_budget,
             "replan": planned.reason,
-            "train_loss": sum(s["loss"] * s["tokens"] for s in steps) / max(tokens, 1),
-            "train_token_acc": sum(s["token_acc"] * s["tokens"] for s in steps)
-            / max(tokens, 1),
+            "train_loss": sum(s["loss"] * s["tokens"] for s in steps) / tokens
+            if tokens
+            else None,
+            "train_token_acc": sum(s["token_acc"] * s["tokens"] for s in steps) / tokens
+            if tokens
+            else None,
             "train_tokens": tokens,
             "bytes_up": sum(up.values()),
             "bytes_down": sum(down.values()),
@@ -388,7 +387,7 @@ def _check_cuts(fed, k_max: int, L: int) -> None:
             f"be in [1, {L}] for this {L}-layer model ({L} = the whole model on "
             "the client)"
         )
-    if not fed.k_min <= k_max <= L:
+    if fed.policy != "fixed" and not fed.k_min <= k_max <= L:
         raise ConfigError(
             f"federation.k_min={fed.k_min}, federation.k_max={fed.k_max} are not "
             f"allowed: 1 <= k_min <= k_max <= {L} for this {L}-layer model"

@@ -23,6 +23,15 @@ from splitft.sim.profiles import Device
 
 
 @dataclass
+class RoundResult:
+    """What running a round gave: its timings and the clients' step records."""
+
+    timing: RoundTiming
+    steps: list[dict]
+    recut: dict[int, float]  # device seconds each client spent moving its cut
+
+
+@dataclass
 class RoundConfig:
     """A round's decisions and the prediction they were made on."""
 
@@ -70,18 +79,15 @@ class Strategy:
         )
 
     def observe_round(
-        self,
-        config: RoundConfig,
-        timing: RoundTiming,
-        steps: list[dict],
-        drift: dict[int, float],
+        self, config: RoundConfig, result: RoundResult, drift: dict[int, float]
     ) -> dict[str, Any]:
         """Feed the round to the policy and the beliefs; return its metrics."""
+        timing = result.timing
         outcome = RoundOutcome(
-            config.round, config.cuts, config.predicted, timing, steps, drift
+            config.round, config.cuts, config.predicted, timing, result.steps, drift
         )
         self.policy.observe(outcome)
-        self.estimator.observe(config.cuts, timing, steps)
+        self.estimator.observe(config.cuts, timing, result.steps, result.recut)
         predicted, measured = config.predicted.makespan, timing.makespan
         return {
             "predicted_round_s": predicted,

@@ -299,12 +299,7 @@ def probe(
     spec = spec_for(model_config.model_type)
 
     def plan_bytes(k: int) -> int:
-        held = lora.client_layer_ranks(k, L, settings)
-        ranks = {
-            key: held[lora.layer_of(key, spec)]
-            for key in state
-            if lora.layer_of(key, spec) < k
-        }
+        ranks = lora.client_key_ranks(state, spec, k, L, settings)
         return len(encode(RoundPlan(0, 0, k, [0.0], truncate_to(state, ranks))))
 
     message = len(encode(RoundRequest(0, 0)))
@@ -405,27 +400,40 @@ class _ModelledClient:
 
     @staticmethod
     def _run(cid: int, k: int, world: World):
-        c, w = world.costs, world.workload
+        """Yields (device seconds before the request, the request).
+
+        Each piece of work is priced as the real client does it: decoding the
+        reply it got, computing, encoding the request it sends.
+        """
+        c, w, f = world.costs, world.workload, world.compute[cid]
         slots = w.slots[cid]
-        micro_s = world.compute[cid] * c.client_seconds(k, slots)
-        yield 0.0, Outgoing(("plan", k, 0.0), c.message_bytes, CONTROL)
+        micro_s = f * c.client_seconds(k, slots)
+        adapters = c.adapter_bytes(k)
+        smashed, gradient = c.smashed_bytes(slots), c.gradient_bytes(slots)
+
+        def codec(nbytes: float) -> float:
+            return f * c.codec_seconds(nbytes)
+
+        upload = Outgoing(("upload", k, 0.0), adapters, ADAPTERS)
+        yield (
+            codec(c.message_bytes),
+            Outgoing(("plan", k, 0.0), c.message_bytes, CONTROL),
+        )
         n = w.local_steps * w.grad_accum
         if k >= c.num_layers:  # trains alone, then uploads
-            yield (
-                n * micro_s,
-                Outgoing(("upload", k, 0.0), c.adapter_bytes(k), ADAPTERS),
-            )
+            yield codec(adapters) + n * micro_s + codec(adapters), upload
             return
         fwd = c.forward_share * micro_s
         for i in range(n):
-            before = (
-                micro_s - fwd if i else 0.0
-            )  # the previous backward, then this forward
+            if i == 0:  # decode the plan, then this forward
+                before = codec(adapters)
+            else:  # decode the gradient, the previous backward, then this forward
+                before = codec(gradient) + micro_s - fwd
             yield (
-                before + fwd,
-                Outgoing(("smashed", k, slots), c.smashed_bytes(slots), SMASHED),
+                before + fwd + codec(smashed),
+                Outgoing(("smashed", k, slots), smashed, SMASHED),
             )
-        yield micro_s - fwd, Outgoing(("upload", k, 0.0), c.adapter_bytes(k), ADAPTERS)
+        yield codec(gradient) + micro_s - fwd + codec(adapters), upload
 
     def resume(self, reply: Any) -> tuple[float, Outgoing | None]:
         try:
@@ -494,14 +502,21 @@ class Estimator:
             self.world.devices[cid] = dataclasses.replace(old, memory=dev.memory)
 
     def observe(
-        self, cuts: Mapping[int, int], timing: RoundTiming, steps: Iterable[dict]
+        self,
+        cuts: Mapping[int, int],
+        timing: RoundTiming,
+        steps: Iterable[dict],
+        recut: Mapping[int, float] | None = None,
     ) -> None:
         """Fold one round's timings and step records into the beliefs.
 
         What the cost model alone predicts for the round (the clock on unit
         factors, at the token slots the clients actually had) is set against
         what the round took: the ratios are the new compute and server factors.
+        ``recut`` holds each client's device seconds spent moving its cut this
+        round: one-off work the compute factor must not learn.
         """
+        recut = recut or {}
         w = self.world.workload
         slots: dict[int, list[float]] = {}
         for s in steps:
@@ -523,7 +538,7 @@ class Estimator:
         for cid in ok:
             t, m = timing.clients[cid], model.clients[cid]
             if m.compute > 0:
-                ratio = t.compute / m.compute
+                ratio = max(t.compute - recut.get(cid, 0.0), 0.0) / m.compute
                 self.world.compute[cid] = self._blend(self.world.compute[cid], ratio)
             dev = self.world.devices[cid]
             half_rtts = t.messages * dev.rtt / 2

@@ -50,10 +50,6 @@ class ServerDevice:
     workers: int
 
 
-# A server link that costs nothing: for the centralized baseline and for tests.
-LOCAL = Device("local", 1.0, math.inf, math.inf, math.inf, 0.0)
-
-
 def devices_at(sim: SimConfig, num_clients: int, round: int) -> dict[int, Device]:
     """Each client's device in ``round``: its mix profile with the changes due.
 

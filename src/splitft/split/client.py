@@ -84,10 +84,11 @@ class SplitClient:
         self.num_samples = num_samples or len(examples)
         self.part: ModelPart | None = None
         # (kind, amount) of the compute done since the owner last cleared it:
-        # "forward", "backward" or "local" token slots, or "load" blocks (a
-        # re-cut); the cost model prices it
+        # "forward", "backward" or "local" token slots, or "load" blocks (the
+        # blocks a re-cut added); the cost model prices it
         self.work: list[tuple[str, int]] = []
         self.startup_s = 0.0  # building the first part: start-up, not a round
+        self.recut_s = 0.0  # rebuilding the part for a moved cut
         self._batches = self._batch_stream(np.random.default_rng([seed, client_id]))
 
     @property
@@ -101,15 +102,16 @@ class SplitClient:
 
     def _build(self, k: int) -> None:
         """(Re)build the client part for cut ``k``: the server may move the cut."""
-        t0, first = time.perf_counter(), self.part is None
+        t0, old = time.perf_counter(), self.cut_layer
         self.part = client_part(self.store, self.config, k)
         L = self.config.num_hidden_layers
         ranks = lora.client_layer_ranks(k, L, self.lora)
         lora.inject(self.part.model, self.part.spec, self.lora, ranks)
-        if first:
+        if old is None:
             self.startup_s += time.perf_counter() - t0
         else:
-            self.work.append(("load", k))
+            self.recut_s += time.perf_counter() - t0
+            self.work.append(("load", max(k - old, 0)))
 
     def _batch_stream(self, rng: np.random.Generator) -> Iterator[dict]:
         n, bs = len(self.examples), self.train.batch_size
@@ -221,9 +223,10 @@ class SplitClient:
             use_cache=False,
         )
         n, hits = count_correct(out.logits.detach(), batch["labels"])
-        if n > 0:
-            (out.loss * (n / max(step_tokens, 1))).backward()
-        return n, hits, float(out.loss.detach()) if n > 0 else 0.0
+        if n == 0 or not torch.isfinite(out.loss):  # as the server: drop it
+            return 0, 0, 0.0
+        (out.loss * (n / max(step_tokens, 1))).backward()
+        return n, hits, float(out.loss.detach())
 
     def _finish(self, round: int) -> Protocol:
         """Upload the client-side adapters for aggregation."""

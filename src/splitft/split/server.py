@@ -142,6 +142,10 @@ class SplitServer:
             ValueError: an unknown client or a cut outside ``[1, L]``.
         """
         with self._lock:
+            if self.updates or self._planned:
+                raise ValueError(
+                    "the previous round is still open: aggregate() it first"
+                )
             unknown = sorted(set(cuts) - set(self.cut_layers))
             if unknown:
                 raise ValueError(f"unknown clients {unknown}")
@@ -151,8 +155,6 @@ class SplitServer:
             if split and min(split) < self.part.layers.start:
                 self._build_part(min(split))
             self._open = set(cuts)
-            self._planned.clear()
-            self._optim.clear()
 
     @staticmethod
     def _name(cid: int) -> str:
@@ -186,21 +188,21 @@ class SplitServer:
     def _drop_gradients(self, cid) -> None:
         """A refused step leaves no gradient behind."""
         self._shared_grads.pop(cid, None)
-        opt = self._optimizer(cid) if cid in self._planned else None
+        opt = self._optimizer(cid)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
 
-    def _optimizer(self, cid: int) -> torch.optim.Optimizer:
-        return self._optim[SHARED if self.server_side == SHARED else cid]
+    def _optimizer(self, cid) -> torch.optim.Optimizer | None:
+        """The optimizer a client's steps use (None: it has none this round)."""
+        if cid not in self._planned:
+            return None
+        return self._optim.get(SHARED if self.server_side == SHARED else cid)
 
     def client_ranks(self, k: int) -> dict[str, int]:
         """Rank of each adapter key a client with cut ``k`` holds."""
-        held = lora.client_layer_ranks(k, self.num_layers, self.lora)
-        return {
-            key: held[lora.layer_of(key, self.spec)]
-            for key in self.global_state
-            if lora.layer_of(key, self.spec) < k
-        }
+        return lora.client_key_ranks(
+            self.global_state, self.spec, k, self.num_layers, self.lora
+        )
 
     def _server_keys(self, k: int) -> dict[str, torch.Tensor]:
         layers = range(k, self.num_layers)
@@ -298,7 +300,9 @@ class SplitServer:
         self._accumulate(cid, msg)
         if msg.micro == msg.num_micro - 1:
             lr = self._planned[cid].lrs[msg.step]
-            optim.step(self._optimizer(cid), lr, self.train.max_grad_norm)
+            optimizer = self._optimizer(cid)
+            assert optimizer is not None  # a split client's plan made it
+            optim.step(optimizer, lr, self.train.max_grad_norm)
             if self.server_side == SHARED:
                 self._served[cid] = k
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
@@ -421,6 +425,7 @@ class SplitServer:
     def _aggregate(self) -> list[int]:
         who = sorted(self.updates)
         updates = [self.updates[c] for c in who] + self._shared_updates()
+        self.drift = {}
         if updates:
             new = aggregate(self.global_state, updates)
             self.drift = {cid: self._drift(cid, new) for cid in who}

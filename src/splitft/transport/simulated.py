@@ -20,6 +20,7 @@ the work done). ``sim.timing`` picks how they are used:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -31,6 +32,8 @@ from splitft.sim.profiles import Device
 from splitft.split.client import ServerRefused, SplitClient
 from splitft.split.messages import SmashedData, decode, encode
 from splitft.split.server import SplitServer
+
+log = logging.getLogger(__name__)
 
 
 class ClockedClient:
@@ -49,19 +52,22 @@ class ClockedClient:
         self._protocol = client.round_protocol(round)
         self._started = False
         self.steps: list[dict] = []  # the protocol's result once it is done
+        self.recut = 0.0  # device seconds this round spent moving the cut
         # per resume: (measured device seconds, what was sent or None, failure)
         self.trace: list[tuple[float, Outgoing | None, str]] = []
 
-    def _predicted(self) -> float:
+    def _predicted(self) -> tuple[float, float]:
+        """The cost model's device seconds of the work logged: (all, re-cut)."""
         c, k, fs = self.costs, self.client.cut_layer, self.costs.forward_share
         share = {"forward": fs, "backward": 1 - fs, "local": 1.0}
-        modelled = 0.0
+        modelled = recut = 0.0
         for kind, amount in self.client.work:
             if kind == "load":
-                modelled += amount * c.load_block_s
+                recut += amount * c.load_block_s
             else:
                 modelled += share[kind] * c.client_seconds(k, amount)
-        return modelled * self.device.slowdown
+        s = self.device.slowdown
+        return (modelled + recut) * s, recut * s
 
     def _seconds(
         self, t0: float, received: int, out: Outgoing | None, failure: str = ""
@@ -74,14 +80,19 @@ class ClockedClient:
         measured = max(wall, 0.0) * self.device.slowdown
         wire = received + (out.nbytes if out is not None else 0)
         codec = self.costs.codec_seconds(wire) * self.device.slowdown
-        predicted = self._predicted() + codec
+        predicted, recut = self._predicted()
+        predicted += codec
+        if self.timing == "predicted":
+            self.recut += recut
+        else:  # the time reported is the measured one
+            self.recut += self.client.recut_s * self.device.slowdown
         self.trace.append((measured, out, failure))
         return measured if self.timing == "live" else predicted
 
     def resume(self, reply: Any) -> tuple[float, Outgoing | None]:
         t0 = time.perf_counter()
         self.client.work.clear()
-        self.client.startup_s = 0.0
+        self.client.startup_s = self.client.recut_s = 0.0
         received = 0 if reply is None else len(reply)
         try:
             if self._started:
@@ -95,6 +106,13 @@ class ClockedClient:
         except ServerRefused as e:
             self._seconds(t0, received, None, str(e))
             raise ClientFailed(str(e)) from e
+        except Exception as e:  # a client crash ends that client, not the run
+            detail = f"{type(e).__name__}: {e}"
+            log.warning(
+                "client %d failed: %s", self.client.client_id, detail, exc_info=True
+            )
+            self._seconds(t0, received, None, detail)
+            raise ClientFailed(detail) from e
         data = encode(request)
         out = Outgoing(data, len(data), request.kind)
         return self._seconds(t0, received, out), out
