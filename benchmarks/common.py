@@ -17,8 +17,7 @@ from splitft.federation.simulation import Simulation
 from splitft.models.default import default_model_dir
 from splitft.models.parts import WeightStore, load_model_config
 from splitft.sim.costs import CostModel, probe
-
-MB = 1e6
+from splitft.sim.profiles import MB
 
 
 def merge(base: dict, extra: dict) -> dict:

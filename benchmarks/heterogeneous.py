@@ -20,7 +20,7 @@ server-side mode), the final eval loss, bytes, memory and planner time.
 
 Every run evaluates each round. A method may run up to ``--extra`` rounds
 past the budget, only to reach the target; the final loss is the budget's.
-The learning rate is constant, so a longer run's first rounds are the same
+The learning rate is constant (5e-4), so a longer run's first rounds are the same
 run. ``--quick`` runs 3 rounds of 2 steps (P3: 2 rounds), the best uniform cut
 predicted by the clock instead of a swept grid, no random, splitft,
 FedAvg-LoRA or centralized runs, and the shared server side only for P1's
@@ -44,7 +44,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    MB,
     merge,
     probe_default,
     run_method,
@@ -52,10 +51,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from splitft.config import (  # noqa: E402
-    DEFAULT_TASKS,
-    DeviceProfile,  # noqa: E402
-)
+from splitft.config import DEFAULT_TASKS, SimConfig  # noqa: E402
 from splitft.federation import planner  # noqa: E402
 from splitft.federation.simulation import expected_slots  # noqa: E402
 from splitft.sim.costs import (  # noqa: E402
@@ -64,7 +60,7 @@ from splitft.sim.costs import (  # noqa: E402
     World,
     predict_round,
 )
-from splitft.sim.profiles import Device, ServerDevice  # noqa: E402
+from splitft.sim.profiles import MB, ServerDevice, devices_at  # noqa: E402
 
 MIX = ["ws", "laptop", "tablet", "phone"]
 BATCH, MAX_LENGTH = 2, 128
@@ -93,10 +89,21 @@ def fleet(costs: CostModel) -> dict[str, dict]:
     }
 
 
-def devices(costs: CostModel, n: int) -> dict[int, Device]:
-    types = fleet(costs)
+def world(costs: CostModel, n: int, speed: float, slots: float, steps: int) -> World:
+    """n clients of the mix on one server, as the planner would see them."""
+    sim = SimConfig(mix=MIX, profiles=fleet(costs))
+    devices = devices_at(sim, n, 0)
+    workload = Workload(steps, 1, dict.fromkeys(devices, slots), BATCH * MAX_LENGTH)
+    return World.of(costs, devices, ServerDevice(speed, 1), workload)
+
+
+def uniform_times(w: World) -> dict[int, float]:
+    """Predicted round time of every uniform cut that every client can hold."""
+    clients = list(w.devices)
     return {
-        c: Device.of(MIX[c % 4], DeviceProfile(**types[MIX[c % 4]])) for c in range(n)
+        k: predict_round(dict.fromkeys(clients, k), w).makespan
+        for k in range(1, w.costs.num_layers)
+        if all(w.fits(c, k) for c in clients)
     }
 
 
@@ -105,20 +112,13 @@ def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
     """Predicted round time of fixed k=2, best fitting uniform cut and adaptive."""
     rows = []
     for n in (8, 16, 32):
-        devs = devices(costs, n)
         for speed in (1, 2, 4, 8, 16, 32):
-            workload = Workload(
-                steps, 1, dict.fromkeys(devs, slots), BATCH * MAX_LENGTH
-            )
-            world = World.of(costs, devs, ServerDevice(speed, 1), workload)
-            fixed2 = predict_round(dict.fromkeys(devs, 2), world).makespan
-            uniform = {
-                k: predict_round(dict.fromkeys(devs, k), world).makespan
-                for k in range(1, 30)
-                if all(world.fits(c, k) for c in devs)
-            }
+            w = world(costs, n, speed, slots, steps)
+            clients = list(w.devices)
+            fixed2 = predict_round(dict.fromkeys(clients, 2), w).makespan
+            uniform = uniform_times(w)
             best_k = min(uniform, key=uniform.get)
-            plan = planner.fastest(world, list(devs), 1, 29)
+            plan = planner.fastest(w, clients, 1, costs.num_layers - 1)
             rows.append(
                 dict(
                     clients=n,
@@ -168,7 +168,7 @@ def base_tree(args, out: Path, profile: str, costs: CostModel) -> dict:
         "partition": {"method": "length_dirichlet", "alpha": 0.5},
         "train": {
             "batch_size": BATCH,
-            "lr": 1e-3,
+            "lr": 5e-4,
             "schedule": "constant",
             "warmup_steps": 2,
         },
@@ -203,7 +203,8 @@ def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]
     def cut(k: int) -> dict:
         return {"federation": {"cut_layers": [k]}}
 
-    grid = [best_uniform] if args.quick else [1, 2, 4, 8, 16, 29]
+    top = args.num_layers - 1
+    grid = [best_uniform] if args.quick else [1, 2, 4, 8, 16, top]
     out: list[tuple[str, str, dict]] = []
     for side in ("per_client", "shared"):
         out.append(("fixed k=2", side, cut(2)))
@@ -221,7 +222,7 @@ def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]
                 out.append((f"uniform k={best_uniform}", side, cut(best_uniform)))
             out.append(("adaptive", side, adaptive))
     if profile == "P1":
-        out.append(("FedAvg-LoRA", "per_client", cut(30)))
+        out.append(("FedAvg-LoRA", "per_client", cut(args.num_layers)))
         out.append(("centralized", "per_client", {}))
     if args.quick:  # fewer baselines; the shared side only for P1's two headliners
         keep = {"fixed k=2", "adaptive", "adaptive (round-0 plan)"}
@@ -248,7 +249,7 @@ def centralized(tree: dict, args) -> dict:
             "federation": {
                 "num_clients": 1,
                 "local_steps": n * args.local_steps,  # the same tokens per round
-                "cut_layers": [30],
+                "cut_layers": [args.num_layers],
             },
             "sim": {
                 "mix": ["server"],
@@ -324,13 +325,8 @@ def compare(result: dict) -> None:
 
 def best_uniform(costs: CostModel, n: int, speed: float, slots: float, steps: int):
     """The uniform cut every client can hold with the shortest predicted round."""
-    devs = devices(costs, n)
-    workload = Workload(steps, 1, dict.fromkeys(devs, slots), BATCH * MAX_LENGTH)
-    world = World.of(costs, devs, ServerDevice(speed, 1), workload)
-    fits = [k for k in range(1, 30) if all(world.fits(c, k) for c in devs)]
-    return min(
-        fits, key=lambda k: predict_round(dict.fromkeys(devs, k), world).makespan
-    )
+    times = uniform_times(world(costs, n, speed, slots, steps))
+    return min(times, key=times.get)
 
 
 # -------------------------------------------------------------- report
@@ -585,6 +581,7 @@ def main() -> None:
     costs, lengths = probe_default(
         BATCH, MAX_LENGTH, args.eval_size, args.train_per_task
     )
+    args.num_layers = costs.num_layers
     slots = expected_slots(lengths, BATCH)
     print(
         f"cost model: {costs.block_s * 1e6:.1f} us per block and token slot, "
