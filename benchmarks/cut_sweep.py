@@ -45,7 +45,7 @@ def tree(args, out: Path, k: int) -> dict:
             "cut_layers": [k],
         },
         "eval": {"every": args.rounds, "accuracy": False},
-        "sim": {"mix": ["laptop"], "server_speed": 4.0},
+        "sim": {"mix": ["laptop"], "server_speed": 4.0, "timing": args.timing},
     }
 
 
@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cuts", type=int, nargs="+", default=[2, 4, 6, 8, 10])
     ap.add_argument("--out", default="runs/bench/cut_sweep")
+    ap.add_argument(
+        "--timing", choices=["predicted", "measured", "live"], default="measured"
+    )
     args = ap.parse_args()
     args.rounds, args.local_steps = (2, 2) if args.quick else (3, 4)
     out = Path(args.out)
