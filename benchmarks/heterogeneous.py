@@ -12,11 +12,13 @@ partition (alpha 0.5). Three device mixes (``MIX``: compute 1:2:4:8,
 
 Part A needs no training: the clock's predicted round time of the fixed k=2
 cut, the best uniform cut that fits every client and the adaptive plan, for
-server speeds 1-32 and 8-32 clients. Part B trains every method on the real
-model with the same data, partition, seed and token budget (``--rounds`` x
-``--local-steps`` per client) and compares simulated time to a target eval
-loss fixed in advance (what fixed k=2 reaches at its last round, per
-server-side mode), the final eval loss, bytes, memory and planner time.
+server speeds 1-32 and 8-32 clients, beside a lower bound no plan can beat
+(the slowest client alone on an idle server at its quickest cut). Part B
+trains every method on the real model with the same data, partition, seed and
+token budget (``--rounds`` x ``--local-steps`` per client) and compares
+simulated time to a target eval loss fixed in advance (what fixed k=2 reaches
+at its last round, per server-side mode), the final eval loss, bytes, memory
+and planner time.
 
 Every run evaluates each round. A method may run up to ``--extra`` rounds
 past the budget, only to reach the target; the final loss is the budget's.
@@ -115,6 +117,22 @@ def uniform_times(w: World) -> dict[int, float]:
     }
 
 
+def lower_bound(w: World) -> float:
+    """No plan's round can be shorter than this.
+
+    Two bounds, the larger one: the slowest client alone on an idle server
+    at the quickest cut it can hold, and the server's busy time when every
+    client holds as many blocks as its memory allows (the least work any plan
+    leaves the server) over its workers.
+    """
+    top = w.costs.num_layers - 1
+    fits = {c: [k for k in range(1, top + 1) if w.fits(c, k)] for c in w.devices}
+    alone = max(min(predict_round({c: k}, w).makespan for k in fits[c]) for c in fits)
+    deepest = {c: w.deepest_fit(c, top) for c in w.devices}
+    server = predict_round(deepest, w).server_busy / w.server.workers
+    return max(alone, server)
+
+
 # ---------------------------------------------------------------- part A
 def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
     """Predicted round time of fixed k=2, best fitting uniform cut and adaptive."""
@@ -127,6 +145,7 @@ def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
             uniform = uniform_times(w)
             best_k = min(uniform, key=uniform.get)
             plan = planner.fastest(w, clients, 1, costs.num_layers - 1)
+            bound = lower_bound(w)
             rows.append(
                 dict(
                     clients=n,
@@ -137,6 +156,8 @@ def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
                     adaptive_s=plan.makespan,
                     adaptive_vs_fixed2=plan.makespan / fixed2,
                     adaptive_vs_uniform=plan.makespan / uniform[best_k],
+                    bound_s=bound,
+                    bound_vs_fixed2=bound / fixed2,
                     planner_ms=plan.seconds * 1e3,
                     adaptive_cuts=[plan.cuts[c] for c in sorted(plan.cuts)],
                 )
@@ -148,14 +169,16 @@ def print_part_a(rows: list[dict]) -> None:
     print("\nPart A: predicted round time (s) by the clock, no training")
     print(
         f"{'clients':>7} {'speed':>5} {'fixed k=2':>9} {'best unif.':>10} "
-        f"{'adaptive':>8} {'vs k=2':>7} {'vs unif.':>8} {'plan ms':>7}  adaptive cuts"
+        f"{'adaptive':>8} {'vs k=2':>7} {'vs unif.':>8} {'bound':>6} {'vs k=2':>7} "
+        f"{'plan ms':>7}  adaptive cuts"
     )
     for r in rows:
         print(
             f"{r['clients']:>7} {r['server_speed']:>5} {r['fixed2_s']:>9.2f} "
             f"{r['best_uniform_s']:>7.2f} k={r['best_uniform_k']:<2}"
             f"{r['adaptive_s']:>8.2f} {r['adaptive_vs_fixed2']:>7.2f} "
-            f"{r['adaptive_vs_uniform']:>8.2f} {r['planner_ms']:>7.0f}  "
+            f"{r['adaptive_vs_uniform']:>8.2f} {r.get('bound_s', 0):>6.2f} "
+            f"{r.get('bound_vs_fixed2', 0):>7.2f} {r['planner_ms']:>7.0f}  "
             + " ".join(map(str, r["adaptive_cuts"][:16]))
             + (" ..." if len(r["adaptive_cuts"]) > 16 else "")
         )
@@ -607,6 +630,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items()},
         "fleet": fleet(costs),
         "costs": costs.__dict__,
+        "slots": slots,
         "part_a": part_a(costs, slots, args.local_steps),
         "profiles": {},
     }
@@ -625,6 +649,10 @@ def main() -> None:
 def report(path: Path) -> None:
     """Tables, goals and plots from a results.json (written back with them)."""
     results = json.loads(path.read_text())
+    if "slots" in results and any("bound_s" not in r for r in results["part_a"]):
+        costs = CostModel(**results["costs"])  # a results.json from before the bound
+        steps = results["settings"]["local_steps"]
+        results["part_a"] = part_a(costs, results["slots"], steps)
     for res in results["profiles"].values():
         compare(res)
     results["goals"] = goals(results)
