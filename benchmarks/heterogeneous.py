@@ -236,9 +236,9 @@ def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]
         return {"federation": {"cut_layers": [k]}}
 
     top = args.num_layers - 1
-    grid = [best_uniform] if args.quick else [1, 2, 4, 8, 16, top]
+    grid = [best_uniform] if args.quick else (args.grid or [1, 2, 4, 8, 16, top])
     out: list[tuple[str, str, dict]] = []
-    for side in ("per_client", "shared"):
+    for side in args.sides:
         out.append(("fixed k=2", side, cut(2)))
         if profile == "P1":
             out += [(f"uniform k={k}", side, cut(k)) for k in grid if k != 2]
@@ -253,7 +253,7 @@ def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]
             if best_uniform != 2:
                 out.append((f"uniform k={best_uniform}", side, cut(best_uniform)))
             out.append(("adaptive", side, adaptive))
-    if profile == "P1":
+    if profile == "P1" and "per_client" in args.sides:
         out.append(("FedAvg-LoRA", "per_client", cut(args.num_layers)))
         out.append(("centralized", "per_client", {}))
     if args.quick:  # fewer baselines; the shared side only for P1's two headliners
@@ -596,6 +596,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--local-steps", type=int, default=None)
     ap.add_argument("--extra", type=int, default=None, help="rounds past the budget")
+    ap.add_argument(
+        "--grid", type=int, nargs="+", help="uniform cuts on P1 (full: 1 2 4 8 16 L-1)"
+    )
+    ap.add_argument(
+        "--sides",
+        nargs="+",
+        choices=["per_client", "shared"],
+        default=["per_client", "shared"],
+        help="federation.server_side modes to run",
+    )
     ap.add_argument(
         "--accuracy", action="store_true", help="task accuracy at the budget"
     )
