@@ -36,16 +36,23 @@ def config(tree: dict) -> RunConfig:
 
 
 def probe_default(
-    batch_size: int, max_length: int, eval_size: int, train_per_task: int
-) -> tuple[CostModel, list[int]]:
+    batch_size: int,
+    max_length: int,
+    eval_size: int,
+    train_per_task: int,
+    measure: bool = True,
+) -> tuple[CostModel | None, list[int]]:
     """Probe the default model at the default data's mean length, once for a
-    whole benchmark (every method then starts from the same beliefs)."""
+    whole benchmark (every method then starts from the same beliefs); with
+    ``measure=False`` only the training lengths."""
     folder = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     train, _ = build_datasets(
         DEFAULT_TASKS, tokenizer, cache_dir(), max_length, eval_size, 0, train_per_task
     )
     lengths = list(train["length"])
+    if not measure:
+        return None, lengths
     store = WeightStore(folder)
     costs = probe(
         store,

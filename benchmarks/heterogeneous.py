@@ -610,6 +610,11 @@ def main() -> None:
         "--accuracy", action="store_true", help="task accuracy at the budget"
     )
     ap.add_argument(
+        "--costs",
+        metavar="JSON",
+        help="use the cost model in a results.json or costs.json instead of probing",
+    )
+    ap.add_argument(
         "--report", metavar="RESULTS", help="re-render a results.json, run nothing"
     )
     args = ap.parse_args()
@@ -627,8 +632,11 @@ def main() -> None:
     t_start = time.perf_counter()
 
     costs, lengths = probe_default(
-        BATCH, MAX_LENGTH, args.eval_size, args.train_per_task
+        BATCH, MAX_LENGTH, args.eval_size, args.train_per_task, measure=not args.costs
     )
+    if args.costs:  # another run's probe: the same yardstick across runs
+        data = json.loads(Path(args.costs).read_text())
+        costs = CostModel(**data.get("costs", data))
     args.num_layers = costs.num_layers
     slots = expected_slots(lengths, BATCH)
     print(

@@ -209,7 +209,9 @@ class PlannerConfig:
         "the prediction by more than this fraction (0 = never); an estimate "
         "that moved by more than it is taken as a change and replaces the belief",
     )
-    max_move: int = _f(4, "adaptive and splitft: most blocks a cut moves per re-plan")
+    max_move: int = _f(
+        4, "most blocks a cut moves per re-plan (adaptive: deeper only; splitft: both)"
+    )
     min_gain: float = _f(
         0.02,
         "adaptive hysteresis: move a cut only if the predicted round time drops "

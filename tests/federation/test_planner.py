@@ -112,6 +112,23 @@ def test_settle_keeps_cuts_unless_the_move_pays():
     assert planner.settle(w, far, target, ranges, 4, 0.99, 1)[3] <= ranges[3][1]
 
 
+def test_settle_relieves_a_slowed_client_at_once_but_deepens_step_by_step():
+    devices = {c: MIX[c % 4] for c in range(4)}
+    w = world(devices, speed=1.0)
+    ranges = planner.feasible(w, list(devices), 1, 29)
+    before = planner.fastest(w, list(devices), 1, 29)
+    assert before.cuts[0] >= 20  # the workstation holds most of the model
+    slowed = world({**devices, 0: device(32.0, 0, 100, 100)}, speed=1.0)
+    target = planner.fastest(slowed, list(devices), 1, 29)
+    assert target.cuts[0] < before.cuts[0] - 4
+    moved = planner.settle(slowed, before.cuts, target, ranges, 4, 0.0, 4)
+    assert moved[0] == target.cuts[0]  # giving blocks back is free: no cap
+    assert makespan(moved, slowed) < makespan(before.cuts, slowed)
+    # the other way (the client recovers) it deepens max_move blocks a round
+    back = planner.settle(w, target.cuts, before, ranges, 4, 0.0, 4)
+    assert back[0] <= target.cuts[0] + 4
+
+
 def test_quality_moves_drifting_clients_shallower_within_the_slack():
     devices = {c: MIX[c % 2] for c in range(4)}
     w = world(devices, speed=1.0)

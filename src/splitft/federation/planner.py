@@ -178,26 +178,33 @@ def settle(
 ) -> dict[int, int]:
     """Hysteresis: move from ``previous`` towards ``target`` only if it pays.
 
-    Each client moves at most ``max_move`` blocks towards its target cut; the
-    move is kept only if the predicted round time drops by more than
-    ``min_gain`` (a fraction) and the time saved over ``horizon`` rounds beats
-    the largest single client's cost of moving (clients move in parallel). A
-    cut that no longer fits its range (a budget shrank) moves regardless.
+    A client goes deeper by at most ``max_move`` blocks at a time (it loads
+    each block it gains); it gives blocks back to the server in one go, which
+    costs it nothing (the server holds every block, and the adapters come
+    with every round's plan anyway), so a client that slowed down is relieved
+    at once. Of the full move, the shallower moves alone and the deeper moves
+    alone, the one with the shortest predicted round is kept if that round is
+    shorter by more than ``min_gain`` (a fraction) and the time saved over
+    ``horizon`` rounds beats the largest single client's cost of moving
+    (clients move in parallel). A cut that no longer fits its range (a budget
+    shrank) moves regardless.
     """
     score = _Scorer(world)
     stay = {}
     for cid, (lo, hi) in ranges.items():
         old = previous.get(cid, target.cuts[cid])
         stay[cid] = min(max(old, lo), hi)
-    moved = {
-        cid: stay[cid] + max(-max_move, min(max_move, target.cuts[cid] - stay[cid]))
-        for cid in ranges
-    }
-    if moved == stay:
+    step = {cid: min(max_move, target.cuts[cid] - stay[cid]) for cid in ranges}
+    shallower = {cid: stay[cid] + min(d, 0) for cid, d in step.items()}
+    deeper = {cid: stay[cid] + max(d, 0) for cid, d in step.items()}
+    both = {cid: stay[cid] + d for cid, d in step.items()}
+    candidates = [m for m in (both, shallower, deeper) if m != stay]
+    if not candidates:
         return stay
-    before, after = score(stay)[0], score(moved)[0]
+    before = score(stay)[0]
+    moved = min(candidates, key=score)
     cost = max(move_cost(world, c, stay[c], moved[c]) for c in ranges)
-    gain = before - after
+    gain = before - score(moved)[0]
     if gain > min_gain * before and gain * horizon > cost:
         return moved
     return stay
