@@ -70,6 +70,16 @@ def batch(vocab: int = 97, B: int = 2, T: int = 10, seed: int = 1):
     )
 
 
+def token_rows(n: int = 8, T: int = 12, seed: int = 0) -> list[dict]:
+    """Tokenised training rows of random ids, the first 4 tokens unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, 97, (T,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+    return rows
+
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
     "<|im_end|>\n{% endfor %}"

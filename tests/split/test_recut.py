@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from tiny import batch
+from tiny import batch, token_rows
 from transformers import AutoModelForCausalLM
 
 from splitft import lora
@@ -20,15 +20,6 @@ CUT = LoraSettings(r=4, cut_rank=2, alpha=8.0)
 TRAIN = TrainConfig(lr=1e-2, warmup_steps=0, batch_size=2, max_grad_norm=0.0)
 
 
-def examples(n=8, T=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, 97, (T,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
-    return rows
-
-
 def federation(folder, config, cuts, settings=FULL, rounds=3, **kw):
     store = WeightStore(folder)
     server = SplitServer(
@@ -43,7 +34,7 @@ def federation(folder, config, cuts, settings=FULL, rounds=3, **kw):
     )
     clients = {
         c: SplitClient(
-            c, store, config, settings, TRAIN, examples(seed=c), 0, num_samples=10 + c
+            c, store, config, settings, TRAIN, token_rows(seed=c), 0, num_samples=10 + c
         )
         for c in cuts
     }

@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from tiny import batch
+from tiny import batch, token_rows
 from transformers import AutoModelForCausalLM
 
 from splitft import lora
@@ -18,22 +18,13 @@ SETTINGS = LoraSettings(r=4, cut_rank=2, alpha=8.0)
 TRAIN = TrainConfig(lr=1e-2, warmup_steps=0, batch_size=2, max_grad_norm=0.0)
 
 
-def examples(n=8, T=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, 97, (T,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
-    return rows
-
-
 def federation(folder, config, cuts, steps=2):
     store = WeightStore(folder)
     server = SplitServer(
         store, config, SETTINGS, TRAIN, cuts, total_steps=steps, local_steps=steps
     )
     clients = {
-        c: SplitClient(c, store, config, SETTINGS, TRAIN, examples(seed=c), 0)
+        c: SplitClient(c, store, config, SETTINGS, TRAIN, token_rows(seed=c), 0)
         for c in cuts
     }
     return server, clients, InProcessTransport(server)
@@ -151,7 +142,7 @@ def test_round_with_packed_rows(tiny):
     server = SplitServer(
         store, config, SETTINGS, TRAIN, {0: 2}, total_steps=2, local_steps=2
     )
-    rows = pack(examples(n=12, T=6), max_length=20)
+    rows = pack(token_rows(n=12, T=6), max_length=20)
     client = SplitClient(0, store, config, SETTINGS, TRAIN, rows, 0)
     transport = InProcessTransport(server)
     steps = client.run_round(transport, 0)
