@@ -17,7 +17,7 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,41 +174,53 @@ class _SavedBytes:
 def _typical_time(fn, repeats: int) -> float:
     """The median of ``repeats`` runs after a warm-up; each round's
     measurements correct the model for what it misses anyway."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    return _typical_times({"fn": fn}, repeats)["fn"]
+
+
+def _typical_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """The median seconds of each function over ``repeats`` turns, after a
+    warm-up each. The functions take turns, so a burst of load on the machine
+    slows all of them alike instead of one (the cost model takes differences
+    of these times)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _probe_client(part, ids, mask, pos, repeats: int) -> dict[str, float]:
-    """Forward and forward+backward seconds, saved and parameter bytes."""
+def _client_work(part, ids, mask, pos) -> dict[str, Callable[[], Any]]:
+    """The client part's forward, and its forward and backward."""
     part.model.train()
-    fwd = _typical_time(lambda: part.client_forward(ids, mask, pos), repeats)
-    total = _typical_time(
-        lambda: part.client_forward(ids, mask, pos).sum().backward(), repeats
-    )
+    return {
+        "fwd": lambda: part.client_forward(ids, mask, pos),
+        "total": lambda: part.client_forward(ids, mask, pos).sum().backward(),
+    }
+
+
+def _client_sizes(part, ids, mask, pos) -> dict[str, float]:
+    """Saved activation bytes of a forward, parameter and LoRA bytes."""
     with _SavedBytes(part.model) as saved:
         part.client_forward(ids, mask, pos)
     return dict(
-        total=total,
-        fwd=fwd,
         saved=saved.total,
         params=_param_bytes(part.model),
         lora=_param_bytes(part.model, lora_only=True),
     )
 
 
-def _probe_server(
+def _server_at_last_block(
     store: WeightStore,
     model_config: PretrainedConfig,
     settings: LoraSettings,
     smashed: SmashedData,
     repeats: int,
-) -> dict[str, float]:
-    """The real server's handling of one micro-batch at a one-block cut.
+) -> tuple[SplitServer, Callable[[], None]]:
+    """The real server at a one-block cut, and one micro-batch's handling.
 
     Through :meth:`SplitServer.handle`, so the time includes what the server
     does around the forward and backward: checks, switching adapters, the
@@ -227,14 +239,17 @@ def _probe_server(
         if not isinstance(reply, Gradient):
             raise RuntimeError(f"the cost probe's step was refused: {reply.error}")
 
-    total = _typical_time(serve, repeats)
+    return server, serve
+
+
+def _server_sizes(server: SplitServer, smashed: SmashedData) -> dict[str, float]:
     part = server.part
     hidden = smashed.hidden.detach().requires_grad_(True)
     with _SavedBytes(part.model) as saved:
         part.server_forward(
             hidden, smashed.attention_mask, smashed.position_ids, smashed.labels
         )
-    return dict(total=total, saved=saved.total, params=_param_bytes(part.model))
+    return dict(saved=saved.total, params=_param_bytes(part.model))
 
 
 def probe(
@@ -268,16 +283,30 @@ def probe(
     pos = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
     slots = batch_size * seq_len
 
-    client = {}
+    parts, work = {}, {}
     for k in (ka, kb):
         part = client_part(store, model_config, k)
         lora.inject(
             part.model, part.spec, settings, lora.client_layer_ranks(k, L, settings)
         )
-        client[k] = _probe_client(part, ids, mask, pos, repeats)
+        parts[k] = part
+        for name, fn in _client_work(part, ids, mask, pos).items():
+            work[f"{k}/{name}"] = fn
     hidden = torch.randn(batch_size, seq_len, model_config.hidden_size, generator=g)
     smashed = SmashedData(0, 0, 0, 1, hidden.to(device), mask, pos, ids, slots)
-    last = _probe_server(store, model_config, settings, smashed, repeats)
+    server, work["server"] = _server_at_last_block(
+        store, model_config, settings, smashed, repeats
+    )
+    seconds = _typical_times(work, repeats)  # in turns: load hits all alike
+    client = {
+        k: {
+            "fwd": seconds[f"{k}/fwd"],
+            "total": seconds[f"{k}/total"],
+            **_client_sizes(parts[k], ids, mask, pos),
+        }
+        for k in (ka, kb)
+    }
+    last = {"total": seconds["server"], **_server_sizes(server, smashed)}
 
     dk = kb - ka
     a, b = client[ka], client[kb]
