@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -150,6 +152,30 @@ def summarise(
             for r in summary["rounds"]
         ],
         "cuts": [r.get("cuts", {}) for r in rounds],
+    }
+
+
+def provenance() -> dict[str, str]:
+    """What made a result: the command, the commit (``+dirty`` if the tree
+    had changes) and when, so results can be compared across commits."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=here, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import probe_default, run_method, write_json  # noqa: E402
+from common import probe_default, provenance, run_method, write_json  # noqa: E402
 
 from splitft.config import DEFAULT_TASKS  # noqa: E402
 
@@ -102,7 +102,7 @@ def main() -> None:
     write_json(
         out / "results.json",
         {
-            "command": "python " + " ".join(sys.argv),
+            **provenance(),
             "rounds": args.rounds,
             "local_steps": args.local_steps,
             "costs": costs.__dict__,

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     merge,
     probe_default,
+    provenance,
     run_method,
     time_to_target,
     write_json,
@@ -644,7 +645,7 @@ def main() -> None:
         f"head {costs.head_s * 1e6:.0f} us; {slots:.0f} token slots per batch"
     )
     results = {
-        "command": "python " + " ".join(sys.argv),
+        **provenance(),
         "settings": {k: v for k, v in vars(args).items()},
         "fleet": fleet(costs),
         "costs": costs.__dict__,
