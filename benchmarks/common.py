@@ -37,27 +37,24 @@ def config(tree: dict) -> RunConfig:
     return from_dict(RunConfig, tree)
 
 
-def probe_default(
-    batch_size: int,
-    max_length: int,
-    eval_size: int,
-    train_per_task: int,
-    measure: bool = True,
-) -> tuple[CostModel | None, list[int]]:
-    """Probe the default model at the default data's mean length, once for a
-    whole benchmark (every method then starts from the same beliefs); with
-    ``measure=False`` only the training lengths."""
-    folder = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+def train_lengths(max_length: int, eval_size: int, train_per_task: int) -> list[int]:
+    """Token lengths of the default data's training examples."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     train, _ = build_datasets(
         DEFAULT_TASKS, tokenizer, cache_dir(), max_length, eval_size, 0, train_per_task
     )
-    lengths = list(train["length"])
-    if not measure:
-        return None, lengths
-    store = WeightStore(folder)
+    return list(train["length"])
+
+
+def probe_default(
+    batch_size: int, max_length: int, eval_size: int, train_per_task: int
+) -> tuple[CostModel, list[int]]:
+    """Probe the default model at the default data's mean length, once for a
+    whole benchmark (every method then starts from the same beliefs)."""
+    lengths = train_lengths(max_length, eval_size, train_per_task)
+    folder = default_model_dir()
     costs = probe(
-        store,
+        WeightStore(folder),
         load_model_config(folder),
         LoraSettings(),
         batch_size,

@@ -13,29 +13,27 @@ partition (alpha 0.5). Three device mixes (``MIX``: compute 1:2:4:8,
 Part A needs no training: the clock's predicted round time of the fixed k=2
 cut, the best uniform cut that fits every client and the adaptive plan, for
 server speeds 1-32 and 8-32 clients, beside a lower bound no plan can beat
-(the slowest client alone on an idle server at its quickest cut). Part B
-trains every method on the real model with the same data, partition, seed and
-token budget (``--rounds`` x ``--local-steps`` per client) and compares
-simulated time to a target eval loss fixed in advance (what fixed k=2 reaches
-at its last round, per server-side mode), the final eval loss, bytes, memory
-and planner time.
+(see ``lower_bound``). Part B trains every method on the real model with the
+same data, partition, seed and token budget (``--rounds`` x ``--local-steps``
+per client) and compares simulated time to a target eval loss fixed in advance
+(what fixed k=2 reaches at its last round, per server-side mode), the final
+eval loss, bytes, memory and planner time.
 
-Every run evaluates each round. A method may run up to ``--extra`` rounds
-past the budget, only to reach the target; the final loss is the budget's.
-The learning rate is constant (5e-4), so a longer run's first rounds are the same
+Every run evaluates each round. A method may run up to ``--extra`` rounds past
+the budget, only to reach the target; the final loss is the budget's. The
+learning rate is constant (5e-4), so a longer run's first rounds are the same
 run. ``--quick`` runs 3 rounds of 2 steps (P3: 2 rounds), the best uniform cut
 predicted by the clock instead of a swept grid, no random, splitft,
 FedAvg-LoRA or centralized runs, and the shared server side only for P1's
-fixed k=2 and adaptive; it is meant to finish in under 10 minutes on 2 CPU
-cores.
+fixed k=2 and adaptive; it is meant to finish in under 10 minutes on 2 CPU cores.
 
 Simulated time is the clock's. With ``--timing predicted`` (the default) each
-step is priced by the cost model probed once at start-up on the real model,
-from the tokens it actually processed, so every method is timed by the same
-yardstick and the comparison does not depend on this machine's jitter (two
-identical rounds measured here differ by up to 15 %); the training is the
-same as with ``--timing measured``, which replays the measured durations
-(run it with nothing else on the machine).
+step is priced by one cost model (probed once at start-up on the real model,
+or a saved one given with ``--costs``), from the tokens it actually processed,
+so every method is timed by the same yardstick and the comparison does not
+depend on this machine's jitter (two identical rounds measured here differ by
+up to 15 %); the training is the same as with ``--timing measured``, which
+replays the measured durations (run it with nothing else on the machine).
 Writes results.json, loss_vs_time_<P>.png and cuts_<P>.png to ``--out``.
 """
 
@@ -59,6 +57,7 @@ from common import (  # noqa: E402
     provenance,
     run_method,
     time_to_target,
+    train_lengths,
     write_json,
 )
 
@@ -178,8 +177,8 @@ def print_part_a(rows: list[dict]) -> None:
             f"{r['clients']:>7} {r['server_speed']:>5} {r['fixed2_s']:>9.2f} "
             f"{r['best_uniform_s']:>7.2f} k={r['best_uniform_k']:<2}"
             f"{r['adaptive_s']:>8.2f} {r['adaptive_vs_fixed2']:>7.2f} "
-            f"{r['adaptive_vs_uniform']:>8.2f} {r.get('bound_s', 0):>6.2f} "
-            f"{r.get('bound_vs_fixed2', 0):>7.2f} {r['planner_ms']:>7.0f}  "
+            f"{r['adaptive_vs_uniform']:>8.2f} {r['bound_s']:>6.2f} "
+            f"{r['bound_vs_fixed2']:>7.2f} {r['planner_ms']:>7.0f}  "
             + " ".join(map(str, r["adaptive_cuts"][:16]))
             + (" ..." if len(r["adaptive_cuts"]) > 16 else "")
         )
@@ -613,7 +612,7 @@ def main() -> None:
     ap.add_argument(
         "--costs",
         metavar="JSON",
-        help="use the cost model in a results.json or costs.json instead of probing",
+        help="use a saved cost model (a run's costs.json) instead of probing",
     )
     ap.add_argument(
         "--report", metavar="RESULTS", help="re-render a results.json, run nothing"
@@ -632,12 +631,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    costs, lengths = probe_default(
-        BATCH, MAX_LENGTH, args.eval_size, args.train_per_task, measure=not args.costs
-    )
     if args.costs:  # another run's probe: the same yardstick across runs
-        data = json.loads(Path(args.costs).read_text())
-        costs = CostModel(**data.get("costs", data))
+        costs = CostModel.load(args.costs)
+        lengths = train_lengths(MAX_LENGTH, args.eval_size, args.train_per_task)
+    else:
+        costs, lengths = probe_default(
+            BATCH, MAX_LENGTH, args.eval_size, args.train_per_task
+        )
     args.num_layers = costs.num_layers
     slots = expected_slots(lengths, BATCH)
     print(
@@ -668,10 +668,6 @@ def main() -> None:
 def report(path: Path) -> None:
     """Tables, goals and plots from a results.json (written back with them)."""
     results = json.loads(path.read_text())
-    if "slots" in results and any("bound_s" not in r for r in results["part_a"]):
-        costs = CostModel(**results["costs"])  # a results.json from before the bound
-        steps = results["settings"]["local_steps"]
-        results["part_a"] = part_a(costs, results["slots"], steps)
     for res in results["profiles"].values():
         compare(res)
     results["goals"] = goals(results)
