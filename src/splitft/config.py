@@ -218,9 +218,9 @@ class PlannerConfig:
         "by this fraction and by more than the move costs",
     )
     eps: float = _f(
-        0.05,
-        "adaptive, server_side 'shared': round-time slack (fraction) spent on "
-        "moving the clients whose updates drift most to shallower cuts",
+        0.2,
+        "adaptive, server_side 'shared': round-time slack (fraction over the "
+        "fastest plan) spent on giving blocks to the shared server adapter",
     )
     gamma: float = _f(
         0.5,

@@ -129,14 +129,22 @@ def test_settle_relieves_a_slowed_client_at_once_but_deepens_step_by_step():
     assert back[0] <= target.cuts[0] + 4
 
 
-def test_quality_moves_drifting_clients_shallower_within_the_slack():
+def test_quality_gives_blocks_to_the_server_within_the_budget():
     devices = {c: MIX[c % 2] for c in range(4)}
     w = world(devices, speed=1.0)
     ranges = planner.feasible(w, list(devices), 1, 29)
     plan = planner.fastest(w, list(devices), 1, 29)
     drift = {0: 3.0, 1: 0.1, 2: 0.2, 3: 0.1}
-    out = planner.shallower_for_quality(w, plan.cuts, ranges, drift, 0.10, 4)
-    assert out[0] < plan.cuts[0]
-    assert makespan(out, w) <= plan.makespan * 1.10 + 1e-9
-    same = planner.shallower_for_quality(w, plan.cuts, ranges, drift, 0.0, 4)
+    budget = plan.makespan * 1.10
+    out = planner.shallower_for_quality(w, plan.cuts, ranges, drift, budget)
+    assert makespan(out, w) <= budget + 1e-9
+    assert all(out[c] <= plan.cuts[c] for c in devices)  # only ever shallower
+    assert sum(out.values()) < sum(plan.cuts.values())
+    # the most drifting of two equal clients (0 and 2 are both workstations)
+    assert out[0] <= out[2]
+    # no slack: nothing that lengthens the round moves
+    same = planner.shallower_for_quality(w, plan.cuts, ranges, drift, plan.makespan)
     assert makespan(same, w) <= plan.makespan + 1e-9
+    # all the slack in the world: every client at its shallowest cut
+    every = planner.shallower_for_quality(w, plan.cuts, ranges, drift, 1e9)
+    assert every == {c: lo for c, (lo, _) in ranges.items()}

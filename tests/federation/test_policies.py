@@ -13,7 +13,7 @@ LAPTOP = device(2.0, 0, 50, 50, name="laptop")
 PHONE = device(8.0, 250, 10, 20, name="phone")
 
 
-def context(devices, policy, speed=1.0, fixed=None, **planner):
+def context(devices, policy, speed=1.0, fixed=None, side="per_client", **planner):
     w = world(devices, speed=speed)
     ctx = PolicyContext(
         num_layers=30,
@@ -21,7 +21,7 @@ def context(devices, policy, speed=1.0, fixed=None, **planner):
         k_max=29,
         fixed=fixed or dict.fromkeys(devices, 2),
         settings=PlannerConfig(**planner),
-        server_side="per_client",
+        server_side=side,
         estimator=Estimator(w, ewma=1.0),
         rng=np.random.default_rng(0),
     )
@@ -76,6 +76,22 @@ def test_adaptive_replans_every_n_rounds_and_never_exceeds_budgets():
             assert truth.fits(cid, k)
     assert reasons[0] == "first plan" and reasons[2] == reasons[4] == "every 2 rounds"
     assert reasons[1] == reasons[3] == ""
+
+
+def test_adaptive_on_a_shared_server_side_trades_slack_for_shallower_cuts():
+    devices = {0: device(1.0), 1: LAPTOP, 2: PHONE, 3: device(1.0)}
+    fast, _ = context(devices, "adaptive")
+    shared, ctx = context(devices, "adaptive", side="shared", eps=0.2)
+    w = ctx.estimator.world
+    by_time, by_learning = fast.plan(0, [0, 1, 2, 3]), shared.plan(0, [0, 1, 2, 3])
+    assert sum(by_learning.values()) < sum(by_time.values())
+    assert all(by_learning[c] <= by_time[c] for c in devices)
+    m = predict_round(by_time, w).makespan
+    assert m < predict_round(by_learning, w).makespan <= 1.2 * m + 1e-9
+    # a re-plan keeps the shallow cuts: settle alone would move back to by_time
+    play(shared, ctx, 0, w)
+    shared._due = "test"
+    assert shared.plan(1, [0, 1, 2, 3]) == by_learning
 
 
 def test_fixed_keeps_the_list_even_over_budget():

@@ -215,25 +215,34 @@ def shallower_for_quality(
     cuts: Mapping[int, int],
     ranges,
     drift: Mapping[int, float],
-    eps: float,
-    max_move: int,
+    budget: float,
 ) -> dict[int, int]:
-    """Spend ``eps`` of round time moving the most drifting clients shallower.
+    """Spend round time up to ``budget`` on giving blocks to the shared adapter.
 
-    With a shared server-side adapter, a shallower cut puts more of the
-    client's layers into the adapter every client updates, which pulls its
-    non-IID updates towards the others (HASFL/AdaptSFL). Clients are taken in
-    order of decreasing drift; each goes as shallow as the slack allows.
+    With a shared server-side adapter every block the server holds is updated
+    at every step of every client whose cut lies below it, while a block a
+    client holds is updated only by that client's own steps (and averaged in
+    at the end of the round); shallower cuts also pull non-IID updates towards
+    the others (HASFL/AdaptSFL). So, starting from the fastest plan, blocks
+    move to the server one at a time, each time the move that lengthens the
+    predicted round least (ties: the client that drifted most from the
+    aggregate, then the deepest cut), while the predicted round stays within
+    ``budget`` seconds. Giving blocks back costs a client nothing, so there is
+    no move limit.
     """
     score = _Scorer(world)
-    budget = score(cuts)[0] * (1 + eps)
     out = dict(cuts)
-    for cid in sorted(drift, key=lambda c: -drift[c]):
-        if cid not in out or not math.isfinite(drift[cid]):
-            continue
-        lo = max(ranges[cid][0], out[cid] - max_move)
-        for k in range(lo, out[cid]):
-            if score({**out, cid: k})[0] <= budget:
-                out[cid] = k
-                break
+    pull = {c: d if math.isfinite(d) else 0.0 for c, d in drift.items()}
+    open_ = {cid for cid in out if out[cid] > ranges[cid][0]}
+    while open_:
+        trials = {
+            cid: (score({**out, cid: out[cid] - 1}), -pull.get(cid, 0.0), -out[cid])
+            for cid in open_
+        }
+        cid = min(open_, key=trials.__getitem__)
+        if trials[cid][0][0] > budget:
+            break
+        out[cid] -= 1
+        if out[cid] <= ranges[cid][0]:
+            open_.discard(cid)
     return out

@@ -18,7 +18,7 @@ import numpy as np
 from splitft.config import PlannerConfig
 from splitft.federation import planner
 from splitft.sim.clock import RoundTiming
-from splitft.sim.costs import Estimator
+from splitft.sim.costs import Estimator, predict_round
 
 
 @dataclass
@@ -150,7 +150,8 @@ class Adaptive(CutPolicy):
 
     Plans with :func:`planner.fastest`; moves cuts only when it pays
     (:func:`planner.settle`); with a shared server-side adapter spends
-    ``planner.eps`` of round time on moving drifting clients shallower.
+    ``planner.eps`` of round time on giving blocks to the shared adapter
+    (:func:`planner.shallower_for_quality`).
     Re-plans every ``planner.replan_every`` rounds, and at once when a
     client's round time missed the prediction by more than
     ``planner.replan_miss`` or a cut no longer fits its memory.
@@ -185,6 +186,14 @@ class Adaptive(CutPolicy):
         if not self._due:
             return {cid: self.cuts[cid] for cid in clients}
         target = planner.fastest(world, clients, c.k_min, c.k_max)
+        quality = c.server_side == "shared" and s.eps > 0  # learning, not just time
+        if quality:
+            budget = target.makespan * (1 + s.eps)
+            drift = {cid: d for cid, d in self.drift.items() if cid in clients}
+            shared = planner.shallower_for_quality(
+                world, target.cuts, ranges, drift, budget
+            )
+            target = planner.Plan(shared, predict_round(shared, world).makespan)
         previous = {cid: self.cuts[cid] for cid in clients if cid in self.cuts}
         cuts = planner.settle(
             world,
@@ -195,11 +204,8 @@ class Adaptive(CutPolicy):
             s.min_gain,
             max(s.replan_every, 1),
         )
-        if c.server_side == "shared" and self.drift and s.eps > 0:
-            drift = {cid: d for cid, d in self.drift.items() if cid in cuts}
-            cuts = planner.shallower_for_quality(
-                world, cuts, ranges, drift, s.eps, s.max_move
-            )
+        if quality:  # settle weighs time only; shallower moves are free
+            cuts = planner.shallower_for_quality(world, cuts, ranges, drift, budget)
         self.reason, self._due, self._since = self._due, "", 0
         self._planned_for = frozenset(clients)
         self.cuts.update(cuts)
