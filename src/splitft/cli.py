@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import typing
+from pathlib import Path
 
 from splitft.config import ConfigError, RunConfig, cache_dir, load_config
 
@@ -70,12 +71,78 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_config(args: argparse.Namespace):
+    """The settings a run folder was started with; it stays where it is."""
+    if args.config or args.overrides:
+        raise ConfigError(
+            "--resume takes no config or overrides: the run continues with the "
+            f"settings in {Path(args.resume) / 'config.yaml'}"
+        )
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    out_dir, name = str(run_dir.parent), run_dir.name
+    return load_config(run_dir / "config.yaml", [f"out_dir={out_dir}", f"name={name}"])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # fail fast, before heavy imports
+    # fail fast, before heavy imports
+    cfg = (
+        _resume_config(args)
+        if args.resume
+        else load_config(args.config, args.overrides)
+    )
+    from splitft import runs
     from splitft.federation.simulation import Simulation
 
-    Simulation(cfg).run()
-    print(f"outputs in {cfg.run_dir}/ (adapter: {cfg.run_dir / 'adapter'})")
+    run_dir = cfg.run_dir
+    try:
+        Simulation(cfg, resume=bool(args.resume)).run()
+    except runs.Interrupted as e:
+        print(f"\n{_interrupted(run_dir, str(e))}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if not runs.disk_full(e):
+            raise
+        last = runs.checkpoints(run_dir)
+        kept = f"the last checkpoint {last[-1]} is intact" if last else "no checkpoint"
+        raise ConfigError(
+            f"the disk is full writing {e.filename or run_dir} ({kept}); free some "
+            f"space, then: splitft run --resume {run_dir}"
+        ) from None
+    print(f"outputs in {run_dir}/ (adapter: {run_dir / 'adapter'})")
+    return 0
+
+
+def _interrupted(run_dir: Path, signal_name: str) -> str:
+    from splitft import runs
+
+    last = runs.checkpoints(run_dir)
+    where = (
+        f"last checkpoint {last[-1]}" if last else "no round finished, no checkpoint"
+    )
+    return (
+        f"splitft: interrupted ({signal_name}); {where}; resume with: "
+        f"splitft run --resume {run_dir}"
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Each run folder's state: running, interrupted, failed or complete."""
+    from splitft import runs
+
+    for folder in map(Path, args.runs):
+        status = runs.read_status(folder)
+        if not status:
+            print(f"{folder}: not a run folder (no status.json)")
+            continue
+        state = status["state"]
+        holder = runs.RunLock(folder).holder()
+        if state == "running" and not (holder and runs.alive(holder)):
+            state = "stopped (killed; resumable)"
+        last = runs.checkpoints(folder)
+        ck = f", last checkpoint {last[-1].name}" if last else ""
+        print(f"{folder}: {state}, round {status.get('round', 0)}{ck}")
     return 0
 
 
@@ -90,10 +157,20 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="splitft", description="Federated split fine-tuning of LLMs with LoRA."
     )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a simulated federation")
     _config_args(run)
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint",
+    )
     run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="state of run folders (resumable?)")
+    status.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    status.set_defaults(func=cmd_status)
     prep = sub.add_parser("prepare", help="convert the default model, fetch data")
     _config_args(prep)
     prep.set_defaults(func=cmd_prepare)
@@ -103,6 +180,26 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("settings", help="list every setting, its default and help")
     st.set_defaults(func=cmd_settings)
     return ap
+
+
+def _logging(args: argparse.Namespace) -> None:
+    """splitft's messages through rich (INFO; --verbose DEBUG, --quiet WARNING)."""
+    from rich.logging import RichHandler
+
+    level = (
+        logging.DEBUG
+        if args.verbose
+        else logging.WARNING
+        if args.quiet
+        else logging.INFO
+    )
+    handler = RichHandler(show_path=args.verbose, show_time=args.verbose)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("splitft")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def _split_config_arg(args: argparse.Namespace) -> None:
@@ -115,12 +212,14 @@ def _split_config_arg(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub at run time
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     args = parser().parse_args(argv)
+    _logging(args)
     _split_config_arg(args)
+    from splitft.runs import RunError
+
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, RunError, FileNotFoundError, ValueError) as e:
         if os.environ.get("SPLITFT_DEBUG"):
             raise
         print(f"splitft: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ override the YAML. Every field carries its help in ``metadata["help"]`` and
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -406,6 +407,18 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    keep: int = _f(
+        2,
+        "complete round checkpoints kept in <run>/checkpoints (the newest; at "
+        "least 1); `splitft run --resume <run>` continues from the last",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.keep >= 1, "checkpoint.keep", self.keep, ">= 1")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("default", "run name; outputs go to <out_dir>/<name>/")
     out_dir: str = _f("runs", "folder holding the run folders")
@@ -419,6 +432,12 @@ class RunConfig:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        ok = bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name))
+        allowed = "one folder name of letters, digits, '-', '_', '.' (not '.', '..')"
+        _check(ok and self.name not in (".", ".."), "name", self.name, allowed)
 
     @property
     def run_dir(self) -> Path:
@@ -437,6 +456,30 @@ _KINDS = {
     dict: "a mapping",
     list: "a list",
 }
+
+
+# What YAML 1.1 leaves a string but users mean as a number: 1e-3, 5E-4, 1e3, inf
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.I)
+
+
+def _number(name: str, value: Any, tp: type) -> Any:
+    """A number as users write it, as ``tp``; anything else is left to the caller.
+
+    ``1e-3`` and ``5E-4`` (strings to YAML), ints for floats, and integral
+    floats for ints (``1e3`` steps); never a bool. Non-finite values are
+    refused: no setting means anything at ``inf`` or ``nan``.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, int | float) and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is not allowed: a finite number")
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
@@ -463,8 +506,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)] or (Any,)
         return value if inner is Any else _coerce(name, value, inner)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp in (int, float):
+        value = _number(name, value, tp)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         kind = _KINDS.get(tp, tp.__name__)
         raise ConfigError(f"{name}={value!r} is not allowed: {kind}")
@@ -504,16 +547,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = read_yaml(Path(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw  # a plain string, checked against the setting's type
+        _set_dotted(tree, key.strip(), value)
     return from_dict(RunConfig, tree)
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file's contents; every way it can be unreadable is one ConfigError
+    naming the file (and the line, for a syntax error)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable (permission denied)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from splitft.runs import write_text  # atomic: never a half-written config
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,28 @@ from rich.table import Table
 
 
 class MetricsLog:
-    """Appends one JSON object per line; flushed so a crash loses nothing."""
+    """Appends one JSON object per line, each in one write, flushed.
 
-    def __init__(self, path: Path) -> None:
+    An append-only log: a crash can cut only its last line short, and a
+    resumed run first truncates it to the size its checkpoint recorded
+    (:meth:`sync`), so the records after the checkpoint are written once.
+    """
+
+    def __init__(self, path: Path, truncate_to: int | None = None) -> None:
         self.path = path
-        self._f = path.open("a")
+        if truncate_to is not None and path.exists():
+            os.truncate(path, truncate_to)
+        self._f = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
+
+    def sync(self) -> int:
+        """Flush to disk; returns the log's size (what a checkpoint records)."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self._f.tell()
 
     def close(self) -> None:
         self._f.close()
@@ -96,7 +110,9 @@ def print_table(rounds: list[dict[str, Any]], title: str) -> None:
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    from splitft.runs import write_json
+
+    write_json(path, summary)
 
 
 def accuracy_table(first: dict[str, Any], last: dict[str, Any], title: str) -> Table:

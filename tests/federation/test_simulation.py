@@ -5,73 +5,18 @@ import json
 import peft
 import pytest
 import synthetic
-from tiny import make_tiny, make_tokenizer
+import torch
+from simrun import TIMING_FREE, config, make_assets, rounded, run
 from transformers import AutoModelForCausalLM
 
-from splitft.config import load_config
+from splitft.config import ConfigError
 from splitft.federation.simulation import Simulation
 from splitft.split.client import ServerRefused
-
-QUESTIONS = [
-    {"instruction": f"What is {a} plus {b}?", "output": str(a + b)}
-    for a in range(10)
-    for b in range(7)
-]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sim")
-    tok = make_tokenizer()
-    make_tiny("llama", root / "model", vocab_size=len(tok))
-    tok.save_pretrained(root / "model")
-    data = root / "qa.jsonl"
-    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    return root
-
-
-def config(assets, tmp_path, *overrides):
-    return load_config(
-        None,
-        [
-            f"model.path={assets / 'model'}",
-            "model.device=cpu",
-            f"data.source={assets / 'qa.jsonl'}",
-            "data.max_length=32",
-            "data.eval_size=8",
-            f"out_dir={tmp_path}",
-            "eval.accuracy=false",
-            "train.batch_size=2",
-            "federation.num_clients=4",
-            "federation.rounds=3",
-            "federation.local_steps=2",
-            "federation.cut_layers=[1, 2, 3, 2]",
-            "sim.mix=[workstation, laptop, tablet, phone]",
-            "sim.server_speed=2.0",
-            *overrides,
-        ],
-    )
-
-
-def run(cfg, costs=None):
-    sim = Simulation(cfg, costs)
-    summary = sim.run()
-    return sim, summary
-
-
-TIMING_FREE = {"elapsed_s", "planner_s", "timing", "server_busy_s"}
-
-
-def rounded(x, digits=7):
-    """Floats to ``digits`` significant digits, recursively (CPU kernels may
-    differ in the last bits between runs)."""
-    if isinstance(x, float):
-        return float(f"{x:.{digits}g}")
-    if isinstance(x, dict):
-        return {k: rounded(v, digits) for k, v in x.items()}
-    if isinstance(x, list):
-        return [rounded(v, digits) for v in x]
-    return x
+    return make_assets(tmp_path_factory.mktemp("sim"))
 
 
 def test_adaptive_run_plans_cuts_within_budgets_and_exports_peft(assets, tmp_path):
@@ -328,3 +273,16 @@ def test_cost_model_reuse_and_the_live_clock(assets, tmp_path):
     sim2, summary = run(again)
     assert sim2.costs == sim.costs
     assert summary["rounds"][1]["sim_round_s"] > 0
+
+
+def test_settings_the_model_or_machine_cannot_meet_stop_before_loading(
+    assets, tmp_path
+):
+    long = config(assets, tmp_path, "data.max_length=100000")
+    with pytest.raises(ConfigError, match=r"data.max_length=100000 .* at most \d+"):
+        Simulation(long).setup()
+    if not torch.cuda.is_available():
+        gpu = config(assets, tmp_path, "model.device=cuda")
+        with pytest.raises(ConfigError, match="model.device='cuda' is not allowed"):
+            Simulation(gpu).setup()
+    assert not (tmp_path / "default").exists()  # nothing written

@@ -9,6 +9,7 @@ See ``docs/policies.md`` for the rules and the reconstruction of the paper's.
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,18 @@ class CutPolicy:
         c = self.ctx
         return planner.feasible(c.estimator.world, clients, c.k_min, c.k_max)
 
+    # what a checkpoint keeps of a policy besides its random generator
+    state_keys: tuple[str, ...] = ("reason",)
+
+    def state_dict(self) -> dict:
+        state = {k: copy.deepcopy(getattr(self, k)) for k in self.state_keys}
+        return {"rng": self.ctx.rng.bit_generator.state, **state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ctx.rng.bit_generator.state = state["rng"]
+        for k in self.state_keys:
+            setattr(self, k, copy.deepcopy(state[k]))
+
 
 class Fixed(CutPolicy):
     """``federation.cut_layers``, whatever the devices (may exceed budgets)."""
@@ -103,6 +116,7 @@ class SplitFTRule(CutPolicy):
     """
 
     name = "splitft"
+    state_keys = ("reason", "cuts")
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
@@ -158,6 +172,7 @@ class Adaptive(CutPolicy):
     """
 
     name = "adaptive"
+    state_keys = ("reason", "cuts", "drift", "_since", "_due")
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
@@ -210,6 +225,13 @@ class Adaptive(CutPolicy):
         self._planned_for = frozenset(clients)
         self.cuts.update(cuts)
         return dict(cuts)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "planned_for": sorted(self._planned_for)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._planned_for = frozenset(state["planned_for"])
 
     def observe(self, outcome):
         s = self.ctx.settings

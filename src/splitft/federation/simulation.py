@@ -12,6 +12,8 @@ cut-layer policy.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from splitft import lora, report
+from splitft import lora, report, runs
 from splitft.config import ConfigError, RunConfig, save_config, to_dict
 from splitft.data.federated import load_run_data
 from splitft.data.format import pad_token_id
@@ -40,13 +42,39 @@ from splitft.split.server import SplitServer
 from splitft.transport import Traffic
 from splitft.transport.simulated import ClockedClient, ClockedServer, replay
 
+log = logging.getLogger(__name__)
+
 TOKENS = ["input_ids", "labels"]  # the columns training and the loss need
 
 
 def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a torch device; a GPU that is not there is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"model.device={name!r} is not allowed: 'auto', 'cpu' or 'cuda[:n]'"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(
+                f"model.device={name!r} is not allowed: this machine has "
+                f"{count} CUDA device(s); use 'auto' or 'cpu'"
+            )
+    return device
+
+
+def check_context(cfg: RunConfig, model_config) -> None:
+    """``data.max_length`` must fit the model's context window."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} is not allowed: at most "
+            f"{context}, this model's context (max_position_embeddings)"
+        )
 
 
 def expected_slots(lengths: list[int], batch_size: int, seed: int = 0) -> float:
@@ -68,27 +96,36 @@ class Simulation:
         costs: a cost model to use instead of probing (benchmarks share one).
     """
 
-    def __init__(self, cfg: RunConfig, costs: CostModel | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, costs: CostModel | None = None, resume: bool = False
+    ) -> None:
         self.cfg = cfg
         self.run_dir: Path = cfg.run_dir
         self.rounds: list[dict[str, Any]] = []
         self.costs = costs
+        self.resume = resume
+        self.start_round = 0  # the first round to run (after a resume: the next)
+        self.lock = runs.RunLock(self.run_dir)
+        self.log: report.MetricsLog | None = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, fed = self.cfg, self.cfg.federation
         torch.manual_seed(cfg.seed)
+        device = resolve_device(cfg.model.device)
         self.model_dir = resolve_model_dir(cfg.model.path)
         self.model_config = load_model_config(self.model_dir)
+        check_context(cfg, self.model_config)
+        checkpoint = self._open_run_dir()  # before the weights and data load
+        if checkpoint is not None or self.resume:  # the cost model it ran with
+            self.costs = self.costs or CostModel.load(self.run_dir / "costs.json")
         L = self.model_config.num_hidden_layers
         self.k_max = fed.k_max or L - 1
         _check_cuts(fed, self.k_max, L)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.pad_id = pad_token_id(self.tokenizer)
         self.data = load_run_data(cfg, self.tokenizer)
-        self.store = WeightStore(
-            self.model_dir, device=resolve_device(cfg.model.device)
-        )
+        self.store = WeightStore(self.model_dir, device=device)
         # the fixed policy's cuts; any other policy starts every client at k_min
         fixed = fed.cut_layers if fed.policy == "fixed" else [fed.k_min]
         self.cut_layers = {
@@ -133,12 +170,96 @@ class Simulation:
         self.evaluator = full_part(self.store, self.model_config)
         ranks = lora.layer_ranks(range(L), cfg.lora, cut=False)
         lora.inject(self.evaluator.model, self.evaluator.spec, cfg.lora, ranks)
-        _keep_previous(self.run_dir)
-        self.run_dir.mkdir(parents=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        self.costs.save(self.run_dir / "costs.json")
-        self.log = report.MetricsLog(self.run_dir / "metrics.jsonl")
+        adapter_bytes = sum(
+            t.numel() * t.element_size() for t in self.server.global_state.values()
+        )
+        runs.check_writable(self.run_dir, (cfg.checkpoint.keep + 2) * adapter_bytes)
         self.sim_time = 0.0
+        self._elapsed = 0.0  # wall seconds of earlier sessions of this run
+        if checkpoint is None:
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.costs.save(self.run_dir / "costs.json")
+            self.log = report.MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=0)
+        else:
+            self._restore(checkpoint)
+        runs.write_status(self.run_dir, "running", round=self.start_round)
+
+    def _open_run_dir(self) -> Path | None:
+        """Lock the run folder (fresh, or as left for a resume); the checkpoint
+        to resume from (None: start at round 0).
+
+        A fresh run moves an earlier run of the same name aside (nothing is
+        lost) unless that run is still live; a resumed one continues in place.
+        """
+        run_dir = self.run_dir
+        runs.check_writable(run_dir.parent, 0)
+        if not self.resume:
+            if run_dir.exists():
+                self.lock.acquire()  # refuses a live run of this name
+                self.lock.release()
+                _keep_previous(run_dir)
+            run_dir.mkdir()
+            self.lock.acquire()
+            return None
+        if not (run_dir / "config.yaml").is_file():
+            raise runs.RunError(f"{run_dir}: not a run folder (no config.yaml)")
+        self.lock.acquire()
+        runs.recover(run_dir)  # what a kill -9 mid-write left behind
+        runs.recover(run_dir / runs.CHECKPOINTS)
+        found = runs.checkpoints(run_dir)
+        if not found:
+            log.warning("%s: no complete checkpoint yet; starting at round 0", run_dir)
+            return None
+        log.info("resuming %s from %s", run_dir, found[-1])
+        return found[-1]
+
+    # ---------------------------------------------------------- checkpoints
+    def checkpoint(self, rnd: int) -> Path:
+        """Everything the next round depends on, after round ``rnd``."""
+        state = {
+            "version": 1,
+            "round": rnd,
+            "server": self.server.state_dict(),
+            "clients": {cid: c.state_dict() for cid, c in self.clients.items()},
+            "strategy": self.strategy.state_dict(),
+            "sim_time": self.sim_time,
+            "elapsed_s": time.perf_counter() - self._t_start,
+            "traffic": {
+                cid: {"up": dict(t.up), "down": dict(t.down)}
+                for cid, t in self.traffic.items()
+            },
+            "rounds": self.rounds,
+            "metrics_bytes": self.log.sync(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        path = runs.save_checkpoint(
+            self.run_dir,
+            rnd,
+            self.server.global_state,
+            state,
+            self.cfg.checkpoint.keep,
+        )
+        runs.write_status(self.run_dir, "running", round=rnd, checkpoint=str(path))
+        return path
+
+    def _restore(self, path: Path) -> None:
+        adapter, state = runs.load_checkpoint(path)
+        self.server.load_state_dict(state["server"], adapter)
+        for cid, c in self.clients.items():
+            c.load_state_dict(state["clients"][cid])
+        self.strategy.load_state_dict(state["strategy"])
+        self.sim_time = state["sim_time"]
+        self._elapsed = state["elapsed_s"]
+        for cid, t in state["traffic"].items():
+            for direction in ("up", "down"):
+                for kind, n in t[direction].items():
+                    self.traffic[cid].record(direction, kind, n)
+        self.rounds = list(state["rounds"])
+        self.start_round = state["round"]
+        torch.set_rng_state(state["torch_rng"])
+        self.log = report.MetricsLog(
+            self.run_dir / "metrics.jsonl", truncate_to=state["metrics_bytes"]
+        )
 
     def _client_rows(self, cid: int) -> list[dict]:
         rows = self.data.partitions[cid].select_columns(TOKENS).to_list()
@@ -184,6 +305,7 @@ class Simulation:
     # ---------------------------------------------------------------- train
     def evaluate_global(self, accuracy: bool) -> dict[str, Any]:
         """Evaluate the global adapter on the unsplit model (what is exported)."""
+        runs.fault("eval")
         lora.load_adapter_state(self.evaluator.model, self.server.global_state)
         bs = self.cfg.train.batch_size * 2
         result: dict[str, Any] = evaluate(
@@ -218,26 +340,30 @@ class Simulation:
     ) -> list[dict[str, Any]]:
         """The round loop; ``stop(record)`` may end it early (benchmarks)."""
         fed, sim = self.cfg.federation, self.cfg.sim
-        self._t_start = time.perf_counter()
-        base = {
-            "type": "round",
-            "round": 0,
-            **self.evaluate_global(self._accuracy_due(0)),
-            "sim_time_s": 0.0,
-            "elapsed_s": time.perf_counter() - self._t_start,
-        }
-        self.log.write(base)
-        self.rounds.append(base)
+        self._t_start = time.perf_counter() - self._elapsed
+        if self.start_round == 0:
+            base = {
+                "type": "round",
+                "round": 0,
+                **self.evaluate_global(self._accuracy_due(0)),
+                "sim_time_s": 0.0,
+                "elapsed_s": time.perf_counter() - self._t_start,
+            }
+            self.log.write(base)
+            self.rounds.append(base)
+        steps = self.per_round * fed.local_steps
         self._bar = tqdm(
-            total=fed.rounds * self.per_round * fed.local_steps,
+            total=fed.rounds * steps,
+            initial=self.start_round * steps,
             desc="split training",
             unit="step",
         )
-        for rnd in range(fed.rounds):
+        for rnd in range(self.start_round, fed.rounds):
             devices = devices_at(sim, fed.num_clients, rnd)
             planned = self.strategy.configure_round(rnd, devices)
             result = self.run_round(planned, devices)
             record = self.finish_round(planned, result)
+            self.checkpoint(rnd + 1)
             if stop is not None and stop(record):
                 break
         self._bar.close()
@@ -333,13 +459,16 @@ class Simulation:
     # ---------------------------------------------------------------- finish
     def finish(self) -> dict[str, Any]:
         """Export the global adapter in PEFT format and write summary.json."""
-        adapter_dir = lora.export_peft(
-            self.server.global_state,
-            self.model_config,
-            self.cfg.lora,
-            self.run_dir / "adapter",
-            str(self.model_dir),
-        )
+        adapter_dir = self.run_dir / "adapter"
+        with runs.atomic_folder(adapter_dir) as tmp:
+            lora.export_peft(
+                self.server.global_state,
+                self.model_config,
+                self.cfg.lora,
+                tmp,
+                str(self.model_dir),
+            )
+            runs.fault("export")
         totals: dict[str, int] = {}
         for t in self.traffic.values():
             for k, v in t.snapshot().items():
@@ -363,6 +492,7 @@ class Simulation:
         }
         report.write_summary(self.run_dir / "summary.json", summary)
         self.log.close()
+        runs.write_status(self.run_dir, "complete")
         return summary
 
     def run(
@@ -370,9 +500,23 @@ class Simulation:
         stop: Callable[[dict[str, Any]], bool] | None = None,
         table: bool = True,
     ) -> dict[str, Any]:
-        self.setup()
-        self.train(stop)
-        summary = self.finish()
+        """setup, train, finish; an interrupt or error leaves the folder
+        marked ``interrupted`` / ``failed`` with its last checkpoint intact."""
+        try:
+            with runs.interruptible():
+                self.setup()
+                self.train(stop)
+                summary = self.finish()
+        except BaseException as e:
+            if self.lock.held:
+                state = "interrupted" if isinstance(e, runs.Interrupted) else "failed"
+                with contextlib.suppress(OSError):  # a full disk: keep the cause
+                    runs.write_status(self.run_dir, state, error=str(e)[:500])
+            raise
+        finally:
+            if self.log is not None:
+                self.log.close()
+            self.lock.release()
         if table:
             report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
         return summary
@@ -413,4 +557,4 @@ def _keep_previous(run_dir: Path) -> None:
     while (old := run_dir.with_name(f"{run_dir.name}.{n}")).exists():
         n += 1
     run_dir.rename(old)
-    print(f"an earlier run {run_dir} was moved to {old}")
+    log.warning("an earlier run %s was moved to %s", run_dir, old)

@@ -58,6 +58,19 @@ class Strategy:
         self.num_clients, self.per_round = num_clients, per_round
         self._rng = np.random.default_rng(seed)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Client selection, the policy and the beliefs, as a checkpoint keeps them."""
+        return {
+            "rng": self._rng.bit_generator.state,
+            "policy": self.policy.state_dict(),
+            "beliefs": self.estimator.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self.policy.load_state_dict(state["policy"])
+        self.estimator.load_state_dict(state["beliefs"])
+
     def configure_round(self, rnd: int, devices: dict[int, Device]) -> RoundConfig:
         """Select this round's clients and plan their cuts."""
         chosen = sorted(

@@ -122,7 +122,9 @@ class CostModel:
 
     # ---------------------------------------------------------- persistence
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        from splitft.runs import write_json  # atomic
+
+        write_json(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
@@ -523,6 +525,23 @@ class Estimator:
         if self.jump and not old / (1 + self.jump) <= new <= old * (1 + self.jump):
             return new
         return (1 - self.ewma) * old + self.ewma * new
+
+    def state_dict(self) -> dict:
+        """The beliefs (the cost model itself is saved beside the run)."""
+        w = self.world
+        return {
+            "devices": {c: dataclasses.asdict(d) for c, d in w.devices.items()},
+            "compute": dict(w.compute),
+            "server_factor": w.server_factor,
+            "slots": dict(w.workload.slots),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        w = self.world
+        w.devices.update({c: Device(**d) for c, d in state["devices"].items()})
+        w.compute.update(state["compute"])
+        w.server_factor = state["server_factor"]
+        w.workload.slots.update(state["slots"])
 
     def declare_memory(self, devices: Mapping[int, Device]) -> None:
         """Clients report their current memory budgets (known, not estimated)."""

@@ -9,13 +9,13 @@ tests) and inside the simulated clock, which decides when each reply arrives.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from splitft import lora
+from splitft import lora, runs
 from splitft.config import LoraSettings, TrainConfig
 from splitft.data import collate
 from splitft.models.parts import ModelPart, WeightStore, client_part, count_correct
@@ -46,6 +46,41 @@ def drive(protocol: Protocol, call: Callable[[object], object]):
             request = protocol.send(call(request))
     except StopIteration as done:
         return done.value
+
+
+class BatchOrder:
+    """Epochs of seeded shuffles, cut into batches; resumable at any batch.
+
+    The state is the generator's state before the current epoch's shuffle
+    and the position in it, so a resumed client draws the batches an
+    uninterrupted one would.
+    """
+
+    def __init__(self, n: int, batch_size: int, rng: np.random.Generator) -> None:
+        self.n, self.batch_size, self.rng = n, batch_size, rng
+        # a last batch smaller than batch_size is dropped, unless it is the only one
+        self.stop = n - n % batch_size if n >= batch_size else n
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self._epoch_rng = self.rng.bit_generator.state
+        self.order = self.rng.permutation(self.n)
+        self.pos = 0
+
+    def next(self) -> np.ndarray:
+        if self.pos >= self.stop:
+            self._new_epoch()
+        rows = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"rng": self._epoch_rng, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self._new_epoch()
+        self.pos = state["pos"]
 
 
 def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -89,7 +124,9 @@ class SplitClient:
         self.work: list[tuple[str, int]] = []
         self.startup_s = 0.0  # building the first part: start-up, not a round
         self.recut_s = 0.0  # rebuilding the part for a moved cut
-        self._batches = self._batch_stream(np.random.default_rng([seed, client_id]))
+        self._order = BatchOrder(
+            len(examples), train.batch_size, np.random.default_rng([seed, client_id])
+        )
 
     @property
     def cut_layer(self) -> int | None:
@@ -113,13 +150,19 @@ class SplitClient:
             self.recut_s += time.perf_counter() - t0
             self.work.append(("load", max(k - old, 0)))
 
-    def _batch_stream(self, rng: np.random.Generator) -> Iterator[dict]:
-        n, bs = len(self.examples), self.train.batch_size
-        while True:  # epochs of seeded shuffles
-            order = rng.permutation(n)
-            for i in range(0, n - n % bs if n >= bs else n, bs):
-                rows = [self.examples[j] for j in order[i : i + bs]]
-                yield collate(rows, self.pad_token_id)
+    def _next_batch(self) -> dict:
+        rows = [self.examples[j] for j in self._order.next()]
+        return collate(rows, self.pad_token_id)
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """What a checkpoint needs: the data order's position and the cut."""
+        return {"order": self._order.state_dict(), "cut": self.cut_layer}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order.load_state_dict(state["order"])
+        if state["cut"] is not None and state["cut"] != self.cut_layer:
+            self._build(state["cut"])
 
     # ------------------------------------------------------------ protocol
     def round_protocol(self, round: int) -> Protocol:
@@ -131,7 +174,7 @@ class SplitClient:
         plan = yield from self._start(round)
         steps = []
         for step, lr in enumerate(plan.lrs):
-            batches = [next(self._batches) for _ in range(self.train.grad_accum)]
+            batches = [self._next_batch() for _ in range(self.train.grad_accum)]
             steps.append((yield from self._step(step, lr, batches)))
         yield from self._finish(round)
         return steps
@@ -196,6 +239,7 @@ class SplitClient:
         t0 = time.perf_counter()
         optim.step(self._opt, lr, self.train.max_grad_norm)
         client_s += time.perf_counter() - t0
+        runs.fault("step")
         return dict(
             round=self._round,
             client=self.client_id,
@@ -248,7 +292,7 @@ class SplitClient:
         """One optimizer step on the given micro-batches (the rest drawn here)."""
         batches = list(micro_batches)
         while len(batches) < self.train.grad_accum:
-            batches.append(next(self._batches))
+            batches.append(self._next_batch())
         return drive(self._step(step, lr, batches), transport.call)
 
     def finish_round(self, transport: Transport, round: int) -> None:

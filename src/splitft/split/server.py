@@ -372,6 +372,31 @@ class SplitServer:
         self._client_keys[cid] = set(msg.adapter)
         return Ack(cid)
 
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """Between rounds: cuts, the server part's lowest block and the last
+        drift (the global adapter is saved on its own, as safetensors)."""
+        with self._lock:
+            if self.updates or self._planned:
+                raise ValueError("a round is open: checkpoint between rounds")
+            return {
+                "cut_layers": dict(self.cut_layers),
+                "lowest": self.part.layers.start,
+                "drift": dict(self.drift),
+            }
+
+    def load_state_dict(
+        self, state: dict, global_state: Mapping[str, torch.Tensor]
+    ) -> None:
+        with self._lock:
+            if set(global_state) != set(self.global_state):
+                raise ValueError("the checkpoint's adapter is not this model's")
+            self.global_state = {k: v.to(self.device) for k, v in global_state.items()}
+            self.cut_layers.update(state["cut_layers"])
+            self.drift = dict(state["drift"])
+            if state["lowest"] != self.part.layers.start:
+                self._build_part(state["lowest"])
+
     # --------------------------------------------------------- aggregation
     def _drift(self, cid: int, new: Mapping[str, torch.Tensor]) -> float:
         """How far a client's own layers ended from the aggregate, relative to

@@ -1,0 +1,68 @@
+"""A tiny federation to run end to end: a tiny llama, a local data file."""
+
+import json
+
+from tiny import make_tiny, make_tokenizer
+
+from splitft.config import load_config
+from splitft.federation.simulation import Simulation
+
+QUESTIONS = [
+    {"instruction": f"What is {a} plus {b}?", "output": str(a + b)}
+    for a in range(10)
+    for b in range(7)
+]
+
+
+def make_assets(root):
+    """The tiny model and data a federation test runs on, under ``root``."""
+    tok = make_tokenizer()
+    make_tiny("llama", root / "model", vocab_size=len(tok))
+    tok.save_pretrained(root / "model")
+    data = root / "qa.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return root
+
+
+def config(assets, tmp_path, *overrides):
+    return load_config(
+        None,
+        [
+            f"model.path={assets / 'model'}",
+            "model.device=cpu",
+            f"data.source={assets / 'qa.jsonl'}",
+            "data.max_length=32",
+            "data.eval_size=8",
+            f"out_dir={tmp_path}",
+            "eval.accuracy=false",
+            "train.batch_size=2",
+            "federation.num_clients=4",
+            "federation.rounds=3",
+            "federation.local_steps=2",
+            "federation.cut_layers=[1, 2, 3, 2]",
+            "sim.mix=[workstation, laptop, tablet, phone]",
+            "sim.server_speed=2.0",
+            *overrides,
+        ],
+    )
+
+
+def run(cfg, costs=None):
+    sim = Simulation(cfg, costs)
+    summary = sim.run()
+    return sim, summary
+
+
+TIMING_FREE = {"elapsed_s", "planner_s", "timing", "server_busy_s"}
+
+
+def rounded(x, digits=7):
+    """Floats to ``digits`` significant digits, recursively (CPU kernels may
+    differ in the last bits between runs)."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [rounded(v, digits) for v in x]
+    return x

@@ -1,0 +1,260 @@
+"""Durable runs: atomic outputs, one live run per folder, checkpoints, resume."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import synthetic
+import torch
+from safetensors.torch import load_file
+from simrun import TIMING_FREE, config, make_assets, rounded
+
+from splitft import lora, runs
+from splitft.cli import main
+from splitft.config import load_config
+from splitft.federation.simulation import Simulation
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("runs"))
+
+
+def comparable(rounds):
+    return [
+        rounded({k: v for k, v in r.items() if k not in TIMING_FREE}) for r in rounds
+    ]
+
+
+def adapter_of(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same adapter and the same metrics, bar wall-clock times."""
+    ta, tb = adapter_of(a), adapter_of(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    assert comparable(sa["rounds"]) == comparable(sb["rounds"])
+    assert sa["bytes"] == sb["bytes"] and sa["sim_time_s"] == sb["sim_time_s"]
+
+    def steps(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        drop = {"client_seconds", "server_seconds", *TIMING_FREE}
+        return [rounded({k: v for k, v in r.items() if k not in drop}) for r in records]
+
+    assert steps(a) == steps(b)  # every record once, in order, after the resume
+
+
+# ------------------------------------------------------------ atomic writes
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = runs.write_text(tmp_path / "summary.json", "old\n")
+
+    def half_then_full(tmp):
+        tmp.write_text("new but cut sh")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        runs.write_atomic(path, half_then_full)
+    assert runs.disk_full(e.value)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_failed_folder_write_leaves_the_old_folder(tmp_path):
+    target = tmp_path / "adapter"
+    with runs.atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError), runs.atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("2")
+        raise RuntimeError("killed")
+    assert (target / "a.txt").read_text() == "1"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_recover_puts_back_a_folder_moved_aside_mid_swap(tmp_path):
+    (tmp_path / ".adapter.old").mkdir()  # killed between the two renames
+    (tmp_path / ".adapter.old" / "w").write_text("complete")
+    (tmp_path / ".adapter.x1.tmp").mkdir()
+    (tmp_path / ".summary.json.y.tmp").write_text("{")
+    runs.recover(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert (tmp_path / "adapter" / "w").read_text() == "complete"
+
+
+def test_export_onto_a_full_disk_keeps_the_previous_outputs(
+    assets, tmp_path, monkeypatch
+):
+    cfg = config(assets, tmp_path, "name=full", "federation.rounds=1")
+    Simulation(cfg, synthetic.costs(num_layers=4)).run(table=False)
+    before = adapter_of(cfg.run_dir)
+    summary = (cfg.run_dir / "summary.json").read_bytes()
+    sim = Simulation(cfg, synthetic.costs(num_layers=4), resume=True)
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # part of the weights, then
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(lora, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        sim.run(table=False)  # round 1 is done: straight to the export
+    after = adapter_of(cfg.run_dir)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert (cfg.run_dir / "summary.json").read_bytes() == summary
+    assert not list(cfg.run_dir.glob(".*"))  # no temporaries left
+    assert runs.read_status(cfg.run_dir)["state"] == "failed"
+    assert runs.checkpoints(cfg.run_dir)  # and the checkpoint is intact
+
+
+def test_an_unwritable_out_dir_is_found_before_the_model_loads(assets, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = config(assets, tmp_path, f"out_dir={blocker}")
+    with pytest.raises(runs.RunError, match="cannot write here"):
+        Simulation(cfg).setup()
+
+
+# ----------------------------------------------------------------- locks
+def test_a_second_live_run_of_a_name_is_refused_and_a_stale_lock_taken(
+    assets, tmp_path, caplog
+):
+    cfg = config(assets, tmp_path, "name=busy", "federation.rounds=1")
+    cfg.run_dir.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (cfg.run_dir / "lock").write_text(
+            json.dumps({"pid": sleeper.pid, "host": os.uname().nodename})
+        )
+        with pytest.raises(runs.RunError, match=f"in use by process {sleeper.pid}"):
+            Simulation(cfg, synthetic.costs(num_layers=4)).setup()
+        assert (cfg.run_dir / "lock").exists()  # and nothing was moved
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the holder is gone: its lock is stale, and the run goes ahead
+    Simulation(cfg, synthetic.costs(num_layers=4)).run(table=False)
+    assert "stale lock" in caplog.text
+    assert runs.read_status(cfg.run_dir)["state"] == "complete"
+    assert not (cfg.run_dir / "lock").exists()
+
+
+# ---------------------------------------------------------------- resume
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("federation.server_side=per_client",),
+        ("federation.server_side=shared", "federation.policy=adaptive"),
+        ("federation.policy=random", "federation.clients_per_round=3"),
+    ],
+    ids=["fixed-per_client", "adaptive-shared", "random-selection"],
+)
+def test_interrupted_and_resumed_equals_uninterrupted(assets, tmp_path, settings):
+    common = ("sim.timing=predicted", "federation.rounds=4", *settings)
+    whole = config(assets, tmp_path, "name=whole", *common)
+    Simulation(whole, synthetic.costs(num_layers=4)).run(table=False)
+
+    cut = config(assets, tmp_path, "name=cut", *common)
+
+    def interrupt(record):
+        if record["round"] == 2:
+            raise runs.Interrupted(signal.SIGINT)
+        return False
+
+    with pytest.raises(runs.Interrupted):
+        Simulation(cut, synthetic.costs(num_layers=4)).run(interrupt, table=False)
+    status = runs.read_status(cut.run_dir)
+    assert status["state"] == "interrupted" and status["round"] == 2
+    assert not (cut.run_dir / "adapter").exists()
+    resumed = Simulation(cut, resume=True)  # the cost model comes from the folder
+    resumed.run(table=False)
+    assert resumed.start_round == 2
+    assert_same_run(whole.run_dir, cut.run_dir)
+    assert [p.name for p in runs.checkpoints(cut.run_dir)] == [
+        "round-0003",
+        "round-0004",
+    ]  # checkpoint.keep = 2
+
+
+# ------------------------------------------------------- kill -9, for real
+def _cli(tmp_path, assets, *args, fault=None, name="k"):
+    env = {**os.environ, "SPLITFT_FAULT": fault or ""}
+    cmd = [sys.executable, "-m", "splitft.cli", "run", *args]
+    if "--resume" not in args:
+        cmd += [
+            f"model.path={assets / 'model'}",
+            "model.device=cpu",
+            f"data.source={assets / 'qa.jsonl'}",
+            "data.max_length=32",
+            "data.eval_size=8",
+            f"out_dir={tmp_path}",
+            f"name={name}",
+            "eval.accuracy=false",
+            "train.batch_size=2",
+            "federation.num_clients=3",
+            "federation.rounds=3",
+            "federation.local_steps=2",
+            "federation.policy=adaptive",
+            "sim.mix=[workstation, laptop, phone]",
+            "sim.timing=predicted",
+            f"sim.cost_model={tmp_path / 'costs.json'}",
+        ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    """The run every killed-and-resumed one must end equal to."""
+    root = tmp_path_factory.mktemp("whole")
+    synthetic.costs(num_layers=4).save(root / "costs.json")
+    whole = _cli(root, assets, name="whole")
+    assert whole.returncode == 0, whole.stderr
+    return root / "whole"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["step:5", "eval:3", "checkpoint:2", "export:1"],
+    ids=["during-a-round", "during-evaluation", "during-a-checkpoint", "export"],
+)
+def test_kill_9_then_resume_ends_like_an_uninterrupted_run(
+    assets, uninterrupted, tmp_path, fault
+):
+    synthetic.costs(num_layers=4).save(tmp_path / "costs.json")
+    killed = _cli(tmp_path, assets, fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = tmp_path / "k"
+    assert not (run_dir / "summary.json").exists()
+    assert runs.read_status(run_dir)["state"] == "running"  # as the kill left it
+    status = subprocess.run(
+        [sys.executable, "-m", "splitft.cli", "status", str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert "stopped (killed; resumable)" in status.stdout
+    resumed = _cli(tmp_path, assets, "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert runs.read_status(run_dir)["state"] == "complete"
+    assert_same_run(uninterrupted, run_dir)
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a run folder (no config.yaml)" in err and "Traceback" not in err
+    assert main(["run", "--resume", str(tmp_path), "train.lr=1"]) == 2
+    assert "--resume takes no config or overrides" in capsys.readouterr().err
+
+
+def test_numbers_from_the_command_line_reach_the_run(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-3", f"out_dir={tmp_path}"])
+    assert cfg.train.lr == 0.001
