@@ -247,6 +247,29 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(
     assert_same_run(uninterrupted, run_dir)
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_ends_with_one_line_saying_how_to_resume(
+    assets, uninterrupted, tmp_path, sig
+):
+    synthetic.costs(num_layers=4).save(tmp_path / "costs.json")
+    stopped = _cli(tmp_path, assets, fault=f"step:9:{sig}")  # in round 2
+    assert stopped.returncode == 130
+    lines = [line for line in stopped.stderr.splitlines() if "splitft:" in line]
+    run_dir = tmp_path / "k"
+    assert lines == [
+        f"splitft: interrupted ({sig}); last checkpoint "
+        f"{run_dir / 'checkpoints' / 'round-0001'}; resume with: "
+        f"splitft run --resume {run_dir}"
+    ]
+    assert "Traceback" not in stopped.stderr
+    status = runs.read_status(run_dir)
+    assert status["state"] == "interrupted" and status["round"] == 1
+    assert not (run_dir / "lock").exists()
+    resumed = _cli(tmp_path, assets, "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(uninterrupted, run_dir)
+
+
 def test_resume_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -317,8 +317,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 
 # ------------------------------------------------------------ interrupts
-class Interrupted(Exception):
-    """SIGINT or SIGTERM: the run stops; its last checkpoint stays."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: the run stops; its last checkpoint stays.
+
+    A BaseException, like KeyboardInterrupt, so that no handler meant for a
+    failing client or step swallows it.
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -355,19 +359,21 @@ _FAULTS: dict[str, int] = {}
 
 
 def fault(point: str) -> None:
-    """Kill this process (SIGKILL) at the n-th pass of a named point.
+    """Signal this process (SIGKILL) at the n-th pass of a named point.
 
-    ``SPLITFT_FAULT=step:5`` kills at the fifth training step; the crash
-    tests use it to ``kill -9`` a real run at an exact instant (points:
-    ``step``, ``eval``, ``checkpoint``, ``export``). Unset, it costs a dict
-    lookup.
+    ``SPLITFT_FAULT=step:5`` kills at the fifth training step,
+    ``SPLITFT_FAULT=step:5:SIGINT`` presses Ctrl-C there; the crash tests use
+    it to ``kill -9`` or interrupt a real run at an exact instant (points:
+    ``step``, ``eval``, ``checkpoint``, ``export``). Unset, it costs an
+    environment lookup.
     """
     spec = os.environ.get("SPLITFT_FAULT")
     if not spec:
         return
-    name, _, n = spec.partition(":")
+    name, _, rest = spec.partition(":")
     if name != point:
         return
+    n, _, sig = rest.partition(":")
     _FAULTS[point] = _FAULTS.get(point, 0) + 1
-    if _FAULTS[point] >= int(n or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _FAULTS[point] == int(n or 1):
+        os.kill(os.getpid(), signal.Signals[sig or "SIGKILL"])
