@@ -14,6 +14,7 @@ from test_format import END_OF_TURN, labelled_spans, make_tokenizer
 from tiny import COLUMNS
 from transformers import PreTrainedTokenizerFast
 
+from splitft.config import ConfigError
 from splitft.data import Conversation, Example, build_datasets, load_local
 from splitft.data.local import detect_format
 
@@ -39,6 +40,9 @@ CHAT = [
         ]
     },
 ]
+
+USER = {"role": "user", "content": "q"}
+ASSISTANT = {"role": "assistant", "content": "a"}
 
 
 def write(path: Path, rows: list[dict]) -> Path:
@@ -106,6 +110,32 @@ def test_blank_output_is_skipped(tmp_path, caplog):
     assert "skipped 1 empty outputs" in caplog.text
 
 
+def test_blank_assistant_reply_is_skipped(tmp_path, caplog):
+    blank = {"role": "assistant", "content": " "}
+    rows = [*CHAT, {"messages": [*CHAT[1]["messages"][:3], USER, blank]}]
+    with caplog.at_level(logging.WARNING):
+        records = load(write(tmp_path / "talk.jsonl", rows))
+    assert records == [Conversation("talk", tuple(row["messages"])) for row in CHAT]
+    assert "skipped 1 conversations with an empty assistant reply" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("rows", "why"),
+    [
+        ([{"instruction": "q", "output": ""}], "empty outputs"),
+        (
+            [{"messages": [USER, {"role": "assistant", "content": ""}]}],
+            "conversations with an empty assistant reply",
+        ),
+    ],
+)
+def test_nothing_left_after_skipping(tmp_path, rows, why):
+    path = write(tmp_path / "sums.jsonl", rows)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == f"{path}: nothing to learn: every row was skipped ({why})"
+
+
 # Format detection
 
 
@@ -140,7 +170,7 @@ def test_explicit_format_settles_ambiguity(tmp_path):
     assert isinstance(load(path, data_format="alpaca")[0], Example)
 
 
-# Errors name the file, the 0-based row and the field
+# Errors name the file, the row (counted from 1) and the field
 
 
 @pytest.mark.parametrize(
@@ -148,26 +178,34 @@ def test_explicit_format_settles_ambiguity(tmp_path):
     [
         (
             [ALPACA[0], {"instruction": "q"}],
-            "row 1 (0-based): field 'output' is missing or null",
+            "row 2 (1-based): field 'output' is missing or null",
         ),
-        (  # mixed types: datasets alone would report row 0's "19" as an int
+        (
+            [ALPACA[0], {"instruction": "q", "output": None}],
+            "row 2 (1-based): field 'output' is missing or null",
+        ),
+        (
+            [{"input": "x", "output": "a"}],
+            "row 1 (1-based): field 'instruction' is missing or null",
+        ),
+        (  # mixed types: datasets alone would report row 1's "19" as an int
             [ALPACA[0], ALPACA[1], {"instruction": "q", "output": 19}],
-            "row 2 (0-based): field 'output' is not a string (got 19)",
+            "row 3 (1-based): field 'output' is not a string (got 19)",
         ),
         (
             [{"instruction": "q", "input": ["x"], "output": "a"}],
-            "row 0 (0-based): field 'input' is not a string",
+            "row 1 (1-based): field 'input' is not a string",
         ),
         (
             [ALPACA[0], {"instruction": " ", "output": "a"}],
-            "row 1 (0-based): field 'instruction' is empty",
+            "row 2 (1-based): field 'instruction' is empty",
         ),
     ],
 )
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_alpaca_errors_name_file_row_field(tmp_path, rows, bad, suffix):
     path = write(tmp_path / f"sums{suffix}", rows)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         load(path, data_format="alpaca")
     assert str(err.value).startswith(f"{path}: ")
     assert bad in str(err.value)
@@ -176,19 +214,15 @@ def test_alpaca_errors_name_file_row_field(tmp_path, rows, bad, suffix):
 def test_parquet_mistyped_column(tmp_path):
     path = tmp_path / "sums.parquet"
     pq.write_table(pa.table({"instruction": ["q"], "output": [19]}), path)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         load(path)
     assert str(err.value) == (
-        f"{path}: row 0 (0-based): field 'output' is not a string (got 19)"
+        f"{path}: row 1 (1-based): field 'output' is not a string (got 19)"
     )
 
 
 def _chat_row(*messages: object) -> dict:
     return {"messages": list(messages)}
-
-
-USER = {"role": "user", "content": "q"}
-ASSISTANT = {"role": "assistant", "content": "a"}
 
 
 @pytest.mark.parametrize(
@@ -204,7 +238,7 @@ ASSISTANT = {"role": "assistant", "content": "a"}
             "field 'messages': message 1 (0-based): key 'content' must be a string, "
             "got missing or null",
         ),
-        (  # mixed types: datasets alone would report row 0's "19" as an int
+        (  # mixed types: datasets alone would report row 1's "19" as an int
             _chat_row({"role": "user", "content": ["q"]}, ASSISTANT),
             "field 'messages': message 0 (0-based): key 'content' must be a string, "
             "got list",
@@ -217,9 +251,9 @@ ASSISTANT = {"role": "assistant", "content": "a"}
 )
 def test_chat_errors_name_file_row_field(tmp_path, bad_row, bad):
     path = write(tmp_path / "talk.jsonl", [*CHAT, bad_row])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         load(path)
-    assert str(err.value).startswith(f"{path}: row 2 (0-based): ")
+    assert str(err.value).startswith(f"{path}: row 3 (1-based): ")
     assert bad in str(err.value)
 
 
@@ -227,22 +261,81 @@ def test_row_that_is_not_an_object(tmp_path):
     path = tmp_path / "sums.jsonl"
     path.write_text(json.dumps(ALPACA[0]) + "\n[1, 2]\n")
     with pytest.raises(
-        ValueError, match=r"sums.jsonl: row 1 \(0-based\) is not a JSON"
+        ConfigError, match=r"sums.jsonl: row 2 \(1-based\): not a JSON object"
     ):
         load(path)
 
 
-def test_invalid_json_names_the_file(tmp_path):
+def test_invalid_json_names_the_file_and_line(tmp_path):
     path = tmp_path / "sums.json"
-    path.write_text("[{not json")
-    with pytest.raises(ValueError, match="sums.json: "):
+    path.write_text('[\n  {"instruction": "q",\n   "output": not json}\n]\n')
+    with pytest.raises(ConfigError) as err:
         load(path)
+    assert str(err.value) == (
+        f"{path}: line 3, column 14: not valid JSON: Expecting value"
+    )
+
+
+def test_invalid_json_line_names_the_line(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    good = json.dumps(ALPACA[0])
+    path.write_text(f"{good}\n\n{good}\n{{broken\n{good}\n")  # line 2 is blank
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path}: line 4, column 2: not valid JSON")
+
+
+@pytest.mark.parametrize(
+    ("text", "bad"),
+    [
+        ("instruction,input,output\nq,x,a\nq,x\n", "2 cells"),  # output missing
+        ("instruction,input,output\nq,x,a\n\nq,x,a,b\n", "4 cells"),
+    ],
+)
+def test_csv_row_with_missing_or_extra_cells(tmp_path, text, bad):
+    path = tmp_path / "sums.csv"
+    path.write_text(text)  # a blank line is skipped, as pandas skips it
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == (
+        f"{path}: row 2 (1-based, not counting the header): {bad}, but the "
+        "header has 3 (instruction, input, output)"
+    )
+
+
+def test_csv_empty_cell_is_an_empty_output(tmp_path, caplog):
+    path = tmp_path / "sums.csv"
+    path.write_text("instruction,input,output\nq,x,a\nq,x,\n")
+    with caplog.at_level(logging.WARNING):
+        assert len(load(path)) == 1
+    assert "skipped 1 empty outputs" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_non_utf8_file_names_the_line(tmp_path, suffix):
+    path = tmp_path / f"sums{suffix}"
+    lines = ['{"instruction": "q", "output": "a"}'] * 2
+    if suffix == ".csv":
+        lines = ["instruction,output", "q,a"]
+    text = "\n".join([*lines, lines[-1].replace("q", "caf\xe9")]) + "\n"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value).startswith(f"{path}: line 3: not UTF-8 text (byte ")
+
+
+def test_folder_as_data_file(tmp_path):
+    folder = tmp_path / "sums.jsonl"
+    folder.mkdir()
+    with pytest.raises(ConfigError) as err:
+        load(folder)
+    assert str(err.value) == f"{folder}: is a folder, not a data file"
 
 
 def test_chat_in_csv_is_refused(tmp_path):
     path = tmp_path / "talk.csv"
     path.write_text('messages\n"[{""role"": ""user"", ""content"": ""q""}]"\n')
-    with pytest.raises(ValueError, match="chat data in CSV is not supported"):
+    with pytest.raises(ConfigError, match="chat data in CSV is not supported"):
         load(path)
 
 

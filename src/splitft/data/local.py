@@ -2,7 +2,8 @@
 
 Files are read with Hugging Face ``datasets`` (local builders only, nothing is
 fetched from the hub) and validated row by row, so a bad row is reported by file,
-0-based row index and field instead of failing somewhere inside training. JSON
+row and field instead of failing somewhere inside training. Rows are counted as a
+user counts them: from 1, not counting a CSV's header or blank JSON lines. JSON
 that ``datasets`` cannot read exactly (mixed types in a column) is re-read with
 the standard library.
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import datasets
 
+from splitft.config import ConfigError
 from splitft.data.bigbench import Example
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,8 @@ def load_local(
     Alpaca rows become :class:`~splitft.data.bigbench.Example` (so they take the
     BIG-bench path through encoding and evaluation unchanged), chat rows become
     :class:`Conversation`; either way ``task`` is the file's stem. Alpaca rows
-    with a blank ``output`` teach nothing and are skipped with a warning.
+    with a blank ``output``, and chats with a blank assistant reply, teach
+    nothing (or to answer nothing) and are skipped with a warning.
 
     Args:
         path: a ``.json`` (list of objects, or JSON lines), ``.jsonl``, ``.csv``
@@ -73,41 +76,58 @@ def load_local(
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: unsupported extension or format, undetectable format, an
-            unreadable file, or a bad row (names file, 0-based row and field).
+        ConfigError: unsupported extension or format, undetectable format, a
+            folder, an unreadable or non-UTF-8 file, invalid JSON (names the
+            line), a bad row (names the row and field), or no row left.
     """
     path = Path(path)
     if data_format not in FORMATS:
-        raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+        raise ConfigError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a data file")
     builder = SUPPORTED_EXTENSIONS.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: unsupported file extension {path.suffix!r}; supported: "
             f"{', '.join(SUPPORTED_EXTENSIONS)}"
         )
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty")
+        raise ConfigError(f"{path}: the file is empty")
 
-    rows = _read_rows(path, builder, cache_dir)
+    try:
+        rows = _read_rows(path, builder, cache_dir)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not rows:
-        raise ValueError(f"{path}: the file has no rows")
+        raise ConfigError(f"{path}: the file has no rows")
     fmt = data_format
     if fmt == "auto":
         fmt = detect_format(set().union(*(row.keys() for row in rows)), path)
     if fmt == "chat" and builder == "csv":
-        raise ValueError(
+        raise ConfigError(
             f"{path}: chat data in CSV is not supported (a 'messages' cell would be "
             "text, not a list of messages); use JSON, JSONL or Parquet"
         )
     task = path.stem
+    records: list[Example] | list[Conversation]
     if fmt == "chat":
-        return [_conversation(task, row, path, i) for i, row in enumerate(rows)]
-    examples = [_alpaca(task, row, path, i) for i, row in enumerate(rows)]
-    kept = [ex for ex in examples if ex.answer.strip()]
-    if len(kept) < len(examples):
-        log.warning("%s: skipped %d empty outputs", path, len(examples) - len(kept))
+        records = [_conversation(task, row, path, i) for i, row in enumerate(rows)]
+        kept = [c for c in records if not _empty_reply(c)]
+        skipped = "conversations with an empty assistant reply"
+    else:
+        records = [_alpaca(task, row, path, i) for i, row in enumerate(rows)]
+        kept = [ex for ex in records if ex.answer.strip()]
+        skipped = "empty outputs"
+    if len(kept) < len(records):
+        log.warning("%s: skipped %d %s", path, len(records) - len(kept), skipped)
+    if not kept:
+        raise ConfigError(
+            f"{path}: nothing to learn: every row was skipped ({skipped})"
+        )
     return kept
 
 
@@ -115,7 +135,7 @@ def detect_format(columns: Iterable[str], path: str | Path = "<data>") -> str:
     """Return ``"alpaca"`` or ``"chat"`` from a file's column names.
 
     Raises:
-        ValueError: both or neither format fits; lists the columns found and
+        ConfigError: both or neither format fits; lists the columns found and
             what each format needs.
     """
     cols = set(columns)
@@ -130,7 +150,7 @@ def detect_format(columns: Iterable[str], path: str | Path = "<data>") -> str:
     if len(fits) == 1:
         return fits[0]
     why = "is ambiguous (fits both formats)" if fits else "matches no format"
-    raise ValueError(
+    raise ConfigError(
         f"{path}: cannot detect the data format: columns {sorted(cols)} {why}. "
         f"'alpaca' needs {_NEEDS['alpaca']}; 'chat' needs {_NEEDS['chat']}. "
         "Pass data_format='alpaca' or 'chat' to choose."
@@ -171,10 +191,9 @@ def check_messages(messages: Any) -> None:
 def _read_rows(path: Path, builder: str, cache_dir: Path | None) -> list[dict]:
     kwargs: dict[str, Any] = {}
     if builder == "csv":
+        header = _check_csv(path)
         # CSV has no types: read every cell as text, else an answer "007" would
         # arrive as the int 7. Empty cells stay "" rather than NaN.
-        with path.open(newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
         string = datasets.Value("string")
         kwargs["features"] = datasets.Features({name: string for name in header})
         kwargs["keep_default_na"] = False
@@ -188,7 +207,8 @@ def _read_rows(path: Path, builder: str, cache_dir: Path | None) -> list[dict]:
         )
     except Exception as err:  # datasets raises many types for unreadable files
         if builder != "json":
-            raise ValueError(f"{path}: could not read as {builder}: {err}") from err
+            why = " ".join(str(err.__cause__ or err).split())  # the cause, one line
+            raise ConfigError(f"{path}: could not read as {builder}: {why}") from err
         return _json_rows(path)  # says which row is bad, or reads what it can
     if builder == "json" and _has_json_feature(ds.features):
         # A column of mixed types comes back as datasets.Json, which turns the
@@ -196,6 +216,34 @@ def _read_rows(path: Path, builder: str, cache_dir: Path | None) -> list[dict]:
         # that is really wrong and valid strings stay strings.
         return _json_rows(path)
     return ds.to_list()
+
+
+def _check_csv(path: Path) -> list[str]:
+    """The header, after checking that every row has a cell per column: pandas
+    would fill a short row with empty cells, as if its answer were blank."""
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        cells = (row for row in reader if row)  # pandas skips blank lines too
+        for i, row in enumerate(cells):
+            if len(row) != len(header):
+                raise ConfigError(
+                    f"{_row(path, i)}: {len(row)} cells, but the header has "
+                    f"{len(header)} ({', '.join(header)})"
+                )
+    return header
+
+
+def _not_utf8(path: Path) -> ConfigError:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte {e.start}); save it as UTF-8"
+        )
+    return ConfigError(f"{path}: not UTF-8 text")
 
 
 def _has_json_feature(feature: Any) -> bool:
@@ -214,29 +262,39 @@ def _json_rows(path: Path) -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError as whole_err:
         data = []
-        for i, line in enumerate(ln for ln in text.splitlines() if ln.strip()):
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends
+        lines = [(n, ln) for n, ln in enumerate(text.split("\n"), 1) if ln.strip()]
+        for n, line in lines:
             try:
                 data.append(json.loads(line))
             except json.JSONDecodeError as err:
-                if i == 0:  # most likely one (broken) document, not JSON lines
-                    raise ValueError(f"{path}: not valid JSON: {whole_err}") from None
-                raise ValueError(
-                    f"{path}: row {i} (0-based) is not valid JSON: {err}"
-                ) from None
+                if not data:  # most likely one (broken) document, not JSON lines
+                    raise _invalid_json(path, whole_err.lineno, whole_err) from None
+                raise _invalid_json(path, n, err) from None
     if isinstance(data, dict):
         data = [data]  # as datasets reads a lone object
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of JSON objects or JSON lines")
+        raise ConfigError(f"{path}: expected a list of JSON objects or JSON lines")
     for i, row in enumerate(data):
         if not isinstance(row, dict):
-            raise ValueError(
-                f"{path}: row {i} (0-based) is not a JSON object: {row!r:.80}"
-            )
+            raise ConfigError(f"{_row(path, i)}: not a JSON object: {row!r:.80}")
     return data
 
 
-def _bad(path: Path, row: int, field: str, why: str) -> ValueError:
-    return ValueError(f"{path}: row {row} (0-based): field '{field}' {why}")
+def _invalid_json(path: Path, line: int, err: json.JSONDecodeError) -> ConfigError:
+    return ConfigError(
+        f"{path}: line {line}, column {err.colno}: not valid JSON: {err.msg}"
+    )
+
+
+def _row(path: Path, i: int) -> str:
+    """Where record ``i`` (0-based) is, counted as a user counts rows."""
+    header = ", not counting the header" if path.suffix.lower() == ".csv" else ""
+    return f"{path}: row {i + 1} (1-based{header})"
+
+
+def _bad(path: Path, i: int, field: str, why: str) -> ConfigError:
+    return ConfigError(f"{_row(path, i)}: field '{field}' {why}")
 
 
 def _alpaca(task: str, row: dict, path: Path, i: int) -> Example:
@@ -264,8 +322,13 @@ def _conversation(task: str, row: dict, path: Path, i: int) -> Conversation:
     try:
         check_messages(messages)
     except ValueError as err:
-        raise ValueError(
-            f"{path}: row {i} (0-based): field 'messages': {err}"
-        ) from None
+        raise ConfigError(f"{_row(path, i)}: field 'messages': {err}") from None
     kept = tuple({"role": m["role"], "content": m["content"]} for m in messages)
     return Conversation(task, kept)
+
+
+def _empty_reply(conversation: Conversation) -> bool:
+    return any(
+        m["role"] == "assistant" and not m["content"].strip()
+        for m in conversation.messages
+    )

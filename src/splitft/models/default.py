@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from splitft.config import cache_dir
+from splitft.config import ConfigError, cache_dir
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,13 +73,23 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
 
 def resolve_model_dir(path: str) -> Path:
-    """``'default'`` or a local Hugging Face model folder."""
+    """``'default'`` or a local Hugging Face model folder.
+
+    Raises:
+        ConfigError: ``path`` is not a folder or has no ``config.json``.
+    """
     if path == "default":
         return default_model_dir()
     folder = Path(path).expanduser()
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(
-            f"model.path={path!r}: no config.json there; give 'default' or a local "
-            "Hugging Face model folder (weights are never downloaded at run time)"
+    hint = (
+        "give 'default' or a local Hugging Face model folder (weights are never "
+        "downloaded at run time)"
+    )
+    if not folder.is_dir():
+        why = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise ConfigError(f"model.path={path!r}: {why}; {hint}")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={path!r}: {folder / 'config.json'} is missing; {hint}"
         )
     return folder

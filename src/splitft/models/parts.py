@@ -15,12 +15,14 @@ import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from splitft.config import ConfigError
 from splitft.models.arch import ArchSpec, PassThrough, ZeroPositions, spec_for
 
 
@@ -29,6 +31,11 @@ class WeightStore:
 
     Parts built from one store share its (frozen) tensors, so a simulation of
     many clients holds the base weights once.
+
+    Raises:
+        ConfigError: no safetensors weights, a bad index, or a truncated or
+            corrupt weights file (when the store is built, or for a sharded
+            model when a shard is first read); names the file.
     """
 
     def __init__(
@@ -38,12 +45,19 @@ class WeightStore:
         self.dtype, self.device = dtype, torch.device(device)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            self._files = json.loads(index.read_text())["weight_map"]
+            data = _read_json(index)
+            self._files = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(self._files, dict):
+                raise ConfigError(f"{index}: no 'weight_map' object")
         else:
             single = self.folder / "model.safetensors"
             if not single.exists():
-                raise FileNotFoundError(f"no model.safetensors in {self.folder}")
-            with safe_open(single, "pt") as f:
+                raise ConfigError(
+                    f"{self.folder}: no model.safetensors or "
+                    "model.safetensors.index.json; SplitFT reads safetensors weights "
+                    "only (save_pretrained writes them)"
+                )
+            with _safe_open(single) as f:
                 self._files = {k: single.name for k in f.keys()}
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -52,7 +66,7 @@ class WeightStore:
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._cache:
-            with safe_open(self.folder / self._files[key], "pt") as f:
+            with _safe_open(self.folder / self._files[key]) as f:
                 t = f.get_tensor(key)
             if t.is_floating_point():
                 t = t.to(self.dtype)
@@ -60,10 +74,59 @@ class WeightStore:
         return self._cache[key]
 
 
+def _safe_open(path: Path):
+    """``safe_open``, which checks the header against the file's size: a
+    truncated or corrupt file is one ConfigError naming it."""
+    try:
+        return safe_open(path, "pt")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(
+            f"{path}: cannot read the weights (truncated or corrupt?): {err}"
+        ) from None
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's contents; unreadable, non-UTF-8 or invalid JSON is one
+    ConfigError naming the file (and the line and column)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno}, column {e.colno}"
+        raise ConfigError(f"{path}: {where}: not valid JSON: {e.msg}") from None
+
+
 def load_model_config(folder: str | Path) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    """The folder's Hugging Face config, with the KV cache off.
+
+    Raises:
+        ConfigError: ``config.json`` is missing, not JSON (names the line) or
+            not a config transformers knows; names the file.
+    """
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # transformers raises many types for a bad config
+        raise _config_error(Path(folder) / "config.json", err) from None
     config.use_cache = False
     return config
+
+
+def _config_error(path: Path, err: Exception) -> ConfigError:
+    """Why transformers could not read ``path``, in one line naming it."""
+    if not path.is_file():
+        return ConfigError(f"{path}: no such file (a model folder needs one)")
+    data = _read_json(path)  # raises for the line and column of a JSON error
+    if not isinstance(data, dict):
+        return ConfigError(f"{path}: not a JSON object")
+    if not isinstance(data.get("model_type"), str):
+        return ConfigError(f"{path}: no 'model_type' key (e.g. \"llama\")")
+    why = " ".join(str(err).split("\n\n")[0].split())  # its first paragraph
+    return ConfigError(f"{path}: not a model config transformers can read: {why}")
 
 
 class ModelPart:
@@ -127,7 +190,10 @@ class ModelPart:
             if key not in store and key == head_key and self.config.tie_word_embeddings:
                 source = self.spec.tied_source  # tied head: a frozen copy
             if source not in store:
-                raise KeyError(f"{key} is not in the checkpoint at {store.folder}")
+                raise ConfigError(
+                    f"{store.folder}: the weights have no {source!r}, which "
+                    "config.json needs (weights and config do not match)"
+                )
             tensors[key] = store.get(source)
         self.model.load_state_dict(tensors, strict=True, assign=True)
         for name in self.spec.rebuild:  # non-persistent buffers, e.g. RoPE inv_freq
