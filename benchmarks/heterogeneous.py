@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -133,6 +135,32 @@ def lower_bound(w: World) -> float:
     return max(alone, server)
 
 
+def anneal(w: World, ranges, start: dict[int, int], seed: int = 0) -> float:
+    """The shortest predicted round a slow randomised search finds: simulated
+    annealing on single-client moves from ``start`` and from random plans
+    (a check on the planner, not part of it)."""
+    rng = random.Random(seed)
+    score = planner._Scorer(w)
+    clients = sorted(ranges)
+    best = score(start)[0]
+    for restart in range(4):
+        if restart:
+            cuts = {c: rng.randint(*ranges[c]) for c in clients}
+        else:
+            cuts = dict(start)
+        now = score(cuts)[0]
+        temp = 0.2 * now
+        for _ in range(4000):
+            c = rng.choice(clients)
+            trial = {**cuts, c: rng.randint(*ranges[c])}
+            t = score(trial)[0]
+            if t < now or rng.random() < math.exp((now - t) / temp):
+                cuts, now = trial, t
+                best = min(best, t)
+            temp *= 0.999
+    return best
+
+
 # ---------------------------------------------------------------- part A
 def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
     """Predicted round time of fixed k=2, best fitting uniform cut and adaptive."""
@@ -146,6 +174,11 @@ def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
             best_k = min(uniform, key=uniform.get)
             plan = planner.fastest(w, clients, 1, costs.num_layers - 1)
             bound = lower_bound(w)
+            whole = planner.fastest(w, clients, 1, costs.num_layers)
+            search = None
+            if n <= 16:  # the search's cost grows with the clients
+                ranges = planner.feasible(w, clients, 1, costs.num_layers - 1)
+                search = anneal(w, ranges, plan.cuts)
             rows.append(
                 dict(
                     clients=n,
@@ -160,6 +193,11 @@ def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
                     bound_vs_fixed2=bound / fixed2,
                     planner_ms=plan.seconds * 1e3,
                     adaptive_cuts=[plan.cuts[c] for c in sorted(plan.cuts)],
+                    search_s=search,
+                    search_vs_fixed2=search and search / fixed2,
+                    whole_s=whole.makespan,
+                    whole_vs_fixed2=whole.makespan / fixed2,
+                    whole_cuts=[whole.cuts[c] for c in sorted(whole.cuts)],
                 )
             )
     return rows
@@ -168,17 +206,27 @@ def part_a(costs: CostModel, slots: float, steps: int) -> list[dict]:
 def print_part_a(rows: list[dict]) -> None:
     print("\nPart A: predicted round time (s) by the clock, no training")
     print(
+        "(vs k=2: over fixed k=2's round; search: the best an annealing search "
+        "finds, 8-16 clients; k_max=L: adaptive allowed to give a client the "
+        "whole model)"
+    )
+    print(
         f"{'clients':>7} {'speed':>5} {'fixed k=2':>9} {'best unif.':>10} "
         f"{'adaptive':>8} {'vs k=2':>7} {'vs unif.':>8} {'bound':>6} {'vs k=2':>7} "
-        f"{'plan ms':>7}  adaptive cuts"
+        f"{'search':>6} {'k_max=L':>7} {'plan ms':>7}  adaptive cuts"
     )
     for r in rows:
+        search = r.get("search_vs_fixed2")
+        whole = r.get("whole_vs_fixed2")
         print(
             f"{r['clients']:>7} {r['server_speed']:>5} {r['fixed2_s']:>9.2f} "
             f"{r['best_uniform_s']:>7.2f} k={r['best_uniform_k']:<2}"
             f"{r['adaptive_s']:>8.2f} {r['adaptive_vs_fixed2']:>7.2f} "
             f"{r['adaptive_vs_uniform']:>8.2f} {r['bound_s']:>6.2f} "
-            f"{r['bound_vs_fixed2']:>7.2f} {r['planner_ms']:>7.0f}  "
+            f"{r['bound_vs_fixed2']:>7.2f} "
+            f"{'-' if search is None else f'{search:.2f}':>6} "
+            f"{'-' if whole is None else f'{whole:.2f}':>7} "
+            f"{r['planner_ms']:>7.0f}  "
             + " ".join(map(str, r["adaptive_cuts"][:16]))
             + (" ..." if len(r["adaptive_cuts"]) > 16 else "")
         )
@@ -228,6 +276,12 @@ def base_tree(args, out: Path, profile: str, costs: CostModel) -> dict:
     return tree
 
 
+# the adaptive policy allowed to give a client the whole model (k = L), and the
+# planner settings that keep a run's round-0 plan
+WHOLE = "adaptive (k_max=L)"
+KEEP = {"planner": {"replan_every": 0, "replan_miss": 0.0}}
+
+
 def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]]:
     """(method, server side, settings) in the order they run; fixed k=2 first."""
     adaptive = {"federation": {"policy": "adaptive"}}
@@ -246,13 +300,17 @@ def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]
                 out.append((policy, side, {"federation": {"policy": policy}}))
             out.append(("adaptive", side, adaptive))
         elif profile == "P2":
-            keep = {"planner": {"replan_every": 0, "replan_miss": 0.0}}
-            out.append(("adaptive (round-0 plan)", side, merge(adaptive, keep)))
+            out.append(("adaptive (round-0 plan)", side, merge(adaptive, KEEP)))
             out.append(("adaptive", side, adaptive))
         else:
             if best_uniform != 2:
                 out.append((f"uniform k={best_uniform}", side, cut(best_uniform)))
             out.append(("adaptive", side, adaptive))
+        if side == "per_client" and not args.quick:  # clients may hold it all
+            whole = merge(adaptive, {"federation": {"k_max": args.num_layers}})
+            if profile == "P2":
+                out.append((f"{WHOLE[:-1]}, round-0 plan)", side, merge(whole, KEEP)))
+            out.append((WHOLE, side, whole))
     if profile == "P1" and "per_client" in args.sides:
         out.append(("FedAvg-LoRA", "per_client", cut(args.num_layers)))
         out.append(("centralized", "per_client", {}))
@@ -300,17 +358,29 @@ def centralized(tree: dict, args) -> dict:
     )
 
 
-def run_profile(args, out: Path, profile: str, costs: CostModel, best_uniform: int):
+def run_profile(
+    args,
+    out: Path,
+    profile: str,
+    costs: CostModel,
+    best_uniform: int,
+    done: dict | None = None,
+):
+    """Every method on one profile; ``done`` (an earlier results.json's entry
+    for it) supplies the rows already measured, which are not run again."""
     if args.quick and profile == "P3":  # 16 clients: two rounds keep it short
         args = argparse.Namespace(**{**vars(args), "rounds": 2})
     tree = base_tree(args, out, profile, costs)
-    targets: dict[str, float] = {}
-    rows = []
+    targets: dict[str, float] = dict((done or {}).get("targets", {}))
+    rows = list((done or {}).get("methods", []))
+    have = {(r["method"], r["server_side"]) for r in rows}
     for name, side, extra in methods(args, profile, best_uniform):
+        if (name, side) in have:
+            continue
         run_tree = (
             centralized(tree, args) if name == "centralized" else merge(tree, extra)
         )
-        slug = name.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "")
+        slug = "".join(c for c in name.replace(" ", "_") if c not in "=(),")
         run_tree = merge(
             run_tree, {"name": f"{slug}-{side}", "federation": {"server_side": side}}
         )
@@ -324,7 +394,7 @@ def run_profile(args, out: Path, profile: str, costs: CostModel, best_uniform: i
         )
         if name == "fixed k=2":
             targets[side] = result["final_eval_loss"]
-        rows.append({"method": name, "server_side": side, **result})
+        rows.append({"method": name, "server_side": side, **result, **provenance()})
         print(
             f"[{profile}] {name:<24} {side:<10} final eval loss "
             f"{result['final_eval_loss']:.4f}  ({time.perf_counter() - t0:.0f} s)",
@@ -417,8 +487,10 @@ def print_profile(profile: str, result: dict) -> None:
 
 
 def goals(results: dict) -> list[str]:
-    """The issue's goals, each with the measured ratio and whether it holds."""
+    """The issue's goals, each with the measured ratio and whether it holds,
+    for the adaptive policy and, where it ran, its k_max=L variant."""
     lines = []
+    ours = ("adaptive", WHOLE)
 
     def ratio(a, b):
         return None if a is None or b is None else a / b
@@ -430,81 +502,73 @@ def goals(results: dict) -> list[str]:
             ok = "met" if value <= bound else "MISSED"
             lines.append(f"{text}: {value:.3f} (goal <= {bound}) {ok}")
 
+    def uniform(r):
+        return r["method"].startswith("uniform") or r["method"] == "fixed k=2"
+
     p1 = results["profiles"].get("P1")
-    if p1:
-        for side in ("per_client", "shared"):
-            rows = [r for r in p1["methods"] if r["server_side"] == side]
-            get = {r["method"]: r for r in rows}
-            if "adaptive" not in get:
-                continue
-            t = get["adaptive"]["time_to_target_s"]
+    for side in ("per_client", "shared") if p1 else ():
+        rows = [r for r in p1["methods"] if r["server_side"] == side]
+        get = {r["method"]: r for r in rows}
+        fitting = [r for r in rows if uniform(r) and not r["over_budget"]]
+        reached = [r for r in fitting if r["time_to_target_s"] is not None]
+        others = [
+            r["final_eval_loss"]
+            for r in rows
+            if not r["method"].startswith("adaptive") and r["method"] != "centralized"
+        ]
+        for name in (n for n in ours if n in get):
+            me = get[name]
+            t = me["time_to_target_s"]
             line(
-                f"P1 {side}: adaptive / fixed k=2 time to target",
+                f"P1 {side}: {name} / fixed k=2 time to target",
                 ratio(t, get["fixed k=2"]["time_to_target_s"]),
                 0.70,
             )
             lines.append(
-                f"  (mean round time, adaptive / fixed k=2: "
-                f"{get['adaptive']['round_time_vs_fixed2']:.3f})"
+                f"  (mean round time, {name} / fixed k=2: "
+                f"{me['round_time_vs_fixed2']:.3f})"
             )
-            uniform = [
-                r
-                for r in rows
-                if (r["method"].startswith("uniform") or r["method"] == "fixed k=2")
-                and not r["over_budget"]
-                and r["time_to_target_s"] is not None
-            ]
-            if uniform:
-                best = min(uniform, key=lambda r: r["time_to_target_s"])
+            if reached:
+                best = min(reached, key=lambda r: r["time_to_target_s"])
                 line(
-                    f"P1 {side}: adaptive / best uniform cut that fits "
+                    f"P1 {side}: {name} / best uniform cut that fits "
                     f"({best['method']})",
                     ratio(t, best["time_to_target_s"]),
                     0.85,
                 )
-            fitting = [
-                r
-                for r in rows
-                if (r["method"].startswith("uniform") or r["method"] == "fixed k=2")
-                and not r["over_budget"]
-            ]
             quickest = min(fitting, key=lambda r: r["mean_round_s"])
             lines.append(
-                f"  (mean round time, adaptive / quickest uniform cut that fits, "
+                f"  (mean round time, {name} / quickest uniform cut that fits, "
                 f"{quickest['method']}: "
-                f"{get['adaptive']['mean_round_s'] / quickest['mean_round_s']:.3f})"
+                f"{me['mean_round_s'] / quickest['mean_round_s']:.3f})"
             )
-            others = [
-                r["final_eval_loss"]
-                for r in rows
-                if r["method"] not in ("adaptive", "centralized")
-            ]
             line(
-                f"P1 {side}: adaptive final eval loss / best federated baseline",
-                ratio(get["adaptive"]["final_eval_loss"], min(others)),
+                f"P1 {side}: {name} final eval loss / best federated baseline",
+                ratio(me["final_eval_loss"], min(others)),
                 1.01,
             )
-        central = [r for r in p1["methods"] if r["method"] == "centralized"]
-        adaptive = [r for r in p1["methods"] if r["method"] == "adaptive"]
-        if central and adaptive:
-            line(
-                "P1: adaptive (per_client) final eval loss / centralized",
-                ratio(adaptive[0]["final_eval_loss"], central[0]["final_eval_loss"]),
-                1.01,
-            )
+    central = [r for r in (p1 or {}).get("methods", []) if r["method"] == "centralized"]
+    adaptive = [r for r in (p1 or {}).get("methods", []) if r["method"] == "adaptive"]
+    if central and adaptive:
+        line(
+            "P1: adaptive (per_client) final eval loss / centralized",
+            ratio(adaptive[0]["final_eval_loss"], central[0]["final_eval_loss"]),
+            1.01,
+        )
     p2 = results["profiles"].get("P2")
-    if p2:
-        for side in ("per_client", "shared"):
-            get = {r["method"]: r for r in p2["methods"] if r["server_side"] == side}
-            if "adaptive" in get:
-                line(
-                    f"P2 {side}: adaptive / its round-0 plan kept, time to target",
-                    ratio(
-                        get["adaptive"]["time_to_target_s"],
-                        get["adaptive (round-0 plan)"]["time_to_target_s"],
-                    ),
-                    0.80,
-                )
+    for side in ("per_client", "shared") if p2 else ():
+        get = {r["method"]: r for r in p2["methods"] if r["server_side"] == side}
+        for name in (n for n in ours if n in get):
+            kept = (
+                f"{name[:-1]}, round-0 plan)"
+                if name == WHOLE
+                else f"{name} (round-0 plan)"
+            )
+            line(
+                f"P2 {side}: {name} / its round-0 plan kept, time to target",
+                ratio(get[name]["time_to_target_s"], get[kept]["time_to_target_s"]),
+                0.80,
+            )
     over = [
         f"{p} {r['method']} {r['server_side']}"
         for p, res in results["profiles"].items()
@@ -551,8 +615,8 @@ def plot(results: dict, out: Path) -> None:
         moving = [
             r
             for r in res["methods"]
-            if r["method"]
-            in ("adaptive", "adaptive (round-0 plan)", "random", "splitft")
+            if r["method"].startswith("adaptive")
+            or r["method"] in ("random", "splitft")
         ]
         if not moving:
             continue
@@ -573,7 +637,7 @@ def plot(results: dict, out: Path) -> None:
                 title=f"{r['method']} ({r['server_side']})",
                 xlabel="round",
                 ylabel="cut layer",
-                ylim=(0, 30),
+                ylim=(0, results["costs"]["num_layers"] + 1),
             )
         axes[0][0].legend(fontsize=6, ncol=2)
         fig.tight_layout()
@@ -617,6 +681,13 @@ def main() -> None:
     ap.add_argument(
         "--report", metavar="RESULTS", help="re-render a results.json, run nothing"
     )
+    ap.add_argument(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="keep the methods already in --out's results.json (same settings "
+        "required) and run only the missing ones",
+    )
     args = ap.parse_args()
     if args.report:
         report(Path(args.report))
@@ -644,6 +715,7 @@ def main() -> None:
         f"cost model: {costs.block_s * 1e6:.1f} us per block and token slot, "
         f"head {costs.head_s * 1e6:.0f} us; {slots:.0f} token slots per batch"
     )
+    earlier = previous(out / "results.json", args) if args.resume else None
     results = {
         **provenance(),
         "settings": {k: v for k, v in vars(args).items()},
@@ -653,16 +725,63 @@ def main() -> None:
         "part_a": part_a(costs, slots, args.local_steps),
         "profiles": {},
     }
+    if earlier:  # its provenance stays; this run's is recorded beside it
+        continued = earlier.get("continued", []) + [provenance()]
+        results = {**earlier, "part_a": results["part_a"], "continued": continued}
+        results["profiles"] = dict(earlier["profiles"])
     print_part_a(results["part_a"])
     for profile in args.profiles:
         n = 16 if profile == "P3" else 8
         best = best_uniform(costs, n, args.speed, slots, args.local_steps)
-        results["profiles"][profile] = run_profile(args, out, profile, costs, best)
+        done = results["profiles"].get(profile)
+        results["profiles"][profile] = run_profile(
+            args, out, profile, costs, best, done
+        )
         write_json(out / "results.json", results)  # what is done survives a crash
         print_profile(profile, results["profiles"][profile])
-    results["wall_s"] = time.perf_counter() - t_start
+    results["wall_s"] = (earlier or {}).get("wall_s", 0) + time.perf_counter() - t_start
     write_json(out / "results.json", results)
     report(out / "results.json")
+
+
+# settings that change what a method measures: a continued run must match them
+SAME = (
+    "quick",
+    "speed",
+    "timing",
+    "rounds",
+    "local_steps",
+    "extra",
+    "accuracy",
+    "costs",
+    "eval_size",
+    "train_per_task",
+)
+
+
+def previous(path: Path, args) -> dict | None:
+    """The results.json ``--continue`` adds to (None if there is none yet).
+
+    Raises:
+        SystemExit: its settings differ from this run's, naming them.
+    """
+    if not path.exists():
+        return None
+    earlier = json.loads(path.read_text())
+    old = earlier["settings"]
+    now = vars(args)
+    differ = [
+        f"{k}: {old.get(k)!r} there, {now[k]!r} now"
+        for k in SAME
+        if old.get(k) != now[k]
+    ]
+    if differ:
+        raise SystemExit(
+            f"--continue: {path} was made with other settings ("
+            + "; ".join(differ)
+            + ")"
+        )
+    return earlier
 
 
 def report(path: Path) -> None:

@@ -176,7 +176,12 @@ class FederationConfig:
         "order: SFL-V2)",
     )
     k_min: int = _f(1, "smallest cut a policy may choose (a privacy floor)")
-    k_max: int = _f(0, "largest cut a policy may choose (0 = L - 1)")
+    k_max: int = _f(
+        0,
+        "largest cut a policy may choose (0 = L - 1: every client splits; L lets "
+        "a client that can hold the whole model train it alone, needing no "
+        "server time)",
+    )
 
     def __post_init__(self) -> None:
         _check(

@@ -286,3 +286,30 @@ def test_settings_the_model_or_machine_cannot_meet_stop_before_loading(
         with pytest.raises(ConfigError, match="model.device='cuda' is not allowed"):
             Simulation(gpu).setup()
     assert not (tmp_path / "default").exists()  # nothing written
+
+
+def test_adaptive_may_give_clients_the_whole_model(assets, tmp_path):
+    """With k_max = L a client that can hold the model trains it alone when
+    that shortens the round; it is re-cut into a split client when it slows."""
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=whole",
+        "federation.policy=adaptive",
+        "federation.k_max=4",
+        "sim.timing=predicted",
+        "sim.mix=[laptop]",
+        "sim.server_speed=0.5",  # a slow server: clients that need none pay
+        "planner.replan_every=0",
+        "sim.changes=[{round: 1, client: 0, slowdown: 40}]",
+        "federation.rounds=3",
+    )
+    sim, summary = run(cfg, synthetic.costs(num_layers=4, block_s=1e-2))
+    r1, r2, r3 = (r for r in summary["rounds"] if r["round"] > 0)
+    assert r1["cuts"]["0"] == 4 and 4 in r2["cuts"].values()
+    assert r1["timing"]["0"]["served_s"] == 0  # it needs no server time
+    assert "client 0 took" in r3["replan"]
+    assert r3["cuts"]["0"] < 4 and r3["timing"]["0"]["served_s"] > 0
+    assert r3["eval_loss"] < summary["rounds"][0]["eval_loss"]
+    base = AutoModelForCausalLM.from_pretrained(assets / "model")
+    peft.PeftModel.from_pretrained(base, sim.run_dir / "adapter")
