@@ -89,3 +89,61 @@ def test_adaptive_policy_on_heterogeneous_clients(tmp_path):
         assert r["sim_round_s"] > 0 and 0 <= r["prediction_error"] < 1.0
     # the workstation takes more blocks than the phone
     assert trained[0]["cuts"]["0"] > trained[0]["cuts"]["2"]
+
+
+@pytest.mark.integration
+def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path):
+    """Checkpoint, interrupt and --resume on the real model: the same adapter
+    and eval losses as a run that was never stopped."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from splitft import runs
+
+    def cfg(name):
+        return load_config(
+            None,
+            [
+                f"out_dir={tmp_path}",
+                f"name={name}",
+                "federation.num_clients=2",
+                "federation.rounds=2",
+                "federation.local_steps=1",
+                "federation.policy=adaptive",
+                "federation.server_side=shared",
+                "sim.mix=[workstation, phone]",
+                "sim.timing=predicted",
+                "data.tasks=[arithmetic/2_digit_addition]",
+                "data.eval_size=4",
+                "data.max_train_per_task=16",
+                "data.max_length=64",
+                "train.batch_size=2",
+                "eval.accuracy=false",
+            ],
+        )
+
+    whole = Simulation(cfg("whole"))
+    whole.run(table=False)
+
+    def interrupt(record):
+        if record["round"] == 1:
+            raise runs.Interrupted(signal.SIGINT)
+        return False
+
+    with pytest.raises(runs.Interrupted):
+        Simulation(cfg("cut"), whole.costs).run(interrupt, table=False)
+    assert runs.read_status(tmp_path / "cut")["state"] == "interrupted"
+    resumed = Simulation(cfg("cut"), resume=True)
+    resumed.run(table=False)
+    assert resumed.start_round == 1
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    sa = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    for ra, rb in zip(sa["rounds"], sb["rounds"], strict=True):
+        assert ra.get("cuts") == rb.get("cuts")
+        assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], rel=1e-6)
