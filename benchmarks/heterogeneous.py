@@ -243,7 +243,7 @@ def base_tree(args, out: Path, profile: str, costs: CostModel) -> dict:
     n = 16 if profile == "P3" else 8
     tree = {
         "out_dir": str(out / profile),
-        "seed": 0,
+        "seed": args.seed,
         "data": {
             "tasks": list(DEFAULT_TASKS),
             "max_length": MAX_LENGTH,
@@ -383,6 +383,8 @@ def run_profile(
     for name, side, extra in methods(args, profile, best_uniform):
         if (name, side) in have:
             continue
+        if args.methods and name not in args.methods and name != "fixed k=2":
+            continue  # fixed k=2 always runs: it sets the target
         run_tree = (
             centralized(tree, args) if name == "centralized" else merge(tree, extra)
         )
@@ -402,7 +404,7 @@ def run_profile(
             targets[side] = result["final_eval_loss"]
         rows.append({"method": name, "server_side": side, **result, **provenance()})
         print(
-            f"[{profile}] {name:<24} {side:<10} final eval loss "
+            f"[{profile}] {name:<32} {side:<10} final eval loss "
             f"{result['final_eval_loss']:.4f}  ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
@@ -439,7 +441,7 @@ def best_uniform(costs: CostModel, n: int, speed: float, slots: float, steps: in
 
 # -------------------------------------------------------------- report
 COLUMNS = (
-    ("method", "{:<24}", "method"),
+    ("method", "{:<32}", "method"),
     ("side", "{:<10}", "server_side"),
     ("to target s", "{:>11}", "time_to_target_s"),
     ("vs k=2", "{:>6}", "time_vs_fixed2"),
@@ -680,6 +682,16 @@ def main() -> None:
         "--accuracy", action="store_true", help="task accuracy at the budget"
     )
     ap.add_argument(
+        "--seed", type=int, default=0, help="data, partition, LoRA init, order"
+    )
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="run only these methods, named as in the tables (fixed k=2 always "
+        "runs: it sets the target)",
+    )
+    ap.add_argument(
         "--costs",
         metavar="JSON",
         help="use a saved cost model (a run's costs.json) instead of probing",
@@ -762,6 +774,7 @@ SAME = (
     "costs",
     "eval_size",
     "train_per_task",
+    "seed",
 )
 
 
@@ -776,10 +789,11 @@ def previous(path: Path, args) -> dict | None:
     earlier = json.loads(path.read_text())
     old = earlier["settings"]
     now = vars(args)
+    before = {"seed": 0}  # what runs made before the setting existed used
     differ = [
-        f"{k}: {old.get(k)!r} there, {now[k]!r} now"
+        f"{k}: {old.get(k, before.get(k))!r} there, {now[k]!r} now"
         for k in SAME
-        if old.get(k) != now[k]
+        if old.get(k, before.get(k)) != now[k]
     ]
     if differ:
         raise SystemExit(
