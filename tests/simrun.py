@@ -24,18 +24,25 @@ def make_assets(root):
     return root
 
 
+def base_settings(assets, out_dir) -> list[str]:
+    """What every tiny-model run sets: the model, the data, small batches."""
+    return [
+        f"model.path={assets / 'model'}",
+        "model.device=cpu",
+        f"data.source={assets / 'qa.jsonl'}",
+        "data.max_length=32",
+        "data.eval_size=8",
+        f"out_dir={out_dir}",
+        "eval.accuracy=false",
+        "train.batch_size=2",
+    ]
+
+
 def config(assets, tmp_path, *overrides):
     return load_config(
         None,
         [
-            f"model.path={assets / 'model'}",
-            "model.device=cpu",
-            f"data.source={assets / 'qa.jsonl'}",
-            "data.max_length=32",
-            "data.eval_size=8",
-            f"out_dir={tmp_path}",
-            "eval.accuracy=false",
-            "train.batch_size=2",
+            *base_settings(assets, tmp_path),
             "federation.num_clients=4",
             "federation.rounds=3",
             "federation.local_steps=2",

@@ -12,7 +12,7 @@ import pytest
 import synthetic
 import torch
 from safetensors.torch import load_file
-from simrun import TIMING_FREE, config, make_assets, rounded
+from simrun import TIMING_FREE, base_settings, config, make_assets, rounded
 
 from splitft import lora, runs
 from splitft.cli import main
@@ -191,15 +191,8 @@ def _cli(tmp_path, assets, *args, fault=None, name="k"):
     cmd = [sys.executable, "-m", "splitft.cli", "run", *args]
     if "--resume" not in args:
         cmd += [
-            f"model.path={assets / 'model'}",
-            "model.device=cpu",
-            f"data.source={assets / 'qa.jsonl'}",
-            "data.max_length=32",
-            "data.eval_size=8",
-            f"out_dir={tmp_path}",
+            *base_settings(assets, tmp_path),
             f"name={name}",
-            "eval.accuracy=false",
-            "train.batch_size=2",
             "federation.num_clients=3",
             "federation.rounds=3",
             "federation.local_steps=2",
