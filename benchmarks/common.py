@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -170,7 +171,7 @@ def provenance() -> dict[str, str]:
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
     return {
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
