@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 from transformers import AutoTokenizer
 
+from splitft import runs
 from splitft.config import DEFAULT_TASKS, LoraSettings, RunConfig, cache_dir, from_dict
 from splitft.data import build_datasets
 from splitft.federation.simulation import Simulation
@@ -38,21 +38,29 @@ def config(tree: dict) -> RunConfig:
     return from_dict(RunConfig, tree)
 
 
-def train_lengths(max_length: int, eval_size: int, train_per_task: int) -> list[int]:
+def train_lengths(
+    max_length: int, eval_size: int, train_per_task: int, seed: int = 0
+) -> list[int]:
     """Token lengths of the default data's training examples."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     train, _ = build_datasets(
-        DEFAULT_TASKS, tokenizer, cache_dir(), max_length, eval_size, 0, train_per_task
+        DEFAULT_TASKS,
+        tokenizer,
+        cache_dir(),
+        max_length,
+        eval_size,
+        seed,
+        train_per_task,
     )
     return list(train["length"])
 
 
 def probe_default(
-    batch_size: int, max_length: int, eval_size: int, train_per_task: int
+    batch_size: int, max_length: int, eval_size: int, train_per_task: int, seed: int = 0
 ) -> tuple[CostModel, list[int]]:
     """Probe the default model at the default data's mean length, once for a
     whole benchmark (every method then starts from the same beliefs)."""
-    lengths = train_lengths(max_length, eval_size, train_per_task)
+    lengths = train_lengths(max_length, eval_size, train_per_task, seed)
     folder = default_model_dir()
     costs = probe(
         WeightStore(folder),
@@ -178,5 +186,6 @@ def provenance() -> dict[str, str]:
 
 
 def write_json(path: Path, data: Any) -> None:
+    """Atomically (splitft.runs.write_json): a crash leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    runs.write_json(path, data)

@@ -125,7 +125,7 @@ def uniform_times(w: World) -> dict[int, float]:
 
 
 def lower_bound(w: World) -> float:
-    """No plan's round can be shorter than this.
+    """No split plan's round can be shorter than this.
 
     Two bounds, the larger one: the slowest client alone on an idle server
     at the quickest cut it can hold, and the server's busy time when every
@@ -370,10 +370,14 @@ def run_profile(
     profile: str,
     costs: CostModel,
     best_uniform: int,
-    done: dict | None = None,
+    done: dict | None,
+    prov: dict,
+    save,
 ):
     """Every method on one profile; ``done`` (an earlier results.json's entry
-    for it) supplies the rows already measured, which are not run again."""
+    for it) supplies the rows already measured, which are not run again;
+    ``save`` gets the rows so far after each method; ``prov`` is this run's
+    provenance, recorded on every row it measures."""
     if args.quick and profile == "P3":  # 16 clients: two rounds keep it short
         args = argparse.Namespace(**{**vars(args), "rounds": 2})
     tree = base_tree(args, out, profile, costs)
@@ -402,7 +406,8 @@ def run_profile(
         )
         if name == "fixed k=2":
             targets[side] = result["final_eval_loss"]
-        rows.append({"method": name, "server_side": side, **result, **provenance()})
+        rows.append({"method": name, "server_side": side, **result, **prov})
+        save({"targets": targets, "methods": rows})
         print(
             f"[{profile}] {name:<32} {side:<10} final eval loss "
             f"{result['final_eval_loss']:.4f}  ({time.perf_counter() - t0:.0f} s)",
@@ -556,7 +561,11 @@ def goals(results: dict) -> list[str]:
                 1.01,
             )
     central = [r for r in (p1 or {}).get("methods", []) if r["method"] == "centralized"]
-    adaptive = [r for r in (p1 or {}).get("methods", []) if r["method"] == "adaptive"]
+    adaptive = [
+        r
+        for r in (p1 or {}).get("methods", [])
+        if r["method"] == "adaptive" and r["server_side"] == "per_client"
+    ]
     if central and adaptive:
         line(
             "P1: adaptive (per_client) final eval loss / centralized",
@@ -572,6 +581,8 @@ def goals(results: dict) -> list[str]:
                 if name == WHOLE
                 else f"{name} (round-0 plan)"
             )
+            if kept not in get:  # not run (--methods)
+                continue
             line(
                 f"P2 {side}: {name} / its round-0 plan kept, time to target",
                 ratio(get[name]["time_to_target_s"], get[kept]["time_to_target_s"]),
@@ -720,22 +731,37 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    if args.costs:  # another run's probe: the same yardstick across runs
+    prov = provenance()  # the tree as it is now, before anything can change it
+    earlier = previous(out / "results.json", args) if args.resume else None
+    if earlier:  # the yardstick the kept rows were measured with
+        costs = CostModel(**earlier["costs"])
+        lengths = train_lengths(
+            MAX_LENGTH, args.eval_size, args.train_per_task, args.seed
+        )
+    elif args.costs:  # another run's probe: the same yardstick across runs
         costs = CostModel.load(args.costs)
-        lengths = train_lengths(MAX_LENGTH, args.eval_size, args.train_per_task)
+        lengths = train_lengths(
+            MAX_LENGTH, args.eval_size, args.train_per_task, args.seed
+        )
     else:
         costs, lengths = probe_default(
-            BATCH, MAX_LENGTH, args.eval_size, args.train_per_task
+            BATCH, MAX_LENGTH, args.eval_size, args.train_per_task, args.seed
         )
     args.num_layers = costs.num_layers
     slots = expected_slots(lengths, BATCH)
+    bests = {
+        p: best_uniform(
+            costs, 16 if p == "P3" else 8, args.speed, slots, args.local_steps
+        )
+        for p in args.profiles
+    }
+    check_methods(args, bests)
     print(
         f"cost model: {costs.block_s * 1e6:.1f} us per block and token slot, "
         f"head {costs.head_s * 1e6:.0f} us; {slots:.0f} token slots per batch"
     )
-    earlier = previous(out / "results.json", args) if args.resume else None
     results = {
-        **provenance(),
+        **prov,
         "settings": {k: v for k, v in vars(args).items()},
         "fleet": fleet(costs),
         "costs": costs.__dict__,
@@ -744,22 +770,43 @@ def main() -> None:
         "profiles": {},
     }
     if earlier:  # its provenance stays; this run's is recorded beside it
-        continued = earlier.get("continued", []) + [provenance()]
+        continued = earlier.get("continued", []) + [prov]
         results = {**earlier, "part_a": results["part_a"], "continued": continued}
         results["profiles"] = dict(earlier["profiles"])
     print_part_a(results["part_a"])
     for profile in args.profiles:
-        n = 16 if profile == "P3" else 8
-        best = best_uniform(costs, n, args.speed, slots, args.local_steps)
+
+        def save(partial: dict, profile: str = profile) -> None:
+            results["profiles"][profile] = partial  # what is done survives a crash
+            write_json(out / "results.json", results)
+
         done = results["profiles"].get(profile)
         results["profiles"][profile] = run_profile(
-            args, out, profile, costs, best, done
+            args, out, profile, costs, bests[profile], done, prov, save
         )
-        write_json(out / "results.json", results)  # what is done survives a crash
+        write_json(out / "results.json", results)
         print_profile(profile, results["profiles"][profile])
     results["wall_s"] = (earlier or {}).get("wall_s", 0) + time.perf_counter() - t_start
     write_json(out / "results.json", results)
     report(out / "results.json")
+
+
+def check_methods(args, bests: dict[str, int]) -> None:
+    """Refuse ``--methods`` names no profile has, listing the ones it has."""
+    if not args.methods:
+        return
+    known = [
+        name
+        for p, best in bests.items()
+        for name, _side, _extra in methods(args, p, best)
+    ]
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        raise SystemExit(
+            f"--methods: no method named {', '.join(map(repr, unknown))} on "
+            f"{' '.join(args.profiles)}; the methods are: "
+            + ", ".join(dict.fromkeys(known))
+        )
 
 
 # settings that change what a method measures: a continued run must match them
