@@ -303,6 +303,24 @@ def test_csv_row_with_missing_or_extra_cells(tmp_path, text, bad):
     )
 
 
+@pytest.mark.parametrize(
+    "prefix", ["\ufeff", "\n"], ids=["byte-order mark", "blank first line"]
+)
+def test_csv_as_spreadsheets_save_it(tmp_path, prefix):
+    path = tmp_path / "sums.csv"
+    path.write_text(prefix + "instruction,input,output\nq,x,a\nr,y,b\n")
+    rows = load(path)
+    assert [r.answer for r in rows] == ["a", "b"]
+    assert rows[0].prompt.startswith("q")
+
+
+def test_csv_cell_longer_than_the_csv_module_default(tmp_path):
+    path = tmp_path / "long.csv"
+    long = "word " * 40_000  # 200,000 characters: over csv's 131,072 default
+    path.write_text(f'instruction,output\nq,"{long}"\n')
+    assert load(path)[0].answer == long
+
+
 def test_csv_empty_cell_is_an_empty_output(tmp_path, caplog):
     path = tmp_path / "sums.csv"
     path.write_text("instruction,input,output\nq,x,a\nq,x,\n")

@@ -197,6 +197,7 @@ def _read_rows(path: Path, builder: str, cache_dir: Path | None) -> list[dict]:
         string = datasets.Value("string")
         kwargs["features"] = datasets.Features({name: string for name in header})
         kwargs["keep_default_na"] = False
+        kwargs["encoding"] = "utf-8-sig"
     try:
         ds = datasets.load_dataset(
             builder,
@@ -221,16 +222,20 @@ def _read_rows(path: Path, builder: str, cache_dir: Path | None) -> list[dict]:
 def _check_csv(path: Path) -> list[str]:
     """The header, after checking that every row has a cell per column: pandas
     would fill a short row with empty cells, as if its answer were blank."""
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        cells = (row for row in reader if row)  # pandas skips blank lines too
-        for i, row in enumerate(cells):
-            if len(row) != len(header):
-                raise ConfigError(
-                    f"{_row(path, i)}: {len(row)} cells, but the header has "
-                    f"{len(header)} ({', '.join(header)})"
-                )
+    csv.field_size_limit(2**31 - 1)  # a long answer is not an error (default 128 KiB)
+    i = -1
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+        cells = (row for row in csv.reader(f) if row)  # pandas skips blank lines
+        try:
+            header = next(cells, [])
+            for i, row in enumerate(cells):
+                if len(row) != len(header):
+                    raise ConfigError(
+                        f"{_row(path, i)}: {len(row)} cells, but the header has "
+                        f"{len(header)} ({', '.join(header)})"
+                    )
+        except csv.Error as err:
+            raise ConfigError(f"{_row(path, i + 1)}: not valid CSV: {err}") from err
     return header
 
 
