@@ -185,7 +185,7 @@ class ModelPart:
     def _load(self, store: WeightStore) -> None:
         head_key = f"{self.spec.head}.weight"
         tensors = {}
-        for key in self.model.state_dict():
+        for key, want in self.model.state_dict().items():
             source = key
             if key not in store and key == head_key and self.config.tie_word_embeddings:
                 source = self.spec.tied_source  # tied head: a frozen copy
@@ -195,6 +195,12 @@ class ModelPart:
                     "config.json needs (weights and config do not match)"
                 )
             tensors[key] = store.get(source)
+            if tensors[key].shape != want.shape:
+                raise ConfigError(
+                    f"{store.folder}: {source!r} has shape "
+                    f"{list(tensors[key].shape)}, but config.json makes it "
+                    f"{list(want.shape)} (weights and config do not match)"
+                )
         self.model.load_state_dict(tensors, strict=True, assign=True)
         for name in self.spec.rebuild:  # non-persistent buffers, e.g. RoPE inv_freq
             module = getattr(self.decoder, name)
