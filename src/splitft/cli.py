@@ -44,8 +44,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     """Show how the config spreads the training data over the clients."""
     cfg = load_config(args.config, args.overrides)
-    from transformers import AutoTokenizer
-
     from splitft.data.federated import load_run_data
     from splitft.data.partition_report import (
         partition_stats,
@@ -53,8 +51,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
         print_partition_table,
     )
     from splitft.models.default import resolve_model_dir
+    from splitft.models.parts import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(cfg.model.path))
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.model.path))
     data = load_run_data(cfg, tokenizer)
     p = cfg.partition
     title = (

@@ -3,11 +3,16 @@
 import json
 
 import pytest
-from tiny import make_tiny
+from tiny import make_tiny, make_tokenizer
 
 from splitft.config import ConfigError
 from splitft.models.default import resolve_model_dir
-from splitft.models.parts import WeightStore, client_part, load_model_config
+from splitft.models.parts import (
+    WeightStore,
+    client_part,
+    load_model_config,
+    load_tokenizer,
+)
 
 
 @pytest.fixture
@@ -141,3 +146,16 @@ def test_weights_of_another_size_than_the_config(folder):
     message = error(client_part, store, config, 1)
     assert message.startswith(f"{folder}: 'model.layers.0.mlp.")
     assert message.endswith("(weights and config do not match)")
+
+
+def test_folder_without_a_tokenizer(folder):
+    message = error(load_tokenizer, folder)
+    assert message.startswith(f"{folder}: no tokenizer transformers can load")
+
+
+def test_tokenizer_json_that_is_not_json(folder):
+    make_tokenizer().save_pretrained(folder)
+    assert load_tokenizer(folder).eos_token == "<|im_end|>"
+    path = folder / "tokenizer.json"
+    path.write_text(path.read_text()[:200])
+    assert error(load_tokenizer, folder).startswith(f"{path}: line ")

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from splitft import lora, report, runs
 from splitft.config import ConfigError, RunConfig, save_config, to_dict
@@ -33,7 +32,12 @@ from splitft.eval import evaluate, task_accuracy
 from splitft.federation.policies import PolicyContext, make_policy
 from splitft.federation.strategy import RoundConfig, RoundResult, Strategy
 from splitft.models.default import resolve_model_dir
-from splitft.models.parts import WeightStore, full_part, load_model_config
+from splitft.models.parts import (
+    WeightStore,
+    full_part,
+    load_model_config,
+    load_tokenizer,
+)
 from splitft.sim.clock import simulate_round
 from splitft.sim.costs import CostModel, Estimator, Workload, World, probe
 from splitft.sim.profiles import devices_at, server_device
@@ -122,7 +126,7 @@ class Simulation:
         L = self.model_config.num_hidden_layers
         self.k_max = fed.k_max or L - 1
         _check_cuts(fed, self.k_max, L)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_token_id(self.tokenizer)
         self.data = load_run_data(cfg, self.tokenizer)
         self.store = WeightStore(self.model_dir, device=device)

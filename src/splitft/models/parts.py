@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from splitft.config import ConfigError
 from splitft.models.arch import ArchSpec, PassThrough, ZeroPositions, spec_for
@@ -127,6 +133,27 @@ def _config_error(path: Path, err: Exception) -> ConfigError:
         return ConfigError(f"{path}: no 'model_type' key (e.g. \"llama\")")
     why = " ".join(str(err).split("\n\n")[0].split())  # its first paragraph
     return ConfigError(f"{path}: not a model config transformers can read: {why}")
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer (offline).
+
+    Raises:
+        ConfigError: it has none transformers can load, or a tokenizer file
+            is not valid JSON (names the file and the line).
+    """
+    folder = Path(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # as for the config: many types
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                _read_json(folder / name)  # raises for a JSON error, naming it
+        why = " ".join(str(err).split("\n\n")[0].split())
+        raise ConfigError(
+            f"{folder}: no tokenizer transformers can load (a model folder needs "
+            f"tokenizer.json and tokenizer_config.json): {why}"
+        ) from None
 
 
 class ModelPart:
