@@ -93,8 +93,9 @@ def test_adaptive_policy_on_heterogeneous_clients(tmp_path):
 
 @pytest.mark.integration
 def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path):
-    """Checkpoint, interrupt and --resume on the real model: the same adapter
-    and eval losses as a run that was never stopped."""
+    """Checkpoint, interrupt and resume (what `splitft run --resume` does) on
+    the real model: the same adapter and eval losses as a run that was never
+    stopped."""
     import signal
 
     from safetensors.torch import load_file
