@@ -21,11 +21,40 @@ SMASHED, GRADIENTS, ADAPTERS, CONTROL = "smashed", "gradients", "adapters", "con
 
 
 @dataclass
+class Join:
+    """Client -> server, first: who it is and what it holds (deployment)."""
+
+    client_id: int
+    num_samples: int  # examples held: the most its uploads may weigh
+    memory_bytes: int = 0  # its memory budget for the planner (0: not declared)
+    kind = CONTROL
+
+
+@dataclass
 class RoundRequest:
-    """Client -> server: "I am ready for round ``round``"."""
+    """Client -> server: "I am ready for round ``round``" (-1: whichever is open)."""
 
     client_id: int
     round: int
+    kind = CONTROL
+
+
+@dataclass
+class Wait:
+    """Server -> client: no plan for you now; ask again after a while."""
+
+    client_id: int
+    round: int  # the round open now, or the next one
+    retry_after_seconds: float = 1.0
+    kind = CONTROL
+
+
+@dataclass
+class Stop:
+    """Server -> client: the run is over, or has no more rounds for this client."""
+
+    client_id: int
+    reason: str = ""
     kind = CONTROL
 
 
@@ -89,12 +118,23 @@ class Ack:
 
     client_id: int
     error: str = ""
+    code: str = ""  # a refusal's gRPC status name (splitft.split.errors)
     kind = CONTROL
 
 
 MESSAGES = {
     c.__name__: c
-    for c in (RoundRequest, RoundPlan, SmashedData, Gradient, AdapterUpdate, Ack)
+    for c in (
+        Join,
+        RoundRequest,
+        RoundPlan,
+        Wait,
+        Stop,
+        SmashedData,
+        Gradient,
+        AdapterUpdate,
+        Ack,
+    )
 }
 
 
