@@ -182,6 +182,11 @@ class FederationConfig:
         "a client that can hold the whole model train it alone, needing no "
         "server time)",
     )
+    upload_norm_bound: float = _f(
+        10.0,
+        "refuse an uploaded adapter whose norm is over this many times the "
+        "global adapter's on the same layers (0 = no bound)",
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -202,6 +207,8 @@ class FederationConfig:
         ok = self.k_max == 0 or self.k_max >= self.k_min
         allowed = f"0 (= L - 1) or >= federation.k_min={self.k_min}"
         _check(ok, "federation.k_max", self.k_max, allowed)
+        ok = math.isfinite(self.upload_norm_bound) and self.upload_norm_bound >= 0
+        _check(ok, "federation.upload_norm_bound", self.upload_norm_bound, ">= 0")
 
 
 @dataclass

@@ -146,6 +146,9 @@ class Simulation:
             local_steps=fed.local_steps,
             seed=cfg.seed,
             server_side=fed.server_side,
+            max_length=cfg.data.max_length,
+            num_samples={c: len(p) for c, p in enumerate(self.data.partitions)},
+            upload_norm_bound=fed.upload_norm_bound,
         )
         rows = {cid: self._client_rows(cid) for cid in range(fed.num_clients)}
         self.clients = {

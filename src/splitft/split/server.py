@@ -14,9 +14,9 @@ rebuilt) only when a cut moves below its lowest block.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,29 +36,40 @@ from splitft.federation.aggregate import (
 from splitft.models.arch import spec_for
 from splitft.models.parts import WeightStore, count_correct, server_part
 from splitft.split import optim
+from splitft.split.errors import (
+    Malformed,
+    NotAllowed,
+    OutOfOrder,
+    Refused,
+    TooLarge,
+)
 from splitft.split.messages import (
     Ack,
     AdapterUpdate,
     Gradient,
+    Join,
     RoundPlan,
     RoundRequest,
     SmashedData,
 )
 
+log = logging.getLogger(__name__)
+
 SHARED = "shared"  # the adapter name of the shared server-side LoRA
 
-
-class ClientError(RuntimeError):
-    """A client sent something the server refused; the server keeps running."""
+ClientError = Refused  # the name the server's refusals had before errors.py
 
 
 @dataclass
 class _Planned:
-    """What the server handed one client for the current round."""
+    """What the server handed one client for the current round, and where the
+    client is in it: the next (step, micro) it must send, then its upload."""
 
     round: int
     cut: int
     lrs: list[float]
+    next: tuple[int, int] = (0, 0)
+    last: tuple[tuple, object] | None = None  # (request key, reply): retries
 
 
 class SplitServer:
@@ -75,6 +86,9 @@ class SplitServer:
         local_steps: int,
         seed: int = 0,
         server_side: str = "per_client",
+        max_length: int | None = None,
+        num_samples: Mapping[int, int] | None = None,
+        upload_norm_bound: float = 0.0,
     ) -> None:
         if server_side not in SERVER_SIDES:
             raise ValueError(f"server_side {server_side!r} not in {SERVER_SIDES}")
@@ -85,6 +99,14 @@ class SplitServer:
         self._check_cuts(cut_layers)
         self.cut_layers.update(cut_layers)
         self.total_steps, self.local_steps = total_steps, local_steps
+        # bounds on what a request may carry (the model's context if not given)
+        context = getattr(config, "max_position_embeddings", None) or 2**31 - 1
+        self.max_length = min(max_length or context, context)
+        self.context = context
+        # the most samples each client may weigh in aggregation (Join sets it)
+        self.declared: dict[int, int] = dict(num_samples or {})
+        self.upload_norm_bound = upload_norm_bound
+        self._round: int | None = None  # the round open_round opened
         self.device = store.device
         self.spec = spec_for(config.model_type)
         # first: it names lora.target_modules if they match nothing
@@ -155,6 +177,7 @@ class SplitServer:
             if split and min(split) < self.part.layers.start:
                 self._build_part(min(split))
             self._open = set(cuts)
+            self._round = round
 
     @staticmethod
     def _name(cid: int) -> str:
@@ -164,33 +187,87 @@ class SplitServer:
         return SHARED if self.server_side == SHARED else self._name(cid)
 
     # ------------------------------------------------------------ requests
-    def handle(self, msg):
-        """One request in, one reply out; a bad request never stops the server."""
-        with self._lock:
-            return self._handle(msg)
+    def handle(self, msg, peer: int | None = None):
+        """One request in, one reply out; a bad request never stops the server.
 
-    def _handle(self, msg):
+        ``peer`` is the client id the transport authenticated (None in
+        process): a request acting for another client is refused. Each
+        refusal is an :class:`Ack` whose ``code`` names its class
+        (:mod:`splitft.split.errors`); anything else that fails is
+        ``INTERNAL``, logged, and the server carries on.
+        """
+        with self._lock:
+            return self._handle(msg, peer)
+
+    def _handle(self, msg, peer: int | None):
+        cid = getattr(msg, "client_id", -1)
         try:
-            if msg.client_id not in self.cut_layers:
-                raise ClientError(f"unknown client_id {msg.client_id}")
+            if peer is not None and cid != peer:
+                raise NotAllowed(
+                    f"this connection is client {peer}; it may not act for client {cid}"
+                )
+            if cid not in self.cut_layers:
+                raise NotAllowed(f"unknown client_id {cid}")
+            if isinstance(msg, Join):
+                return self._join(msg)
             if isinstance(msg, RoundRequest):
                 return self._plan(msg)
             if isinstance(msg, SmashedData):
-                return self._forward(msg)
+                return self._answer(msg, self._forward)
             if isinstance(msg, AdapterUpdate):
-                return self._receive(msg)
-            raise ClientError(f"unexpected message {type(msg).__name__}")
+                return self._answer(msg, self._receive)
+            raise Malformed(f"unexpected message {type(msg).__name__}")
+        except Refused as e:
+            if peer is None or cid == peer:  # never touch another client's state
+                self._drop_step(cid)
+            return Ack(client_id=cid, error=f"{type(e).__name__}: {e}", code=e.code)
         except Exception as e:  # noqa: BLE001 - reported to the client, not raised
-            self._drop_gradients(getattr(msg, "client_id", None))
-            detail = "".join(traceback.format_exception_only(e)).strip()
-            return Ack(client_id=getattr(msg, "client_id", -1), error=detail)
+            log.warning("request from client %s failed", cid, exc_info=True)
+            if peer is None or cid == peer:
+                self._drop_step(cid)
+            return Ack(client_id=cid, error=f"{type(e).__name__}: {e}", code="INTERNAL")
 
-    def _drop_gradients(self, cid) -> None:
-        """A refused step leaves no gradient behind."""
+    def _answer(self, msg, run):
+        """Run a step or an upload once: a retried request (the same client,
+        round, step and micro-batch as the last one answered) gets the first
+        answer again and is never applied twice."""
+        planned = self._planned.get(msg.client_id)
+        if planned is None:
+            raise OutOfOrder(
+                f"client {msg.client_id} has no plan for the open round: send "
+                "RoundRequest first"
+            )
+        key = _key(msg, planned.round)
+        if planned.last is not None and planned.last[0] == key:
+            return planned.last[1]
+        reply = run(msg)
+        planned.last = (key, reply)
+        return reply
+
+    def _drop_step(self, cid) -> None:
+        """A refused request leaves no gradient behind, and the step it was
+        part of starts again at its first micro-batch."""
         self._shared_grads.pop(cid, None)
         opt = self._optimizer(cid)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
+        planned = self._planned.get(cid)
+        if planned is not None and planned.next[0] < len(planned.lrs):
+            planned.next = (planned.next[0], 0)
+
+    def _join(self, msg: Join) -> Ack:
+        """A client declares how many examples it holds: the most its uploads
+        may weigh in aggregation."""
+        if msg.num_samples <= 0:
+            raise Malformed(f"num_samples must be > 0, got {msg.num_samples}")
+        known = self.declared.get(msg.client_id)
+        if known is not None and known != msg.num_samples:
+            raise OutOfOrder(
+                f"client {msg.client_id} joined with num_samples={known}; it "
+                f"cannot change to {msg.num_samples} within a run"
+            )
+        self.declared[msg.client_id] = msg.num_samples
+        return Ack(msg.client_id)
 
     def _optimizer(self, cid) -> torch.optim.Optimizer | None:
         """The optimizer a client's steps use (None: it has none this round)."""
@@ -212,21 +289,28 @@ class SplitServer:
         cid, k = req.client_id, self.cut_layers[req.client_id]
         rounds = self.total_steps // self.local_steps
         if not 0 <= req.round < rounds:
-            raise ClientError(f"round {req.round} not in [0, {rounds})")
+            raise OutOfOrder(f"round {req.round} not in [0, {rounds})")
+        if self._round is not None and req.round != self._round:
+            raise OutOfOrder(f"round {req.round} is not open (round {self._round} is)")
         if self._open is not None and cid not in self._open:
-            raise ClientError(f"client {cid} is not in this round")
+            raise OutOfOrder(f"client {cid} is not in this round")
+        done = self._planned.get(cid)
+        if done is not None and done.round == req.round and done.last is not None:
+            if isinstance(done.last[1], Ack) and done.last[0][0] == "upload":
+                raise OutOfOrder(f"client {cid} already uploaded round {req.round}")
         if k < self.num_layers:
             if k < self.part.layers.start:  # open_round grows the part first
-                raise ClientError(f"cut {k} below the server's blocks")
+                raise OutOfOrder(f"cut {k} below the server's blocks")
             if self.server_side == SHARED:
                 self._start_shared(req.round)
             else:
                 name = self._name(cid)
                 held = self._server_keys(self.part.layers.start)
                 lora.load_adapter_state(self.part.model, held, name)
-                self._optim[cid] = optim.make_optimizer(
-                    lora.adapter_params(self.part.model, name), self.train
-                )
+                params = lora.adapter_params(self.part.model, name)
+                for p in params:  # a step a dropped client left half-done
+                    p.grad = None
+                self._optim[cid] = optim.make_optimizer(params, self.train)
         first = req.round * self.local_steps
         lrs = [
             optim.lr_at(first + s, self.total_steps, self.train)
@@ -242,40 +326,70 @@ class SplitServer:
             return
         held = self._server_keys(self.part.layers.start)
         lora.load_adapter_state(self.part.model, held, SHARED)
-        self._optim[SHARED] = optim.make_optimizer(
-            lora.adapter_params(self.part.model, SHARED), self.train
-        )
+        params = lora.adapter_params(self.part.model, SHARED)
+        for p in params:
+            p.grad = None
+        self._optim[SHARED] = optim.make_optimizer(params, self.train)
         self._shared_round, self._served = round, {}
         self._shared_grads.clear()
 
     def _check_smashed(self, msg: SmashedData) -> None:
-        """Refuse a malformed micro-batch before it touches the model."""
+        """Refuse a micro-batch before it touches the model: its shapes, its
+        bounds (the config's batch size and ``data.max_length``), the ranges
+        of its token-level tensors, and its place in the client's round."""
         cid = msg.client_id
-        planned = self._planned.get(cid)
-        if planned is None:
-            raise ClientError(f"client {cid} sent smashed data before RoundRequest")
+        planned = self._planned[cid]
         if planned.cut >= self.num_layers:
-            raise ClientError(f"client {cid} trains locally: no smashed data")
+            raise OutOfOrder(f"client {cid} trains locally: no smashed data")
         H = self.config.hidden_size
         if msg.hidden.ndim != 3 or msg.hidden.shape[-1] != H:
-            raise ClientError(
+            raise Malformed(
                 f"hidden must be (B, T, {H}), got {tuple(msg.hidden.shape)}"
             )
-        shape = tuple(msg.hidden.shape[:2])
+        B, T = shape = tuple(msg.hidden.shape[:2])
+        if B < 1 or T < 1:
+            raise Malformed(f"hidden is empty: {tuple(msg.hidden.shape)}")
+        if B > self.train.batch_size:
+            raise TooLarge(f"{B} rows: train.batch_size is {self.train.batch_size}")
+        if T > self.max_length:
+            raise TooLarge(f"{T} tokens a row: at most {self.max_length} here")
         for name in ("attention_mask", "position_ids", "labels"):
             t = getattr(msg, name)
             if t is not None and tuple(t.shape) != shape:
-                raise ClientError(
+                raise Malformed(
                     f"{name} must be {shape} like hidden, got {tuple(t.shape)}"
                 )
+        if msg.position_ids is None:
+            raise Malformed("position_ids are missing")
+        if not _within(msg.position_ids, 0, self.context):
+            raise Malformed(f"position_ids must be in [0, {self.context})")
+        mask = msg.attention_mask
+        if mask is not None and not ((mask == 0) | (mask == 1)).all():
+            raise Malformed("attention_mask must be 0 or 1")
+        labels, V = msg.labels, self.config.vocab_size
+        if not ((labels == -100) | ((labels >= 0) & (labels < V))).all():
+            raise Malformed(f"labels must be -100 or token ids in [0, {V})")
         if not 0 <= msg.step < len(planned.lrs):
-            raise ClientError(f"step {msg.step} not in [0, {len(planned.lrs)})")
+            raise Malformed(f"step {msg.step} not in [0, {len(planned.lrs)})")
+        if msg.num_micro != self.train.grad_accum:
+            raise Malformed(
+                f"num_micro={msg.num_micro}: train.grad_accum is "
+                f"{self.train.grad_accum} here"
+            )
         if not 0 <= msg.micro < msg.num_micro:
-            raise ClientError(
-                f"micro {msg.micro} not in [0, num_micro={msg.num_micro})"
+            raise Malformed(f"micro {msg.micro} not in [0, num_micro={msg.num_micro})")
+        if not 0 <= msg.step_tokens <= B * T * msg.num_micro:
+            raise Malformed(f"step_tokens {msg.step_tokens} not in [0, B*T*num_micro]")
+        if (msg.step, msg.micro) != planned.next:
+            step, micro = planned.next
+            if step >= len(planned.lrs):
+                raise OutOfOrder(f"client {cid} has run all its steps: upload next")
+            raise OutOfOrder(
+                f"expected step {step} micro {micro}, got step {msg.step} micro "
+                f"{msg.micro}"
             )
         if not torch.isfinite(msg.hidden).all():
-            raise ClientError("hidden has non-finite values")
+            raise Malformed("hidden has non-finite values")
 
     def _forward(self, msg: SmashedData) -> Gradient:
         t0 = time.perf_counter()
@@ -284,7 +398,8 @@ class SplitServer:
         k = self._planned[cid].cut
         set_adapter(self.part.model, self._adapter_of(cid))
         self.part.model.train()
-        hidden = msg.hidden.detach().requires_grad_(True)  # (B, T, H)
+        dtype = self.store.dtype  # a client may compute in another precision
+        hidden = msg.hidden.detach().to(dtype).requires_grad_(True)  # (B, T, H)
         with self.part.cut_at(k):
             out = self.part.server_forward(
                 hidden, msg.attention_mask, msg.position_ids, msg.labels
@@ -295,7 +410,7 @@ class SplitServer:
         share = tokens / msg.step_tokens if msg.step_tokens > 0 else 1 / msg.num_micro
         if tokens > 0:
             if not torch.isfinite(out.loss):
-                raise ClientError("the loss is not finite; step dropped")
+                raise Malformed("the loss is not finite; step dropped")
             (out.loss * share).backward()
         self._accumulate(cid, msg)
         if msg.micro == msg.num_micro - 1:
@@ -306,6 +421,9 @@ class SplitServer:
             if self.server_side == SHARED:
                 self._served[cid] = k
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+        planned = self._planned[cid]
+        last = msg.micro == msg.num_micro - 1
+        planned.next = (msg.step + 1, 0) if last else (msg.step, msg.micro + 1)
         return Gradient(
             client_id=cid,
             step=msg.step,
@@ -313,7 +431,7 @@ class SplitServer:
             loss=float(out.loss.detach()) if tokens > 0 else 0.0,
             tokens=tokens,
             server_seconds=time.perf_counter() - t0,
-            grad=grad,
+            grad=grad.to(msg.hidden.dtype),
             correct=correct,
         )
 
@@ -337,29 +455,55 @@ class SplitServer:
                 p.grad = g
 
     def _receive(self, msg: AdapterUpdate) -> Ack:
+        """Check an upload against the client's plan, then keep it for
+        aggregation: its keys, shapes and dtype are those of its layers, its
+        values finite and its norm within ``upload_norm_bound`` times the
+        global adapter's on the same layers, its weight at most what the
+        client declared."""
         cid, L = msg.client_id, self.num_layers
-        planned = self._planned.get(cid)
-        if planned is None or planned.round != msg.round:
-            raise ClientError(f"client {cid}: no plan of round {msg.round} to answer")
+        planned = self._planned[cid]
+        if planned.round != msg.round:
+            raise OutOfOrder(f"client {cid}: no plan of round {msg.round} to answer")
         k = planned.cut
+        if k < L and planned.next[0] < len(planned.lrs):
+            raise OutOfOrder(
+                f"client {cid} uploads after step {planned.next[0]} of "
+                f"{len(planned.lrs)}: finish the round's steps first"
+            )
         expected = self.client_ranks(k)
         missing, extra = (
             set(expected) - set(msg.adapter),
             set(msg.adapter) - set(expected),
         )
         if missing or extra:
-            raise ClientError(
+            raise Malformed(
                 f"client {cid}: adapter keys differ from its layers [0, {k}): "
                 f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
             )
         for key, t in msg.adapter.items():
-            want = tuple(slice_rank(key, self.global_state[key], expected[key]).shape)
+            reference = self.global_state[key]
+            want = tuple(slice_rank(key, reference, expected[key]).shape)
             if tuple(t.shape) != want:
-                raise ClientError(
+                raise Malformed(
                     f"client {cid}: {key} has shape {tuple(t.shape)}, not {want}"
                 )
+            if t.dtype != reference.dtype:
+                raise Malformed(
+                    f"client {cid}: {key} is {t.dtype}, the global adapter "
+                    f"{reference.dtype}"
+                )
         if msg.num_samples <= 0:
-            raise ClientError(f"client {cid}: num_samples must be > 0")
+            raise Malformed(f"client {cid}: num_samples must be > 0")
+        declared = self.declared.get(cid)
+        if declared is not None and msg.num_samples > declared:
+            raise Malformed(
+                f"client {cid}: num_samples={msg.num_samples}, more than the "
+                f"{declared} it declared"
+            )
+        bad = [key for key, t in msg.adapter.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise Malformed(f"client {cid}: non-finite values in {bad[:3]}")
+        self._check_norm(cid, msg.adapter, expected)
         state = dict(msg.adapter)
         if self.server_side != SHARED and k < self.num_layers:
             # this client's server-side copy: exactly its blocks [k, L)
@@ -367,10 +511,32 @@ class SplitServer:
             state.update(lora.select_layers(server_side, self.spec, range(k, L)))
         bad = [key for key, t in state.items() if not torch.isfinite(t).all()]
         if bad:
-            raise ClientError(f"client {cid}: non-finite values in {bad[:3]}")
+            raise Malformed(f"client {cid}: non-finite values in {bad[:3]}")
         self.updates[cid] = (state, float(msg.num_samples))
         self._client_keys[cid] = set(msg.adapter)
         return Ack(cid)
+
+    def _check_norm(self, cid, adapter, ranks) -> None:
+        """An upload may not be ``upload_norm_bound`` times the norm of the
+        global adapter on the same layers (0: no bound)."""
+        if self.upload_norm_bound <= 0:
+            return
+        norm = sum(float(t.float().pow(2).sum()) for t in adapter.values()) ** 0.5
+        ref = (
+            sum(
+                float(
+                    slice_rank(k, self.global_state[k], ranks[k]).float().pow(2).sum()
+                )
+                for k in adapter
+            )
+            ** 0.5
+        )
+        if norm > self.upload_norm_bound * ref:
+            raise Malformed(
+                f"client {cid}: adapter norm {norm:.3g} is over "
+                f"federation.upload_norm_bound={self.upload_norm_bound} times the "
+                f"global adapter's {ref:.3g} on the same layers"
+            )
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
@@ -462,3 +628,14 @@ class SplitServer:
         self._served = {}
         self._shared_round = None
         return who
+
+
+def _key(msg, round: int) -> tuple:
+    """What identifies a request for retries: (kind, round, step, micro)."""
+    if isinstance(msg, SmashedData):
+        return ("step", round, msg.step, msg.micro)
+    return ("upload", msg.round)
+
+
+def _within(t: torch.Tensor, low: int, high: int) -> bool:
+    return bool(((t >= low) & (t < high)).all())
