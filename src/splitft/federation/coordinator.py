@@ -1,0 +1,558 @@
+"""The round coordinator: one round loop for the simulation and the deployment.
+
+A recipe in the torchtune sense: ``setup`` builds the server, the strategy
+and the evaluator from the config, ``train`` owns the round loop (select the
+clients and their cuts, run the round, aggregate, evaluate, log, checkpoint),
+``finish`` writes the adapter and the summary. How a round is *run* is the
+one thing that differs, and belongs to a :class:`Rounds` object: in-process
+clients on the simulated clock (:class:`splitft.federation.simulation.SimulatedRounds`)
+or remote clients over gRPC (:class:`splitft.federation.deployment.NetworkRounds`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from splitft import lora, report, runs
+from splitft.config import ConfigError, RunConfig, save_config, to_dict
+from splitft.data.federated import load_run_data
+from splitft.data.format import pad_token_id
+from splitft.eval import evaluate, task_accuracy
+from splitft.federation.policies import PolicyContext, make_policy
+from splitft.federation.strategy import RoundConfig, RoundResult, Strategy
+from splitft.models.default import resolve_model_dir
+from splitft.models.parts import (
+    WeightStore,
+    full_part,
+    load_model_config,
+    load_tokenizer,
+)
+from splitft.sim.costs import CostModel, Estimator, Workload, World, probe
+from splitft.sim.profiles import Device, devices_at, server_device
+from splitft.split.server import SplitServer
+from splitft.transport import Traffic
+
+log = logging.getLogger(__name__)
+
+TOKENS = ["input_ids", "labels"]  # the columns training and the loss need
+
+
+def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a torch device; a GPU that is not there is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"model.device={name!r} is not allowed: 'auto', 'cpu' or 'cuda[:n]'"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(
+                f"model.device={name!r} is not allowed: this machine has "
+                f"{count} CUDA device(s); use 'auto' or 'cpu'"
+            )
+    return device
+
+
+def check_context(cfg: RunConfig, model_config) -> None:
+    """``data.max_length`` must fit the model's context window."""
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} is not allowed: at most "
+            f"{context}, this model's context (max_position_embeddings)"
+        )
+
+
+def expected_slots(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """Mean token slots of a right-padded batch: B x the longest row drawn."""
+    rng = np.random.default_rng(seed)
+    lengths_arr = np.asarray(lengths)
+    bs = min(batch_size, len(lengths_arr))
+    draws = [
+        lengths_arr[rng.permutation(len(lengths_arr))[:bs]].max() for _ in range(64)
+    ]
+    return float(bs * np.mean(draws))
+
+
+class Rounds(Protocol):
+    """How the selected clients run a round: the part that differs between the
+    simulation and the deployment."""
+
+    def setup(self, coordinator: Coordinator) -> dict[int, list[int]]:
+        """Build what it needs; return each client's training row lengths as far
+        as known (the planner's expected batch sizes; others get the worst)."""
+        ...
+
+    def run_round(
+        self, planned: RoundConfig, devices: dict[int, Device]
+    ) -> RoundResult: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Coordinator:
+    """Runs ``cfg.federation.rounds`` rounds of split federated fine-tuning.
+
+    Args:
+        cfg: the run's settings.
+        rounds: how the clients run each round (simulated or networked).
+        costs: a cost model to use instead of probing (benchmarks share one).
+        resume: continue the run in ``cfg.run_dir`` from its last checkpoint.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        rounds: Rounds,
+        costs: CostModel | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.runner = rounds
+        self.run_dir: Path = cfg.run_dir
+        self.rounds: list[dict[str, Any]] = []
+        self.costs = costs
+        self.resume = resume
+        self.start_round = 0  # the first round to run (after a resume: the next)
+        self.lock = runs.RunLock(self.run_dir)
+        self.log: report.MetricsLog | None = None
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, fed = self.cfg, self.cfg.federation
+        torch.manual_seed(cfg.seed)
+        device = resolve_device(cfg.model.device)
+        self.model_dir = resolve_model_dir(cfg.model.path)
+        self.model_config = load_model_config(self.model_dir)
+        check_context(cfg, self.model_config)
+        checkpoint = self._open_run_dir()  # before the weights and data load
+        if checkpoint is not None or self.resume:  # the cost model it ran with
+            self.costs = self.costs or CostModel.load(self.run_dir / "costs.json")
+        L = self.model_config.num_hidden_layers
+        self.k_max = fed.k_max or L - 1
+        _check_cuts(fed, self.k_max, L)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.data = load_run_data(cfg, self.tokenizer)
+        self.store = WeightStore(self.model_dir, device=device)
+        # the fixed policy's cuts; any other policy starts every client at k_min
+        fixed = fed.cut_layers if fed.policy == "fixed" else [fed.k_min]
+        self.cut_layers = {
+            cid: fixed[cid % len(fixed)] for cid in range(fed.num_clients)
+        }
+        self.per_round = fed.clients_per_round or fed.num_clients
+        self.server = SplitServer(
+            self.store,
+            self.model_config,
+            cfg.lora,
+            cfg.train,
+            self.cut_layers,
+            total_steps=fed.rounds * fed.local_steps,
+            local_steps=fed.local_steps,
+            seed=cfg.seed,
+            server_side=fed.server_side,
+            max_length=cfg.data.max_length,
+            upload_norm_bound=fed.upload_norm_bound,
+        )
+        lengths = self.runner.setup(self)
+        self._setup_strategy(lengths)
+        self.traffic = {cid: Traffic() for cid in range(fed.num_clients)}
+        self.eval_examples = self.data.held_out.select_columns(TOKENS).to_list()
+        self.accuracy_examples = _per_task(
+            self.data.held_out.select_columns(
+                ["task", "prompt", "answer", "choices", "correct"]
+            ),
+            cfg.eval.accuracy_examples,
+        )
+        self.evaluator = full_part(self.store, self.model_config)
+        ranks = lora.layer_ranks(range(L), cfg.lora, cut=False)
+        lora.inject(self.evaluator.model, self.evaluator.spec, cfg.lora, ranks)
+        adapter_bytes = sum(
+            t.numel() * t.element_size() for t in self.server.global_state.values()
+        )
+        runs.check_writable(self.run_dir, (cfg.checkpoint.keep + 2) * adapter_bytes)
+        self.sim_time = 0.0
+        self._elapsed = 0.0  # wall seconds of earlier sessions of this run
+        if checkpoint is None:
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.costs.save(self.run_dir / "costs.json")
+            self.log = report.MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=0)
+        else:
+            self._restore(checkpoint)
+        runs.write_status(self.run_dir, "running", round=self.start_round)
+
+    def _open_run_dir(self) -> Path | None:
+        """Lock the run folder (fresh, or as left for a resume); the checkpoint
+        to resume from (None: start at round 0).
+
+        A fresh run moves an earlier run of the same name aside (nothing is
+        lost) unless that run is still live; a resumed one continues in place.
+        """
+        run_dir = self.run_dir
+        runs.check_writable(run_dir.parent, 0)
+        if not self.resume:
+            if run_dir.exists():
+                self.lock.acquire()  # refuses a live run of this name
+                self.lock.release()
+                _keep_previous(run_dir)
+            run_dir.mkdir()
+            self.lock.acquire()
+            return None
+        if not (run_dir / "config.yaml").is_file():
+            raise runs.RunError(f"{run_dir}: not a run folder (no config.yaml)")
+        self.lock.acquire()
+        runs.recover(run_dir)  # what a kill -9 mid-write left behind
+        runs.recover(run_dir / runs.CHECKPOINTS)
+        found = runs.checkpoints(run_dir)
+        if not found:
+            log.warning("%s: no complete checkpoint yet; starting at round 0", run_dir)
+            return None
+        log.info("resuming %s from %s", run_dir, found[-1])
+        return found[-1]
+
+    # ---------------------------------------------------------- checkpoints
+    def checkpoint(self, rnd: int) -> Path:
+        """Everything the next round depends on, after round ``rnd``."""
+        state = {
+            "version": 1,
+            "round": rnd,
+            "server": self.server.state_dict(),
+            "clients": self.runner.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "sim_time": self.sim_time,
+            "elapsed_s": time.perf_counter() - self._t_start,
+            "traffic": {
+                cid: {"up": dict(t.up), "down": dict(t.down)}
+                for cid, t in self.traffic.items()
+            },
+            "rounds": self.rounds,
+            "metrics_bytes": self.log.sync(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        path = runs.save_checkpoint(
+            self.run_dir,
+            rnd,
+            self.server.global_state,
+            state,
+            self.cfg.checkpoint.keep,
+        )
+        runs.write_status(self.run_dir, "running", round=rnd, checkpoint=str(path))
+        return path
+
+    def _restore(self, path: Path) -> None:
+        adapter, state = runs.load_checkpoint(path)
+        self.server.load_state_dict(state["server"], adapter)
+        self.runner.load_state_dict(state["clients"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.sim_time = state["sim_time"]
+        self._elapsed = state["elapsed_s"]
+        for cid, t in state["traffic"].items():
+            for direction in ("up", "down"):
+                for kind, n in t[direction].items():
+                    self.traffic[cid].record(direction, kind, n)
+        self.rounds = list(state["rounds"])
+        self.start_round = state["round"]
+        torch.set_rng_state(state["torch_rng"])
+        self.log = report.MetricsLog(
+            self.run_dir / "metrics.jsonl", truncate_to=state["metrics_bytes"]
+        )
+
+    def _setup_strategy(self, lengths: dict[int, list[int]]) -> None:
+        """The cost model, the planner's beliefs, the policy and the strategy."""
+        cfg, fed, sim = self.cfg, self.cfg.federation, self.cfg.sim
+        bs = cfg.train.batch_size
+        worst = bs * cfg.data.max_length
+        if self.costs is None and sim.cost_model:
+            self.costs = CostModel.load(sim.cost_model)
+        if self.costs is None:
+            known = [n for ls in lengths.values() for n in ls]
+            typical = int(np.mean(known)) if known else cfg.data.max_length
+            self.costs = probe(self.store, self.model_config, cfg.lora, bs, typical)
+        workload = Workload(
+            local_steps=fed.local_steps,
+            grad_accum=cfg.train.grad_accum,
+            slots={
+                cid: expected_slots(lengths[cid], bs, cfg.seed)
+                if lengths.get(cid)
+                else float(worst)
+                for cid in range(fed.num_clients)
+            },
+            worst_slots=worst,
+        )
+        self.server_device = server_device(sim)
+        devices = devices_at(sim, fed.num_clients, 0)
+        world = World.of(self.costs, devices, self.server_device, workload)
+        estimator = Estimator(world, cfg.planner.ewma, cfg.planner.replan_miss)
+        context = PolicyContext(
+            num_layers=self.model_config.num_hidden_layers,
+            k_min=fed.k_min,
+            k_max=self.k_max,
+            fixed=self.cut_layers,
+            settings=cfg.planner,
+            server_side=fed.server_side,
+            estimator=estimator,
+            rng=np.random.default_rng([cfg.seed, 1]),
+        )
+        policy = make_policy(fed.policy, context)
+        self.strategy = Strategy(
+            policy, estimator, fed.num_clients, self.per_round, cfg.seed
+        )
+
+    # ---------------------------------------------------------------- train
+    def evaluate_global(self, accuracy: bool) -> dict[str, Any]:
+        """Evaluate the global adapter on the unsplit model (what is exported)."""
+        runs.fault("eval")
+        lora.load_adapter_state(self.evaluator.model, self.server.global_state)
+        bs = self.cfg.train.batch_size * 2
+        result: dict[str, Any] = evaluate(
+            self.evaluator, self.eval_examples, bs, self.pad_id
+        )
+        if accuracy:
+            per_task = task_accuracy(
+                self.evaluator,
+                self.tokenizer,
+                self.accuracy_examples,
+                self.cfg.eval.max_new_tokens,
+                self.cfg.data.max_length,
+                bs,
+            )
+            result["task_accuracy"] = per_task
+            for metric in ("exact_match", "mc_accuracy"):
+                values = [t[metric] for t in per_task.values() if metric in t]
+                if values:  # macro average over the tasks that have it
+                    result[metric] = sum(values) / len(values)
+        return result
+
+    def _accuracy_due(self, rnd: int) -> bool:
+        e, last = self.cfg.eval, self.cfg.federation.rounds
+        if not e.accuracy:
+            return False
+        return rnd in (0, last) or (
+            e.accuracy_every > 0 and rnd % e.accuracy_every == 0
+        )
+
+    def train(
+        self, stop: Callable[[dict[str, Any]], bool] | None = None
+    ) -> list[dict[str, Any]]:
+        """The round loop; ``stop(record)`` may end it early (benchmarks)."""
+        fed, sim = self.cfg.federation, self.cfg.sim
+        self._t_start = time.perf_counter() - self._elapsed
+        if self.start_round == 0:
+            base = {
+                "type": "round",
+                "round": 0,
+                **self.evaluate_global(self._accuracy_due(0)),
+                "sim_time_s": 0.0,
+                "elapsed_s": time.perf_counter() - self._t_start,
+            }
+            self.log.write(base)
+            self.rounds.append(base)
+        steps = self.per_round * fed.local_steps
+        self._bar = tqdm(
+            total=fed.rounds * steps,
+            initial=self.start_round * steps,
+            desc="split training",
+            unit="step",
+        )
+        for rnd in range(self.start_round, fed.rounds):
+            devices = devices_at(sim, fed.num_clients, rnd)
+            planned = self.strategy.configure_round(rnd, devices)
+            result = self.run_round(planned, devices)
+            record = self.finish_round(planned, result)
+            self.checkpoint(rnd + 1)
+            if stop is not None and stop(record):
+                break
+        self._bar.close()
+        return self.rounds
+
+    def run_round(self, planned: RoundConfig, devices) -> RoundResult:
+        """The selected clients train through the server (the runner's part)."""
+        self._bar.set_postfix(round=planned.round + 1)
+        result = self.runner.run_round(planned, devices)
+        self._bar.update(len(result.steps))
+        return result
+
+    def finish_round(self, planned: RoundConfig, result: RoundResult) -> dict[str, Any]:
+        """Aggregate, feed the strategy, evaluate when due, log the round."""
+        cfg, rnd = self.cfg, planned.round + 1
+        timing, steps = result.timing, result.steps
+        t0 = time.perf_counter()
+        counted = self.server.aggregate()
+        aggregate_s = (time.perf_counter() - t0) / self.server_device.speed
+        if cfg.sim.timing == "predicted":  # not in the cost model: negligible
+            aggregate_s = 0.0
+        self.sim_time += timing.makespan + aggregate_s
+        for s in steps:
+            self.log.write({"type": "step", **s})
+        observed = self.strategy.observe_round(planned, result, dict(self.server.drift))
+        up: dict[str, int] = {}
+        down: dict[str, int] = {}
+        for cid, t in timing.clients.items():
+            for kind, n in t.bytes_up.items():
+                self.traffic[cid].record("up", kind, n)
+                up[kind] = up.get(kind, 0) + n
+            for kind, n in t.bytes_down.items():
+                self.traffic[cid].record("down", kind, n)
+                down[kind] = down.get(kind, 0) + n
+        tokens = sum(s["tokens"] for s in steps)
+        worst = self.strategy.estimator.world.workload.worst_slots
+        record: dict[str, Any] = {
+            "type": "round",
+            "round": rnd,
+            "clients": sorted(planned.cuts),
+            "cuts": {str(c): k for c, k in sorted(planned.cuts.items())},
+            "counted": counted,
+            "failed": sorted(c for c, t in timing.clients.items() if t.failed),
+            "over_budget": planned.over_budget,
+            "replan": planned.reason,
+            "train_loss": sum(s["loss"] * s["tokens"] for s in steps) / tokens
+            if tokens
+            else None,
+            "train_token_acc": sum(s["token_acc"] * s["tokens"] for s in steps) / tokens
+            if tokens
+            else None,
+            "train_tokens": tokens,
+            "bytes_up": sum(up.values()),
+            "bytes_down": sum(down.values()),
+            **{f"up_{k}": v for k, v in sorted(up.items())},
+            **{f"down_{k}": v for k, v in sorted(down.items())},
+            "sim_round_s": timing.makespan + aggregate_s,
+            "sim_time_s": self.sim_time,
+            "server_busy_s": timing.server_busy,
+            **observed,
+            "planner_s": planned.planner_s,
+            "memory_mb": {
+                str(c): self.costs.client_memory(k, worst) / 1e6
+                for c, k in sorted(planned.cuts.items())
+            },
+            "timing": timing.record(),
+        }
+        accuracy = self._accuracy_due(rnd)
+        last = rnd == cfg.federation.rounds
+        if accuracy or rnd % cfg.eval.every == 0 or last:
+            record.update(self.evaluate_global(accuracy))
+        record["elapsed_s"] = time.perf_counter() - self._t_start
+        self.log.write(record)
+        self.rounds.append(record)
+        return record
+
+    # ---------------------------------------------------------------- finish
+    def finish(self) -> dict[str, Any]:
+        """Export the global adapter in PEFT format and write summary.json."""
+        adapter_dir = self.run_dir / "adapter"
+        with runs.atomic_folder(adapter_dir) as tmp:
+            lora.export_peft(
+                self.server.global_state,
+                self.model_config,
+                self.cfg.lora,
+                tmp,
+                str(self.model_dir),
+            )
+            runs.fault("export")
+        totals: dict[str, int] = {}
+        for t in self.traffic.values():
+            for k, v in t.snapshot().items():
+                totals[k] = totals.get(k, 0) + v
+        trained = [r for r in self.rounds if r["round"] > 0]
+        errors = [r["prediction_error"] for r in trained]
+        summary = {
+            "run": self.cfg.name,
+            "model": str(self.model_dir),
+            "policy": self.cfg.federation.policy,
+            "server_side": self.cfg.federation.server_side,
+            "cut_layers": {str(r["round"]): r["cuts"] for r in trained},
+            "sim_time_s": self.sim_time,
+            "prediction_error_mean": sum(errors) / len(errors) if errors else None,
+            "data": self.data.info,
+            "rounds": self.rounds,
+            "bytes": totals,
+            "bytes_per_client": {str(c): t.snapshot() for c, t in self.traffic.items()},
+            "adapter": str(adapter_dir),
+            "config": to_dict(self.cfg),
+        }
+        report.write_summary(self.run_dir / "summary.json", summary)
+        self.log.close()
+        runs.write_status(self.run_dir, "complete")
+        return summary
+
+    def run(
+        self,
+        stop: Callable[[dict[str, Any]], bool] | None = None,
+        table: bool = True,
+    ) -> dict[str, Any]:
+        """setup, train, finish; an interrupt or error leaves the folder
+        marked ``interrupted`` / ``failed`` with its last checkpoint intact."""
+        try:
+            with runs.interruptible():
+                self.setup()
+                self.train(stop)
+                summary = self.finish()
+        except BaseException as e:
+            if self.lock.held:
+                state = "interrupted" if isinstance(e, runs.Interrupted) else "failed"
+                with contextlib.suppress(OSError):  # a full disk: keep the cause
+                    runs.write_status(self.run_dir, state, error=str(e)[:500])
+            raise
+        finally:
+            self.runner.close()
+            if self.log is not None:
+                self.log.close()
+            self.lock.release()
+        if table:
+            report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
+        return summary
+
+
+def _check_cuts(fed, k_max: int, L: int) -> None:
+    """Cuts against the model's layer count, which the config does not know."""
+    bad = [k for k in fed.cut_layers if not 1 <= k <= L]
+    if fed.policy == "fixed" and bad:
+        raise ConfigError(
+            f"federation.cut_layers={fed.cut_layers} is not allowed: each cut must "
+            f"be in [1, {L}] for this {L}-layer model ({L} = the whole model on "
+            "the client)"
+        )
+    if fed.policy != "fixed" and not fed.k_min <= k_max <= L:
+        raise ConfigError(
+            f"federation.k_min={fed.k_min}, federation.k_max={fed.k_max} are not "
+            f"allowed: 1 <= k_min <= k_max <= {L} for this {L}-layer model"
+        )
+
+
+def _per_task(held_out, limit: int) -> list[dict]:
+    """The first ``limit`` held-out examples of each task (the split is seeded)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for row in held_out.to_list():
+        if seen.get(row["task"], 0) < limit:
+            seen[row["task"]] = seen.get(row["task"], 0) + 1
+            keep.append(row)
+    return keep
+
+
+def _keep_previous(run_dir: Path) -> None:
+    """Move an earlier run of the same name aside rather than mix or lose it."""
+    if not run_dir.exists():
+        return
+    n = 1
+    while (old := run_dir.with_name(f"{run_dir.name}.{n}")).exists():
+        n += 1
+    run_dir.rename(old)
+    log.warning("an earlier run %s was moved to %s", run_dir, old)
