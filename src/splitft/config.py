@@ -187,6 +187,17 @@ class FederationConfig:
         "refuse an uploaded adapter whose norm is over this many times the "
         "global adapter's on the same layers (0 = no bound)",
     )
+    min_clients: int = _f(
+        1,
+        "deployment: the fewest uploads a round is aggregated with; a round "
+        "short of it is run again (round_retries), then the run stops",
+    )
+    round_timeout_s: float = _f(
+        600.0,
+        "deployment: how long a round waits for its clients' uploads; those "
+        "who miss it are left out of the round",
+    )
+    round_retries: int = _f(1, "deployment: runs of a round short of min_clients")
 
     def __post_init__(self) -> None:
         _check(
@@ -209,6 +220,13 @@ class FederationConfig:
         _check(ok, "federation.k_max", self.k_max, allowed)
         ok = math.isfinite(self.upload_norm_bound) and self.upload_norm_bound >= 0
         _check(ok, "federation.upload_norm_bound", self.upload_norm_bound, ">= 0")
+        _check(
+            self.min_clients >= 1, "federation.min_clients", self.min_clients, ">= 1"
+        )
+        ok = math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0
+        _check(ok, "federation.round_timeout_s", self.round_timeout_s, "> 0")
+        ok = self.round_retries >= 0
+        _check(ok, "federation.round_retries", self.round_retries, ">= 0")
 
 
 @dataclass

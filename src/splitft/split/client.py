@@ -27,6 +27,8 @@ from splitft.split.messages import (
     RoundPlan,
     RoundRequest,
     SmashedData,
+    Stop,
+    Wait,
 )
 from splitft.transport.base import Transport
 
@@ -127,6 +129,9 @@ class SplitClient:
         self._order = BatchOrder(
             len(examples), train.batch_size, np.random.default_rng([seed, client_id])
         )
+        # the data order at the start of each recent round: a round the server
+        # runs again (it restarted from its last checkpoint) draws the same batches
+        self._round_starts: dict[int, dict] = {}
 
     @property
     def cut_layer(self) -> int | None:
@@ -168,21 +173,28 @@ class SplitClient:
     def round_protocol(self, round: int) -> Protocol:
         """One round: plan, the local steps through the server, upload.
 
-        Returns (as the generator's value) one metrics dict per local step.
+        ``round`` -1 asks for whichever round is open (deployment). Returns (as
+        the generator's value) one metrics dict per local step, or the
+        server's :class:`Wait` or :class:`Stop` if it had no plan for us.
         """
         self.work.clear()  # whoever prices the work reads it as it goes
         plan = yield from self._start(round)
+        if not isinstance(plan, RoundPlan):
+            return plan
         steps = []
         for step, lr in enumerate(plan.lrs):
             batches = [self._next_batch() for _ in range(self.train.grad_accum)]
             steps.append((yield from self._step(step, lr, batches)))
-        yield from self._finish(round)
+        yield from self._finish(plan.round)
         return steps
 
     def _start(self, round: int) -> Protocol:
         """Ask for the plan; (re)build the part for its cut; load its adapters."""
         reply = yield RoundRequest(self.client_id, round)
+        if isinstance(reply, (Wait, Stop)):
+            return reply
         plan = _expect(reply, RoundPlan)
+        self._rewind(plan.round)
         if plan.cut_layer != self.cut_layer:
             self._build(plan.cut_layer)
         device = self.store.device
@@ -191,9 +203,18 @@ class SplitClient:
         self._opt = optim.make_optimizer(
             lora.adapter_params(self.part.model), self.train
         )
-        self._round = round
+        self._round = plan.round
         self.part.model.train()
         return plan
+
+    def _rewind(self, round: int) -> None:
+        """Draw a round's batches from where that round first started."""
+        if round in self._round_starts:
+            self._order.load_state_dict(self._round_starts[round])
+        else:
+            self._round_starts[round] = self._order.state_dict()
+            for old in sorted(self._round_starts)[:-4]:  # keep the last few
+                del self._round_starts[old]
 
     def _step(self, step: int, lr: float, batches: list[dict]) -> Protocol:
         """One optimizer step over the given micro-batches; returns its metrics."""

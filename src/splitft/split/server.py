@@ -179,6 +179,26 @@ class SplitServer:
             self._open = set(cuts)
             self._round = round
 
+    def close_round(self, keep) -> None:
+        """No more plans this round; drop the clients not in ``keep`` (they
+        missed its deadline): their steps and uploads are refused from now on
+        and they are left out of its aggregation."""
+        with self._lock:
+            self._open = set()
+            for cid in set(self._planned) - set(keep):
+                self._planned.pop(cid, None)
+                self.updates.pop(cid, None)
+                self._client_keys.pop(cid, None)
+                self._shared_grads.pop(cid, None)
+                self._optim.pop(cid, None)
+
+    def abandon_round(self) -> None:
+        """Forget the round without aggregating it (it is to be run again)."""
+        self.close_round([])
+        with self._lock:
+            self._optim.clear()
+            self._served, self._shared_round = {}, None
+
     @staticmethod
     def _name(cid: int) -> str:
         return f"c{cid}"
