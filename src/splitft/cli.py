@@ -113,7 +113,72 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupted(run_dir: Path, signal_name: str) -> str:
+def cmd_server(args: argparse.Namespace) -> int:
+    """The deployment's server: coordinator, split server and aggregator."""
+    cfg = (
+        _resume_config(args)
+        if args.resume
+        else load_config(args.config, args.overrides)
+    )
+    from splitft import runs
+    from splitft.federation.deployment import check_address, serve_run
+
+    check_address(args.address, args.insecure, args.allow_insecure_remote)
+    run_dir = cfg.run_dir
+    try:
+        serve_run(
+            cfg,
+            args.address,
+            Path(args.certs) if args.certs else None,
+            Path(args.tokens) if args.tokens else None,
+            insecure=args.insecure,
+            allow_insecure_remote=args.allow_insecure_remote,
+            resume=bool(args.resume),
+        )
+    except runs.Interrupted as e:
+        print(f"\n{_interrupted(run_dir, str(e), 'server')}", file=sys.stderr)
+        return 130
+    print(f"outputs in {run_dir}/ (adapter: {run_dir / 'adapter'})")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    """One deployed client, next to its data."""
+    cfg = load_config(args.config, args.overrides)
+    from splitft.federation.deployment import check_address, client_main
+
+    check_address(args.server, args.insecure, allow_insecure_remote=True)
+    client_main(
+        cfg,
+        args.server,
+        args.client_id,
+        Path(args.token_file),
+        Path(args.ca) if args.ca else None,
+        server_name=args.server_name,
+        insecure=args.insecure,
+        data=Path(args.data) if args.data else None,
+    )
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """A CA, a server certificate and one token per client."""
+    from splitft.transport.security import make_certs
+
+    paths = make_certs(
+        Path(args.out_dir), args.server_name, args.clients, overwrite=args.force
+    )
+    out = Path(args.out_dir)
+    print(f"certificates and tokens in {out}/:")
+    print(f"  server: --certs {out} (server.pem, server.key, tokens.json: hashes only)")
+    print(
+        f"  client i: --ca {out / 'ca.pem'} --token-file {out}/clients/client-<i>.token"
+    )
+    del paths
+    return 0
+
+
+def _interrupted(run_dir: Path, signal_name: str, command: str = "run") -> str:
     from splitft import runs
 
     last = runs.checkpoints(run_dir)
@@ -122,7 +187,7 @@ def _interrupted(run_dir: Path, signal_name: str) -> str:
     )
     return (
         f"splitft: interrupted ({signal_name}); {where}; resume with: "
-        f"splitft run --resume {run_dir}"
+        f"splitft {command} --resume {run_dir}"
     )
 
 
@@ -167,6 +232,55 @@ def parser() -> argparse.ArgumentParser:
         help="continue an interrupted run from its last checkpoint",
     )
     run.set_defaults(func=cmd_run)
+    server = sub.add_parser(
+        "server", help="serve a deployed federation (clients connect over gRPC)"
+    )
+    _config_args(server)
+    server.add_argument(
+        "--address", default="0.0.0.0:50051", help="HOST:PORT to listen on"
+    )
+    server.add_argument(
+        "--certs",
+        metavar="DIR",
+        help="server.pem, server.key, tokens.json (splitft certs)",
+    )
+    server.add_argument(
+        "--tokens", metavar="FILE", help="token hashes (default: DIR/tokens.json)"
+    )
+    server.add_argument(
+        "--insecure", action="store_true", help="plaintext (loopback addresses only)"
+    )
+    server.add_argument(
+        "--allow-insecure-remote",
+        action="store_true",
+        help="allow --insecure on a non-loopback address",
+    )
+    server.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue from the run's last checkpoint"
+    )
+    server.set_defaults(func=cmd_server)
+    client = sub.add_parser("client", help="run one deployed client on its data")
+    _config_args(client)
+    client.add_argument("--server", required=True, help="the server's HOST:PORT")
+    client.add_argument("--client-id", type=int, required=True)
+    client.add_argument("--token-file", required=True, metavar="FILE")
+    client.add_argument("--ca", metavar="FILE", help="the CA that signed the server")
+    client.add_argument(
+        "--server-name", help="the name in the server's certificate (default: host)"
+    )
+    client.add_argument("--insecure", action="store_true", help="plaintext")
+    client.add_argument(
+        "--data",
+        metavar="FILE",
+        help="this client's data file (default: its partition of the config's data)",
+    )
+    client.set_defaults(func=cmd_client)
+    certs = sub.add_parser("certs", help="make a CA, server certificate, client tokens")
+    certs.add_argument("out_dir", metavar="OUT_DIR")
+    certs.add_argument("--server-name", required=True, help="DNS name or IP")
+    certs.add_argument("--clients", type=int, required=True)
+    certs.add_argument("--force", action="store_true", help="overwrite")
+    certs.set_defaults(func=cmd_certs)
     status = sub.add_parser("status", help="state of run folders (resumable?)")
     status.add_argument("runs", nargs="+", metavar="RUN_DIR")
     status.set_defaults(func=cmd_status)

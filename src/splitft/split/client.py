@@ -29,6 +29,7 @@ from splitft.split.messages import (
     SmashedData,
     Stop,
     Wait,
+    step_report,
 )
 from splitft.transport.base import Transport
 
@@ -185,7 +186,7 @@ class SplitClient:
         for step, lr in enumerate(plan.lrs):
             batches = [self._next_batch() for _ in range(self.train.grad_accum)]
             steps.append((yield from self._step(step, lr, batches)))
-        yield from self._finish(plan.round)
+        yield from self._finish(plan.round, steps)
         return steps
 
     def _start(self, round: int) -> Protocol:
@@ -293,10 +294,14 @@ class SplitClient:
         (out.loss * (n / max(step_tokens, 1))).backward()
         return n, hits, float(out.loss.detach())
 
-    def _finish(self, round: int) -> Protocol:
-        """Upload the client-side adapters for aggregation."""
+    def _finish(self, round: int, steps: Sequence[dict] = ()) -> Protocol:
+        """Upload the client-side adapters for aggregation, with the steps'
+        metrics (the server logs them: it does not see a local client's)."""
         state = lora.adapter_state(self.part.model)
-        reply = yield AdapterUpdate(self.client_id, round, self.num_samples, state)
+        report = step_report(list(steps))
+        reply = yield AdapterUpdate(
+            self.client_id, round, self.num_samples, state, report
+        )
         _expect(reply, Ack)
 
     # ----------------------------------------------- blocking conveniences

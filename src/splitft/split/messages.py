@@ -103,13 +103,51 @@ class Gradient:
 
 @dataclass
 class AdapterUpdate:
-    """Client -> server: the client-side adapters after local training."""
+    """Client -> server: the client-side adapters after local training, and
+    its step metrics (``report``: one row per step, :data:`REPORT_FIELDS`)."""
 
     client_id: int
     round: int
     num_samples: int  # aggregation weight
     adapter: dict[str, torch.Tensor] = field(default_factory=dict)
+    report: torch.Tensor | None = None  # (steps, len(REPORT_FIELDS)) float64
     kind = ADAPTERS
+
+
+# A step's metrics as a report row: fixed size, so a message's size never
+# depends on how long a step took.
+REPORT_FIELDS = (
+    "step",
+    "loss",
+    "tokens",
+    "token_acc",
+    "slots",
+    "lr",
+    "client_seconds",
+    "server_seconds",
+)
+_INTEGRAL = {"step", "tokens", "slots"}
+
+
+def step_report(steps: list[dict]) -> torch.Tensor:
+    """Step metrics (as the client logs them) -> a report tensor."""
+    rows = [[float(s[f]) for f in REPORT_FIELDS] for s in steps]
+    return torch.tensor(rows, dtype=torch.float64).reshape(
+        len(steps), len(REPORT_FIELDS)
+    )
+
+
+def report_steps(report: torch.Tensor | None) -> list[dict]:
+    """A report tensor -> one metrics dict per step."""
+    if report is None:
+        return []
+    return [
+        {
+            f: int(v) if f in _INTEGRAL else float(v)
+            for f, v in zip(REPORT_FIELDS, row, strict=True)
+        }
+        for row in report.tolist()
+    ]
 
 
 @dataclass

@@ -44,6 +44,7 @@ from splitft.split.errors import (
     TooLarge,
 )
 from splitft.split.messages import (
+    REPORT_FIELDS,
     Ack,
     AdapterUpdate,
     Gradient,
@@ -524,6 +525,16 @@ class SplitServer:
         if bad:
             raise Malformed(f"client {cid}: non-finite values in {bad[:3]}")
         self._check_norm(cid, msg.adapter, expected)
+        report = msg.report
+        if report is not None:
+            rows, cols = len(planned.lrs), len(REPORT_FIELDS)
+            if report.ndim != 2 or report.shape[1] != cols or report.shape[0] > rows:
+                raise Malformed(
+                    f"client {cid}: report must be (<= {rows}, {cols}), got "
+                    f"{tuple(report.shape)}"
+                )
+            if not torch.isfinite(report).all():
+                raise Malformed(f"client {cid}: report has non-finite values")
         state = dict(msg.adapter)
         if self.server_side != SHARED and k < self.num_layers:
             # this client's server-side copy: exactly its blocks [k, L)

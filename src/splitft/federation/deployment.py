@@ -1,0 +1,444 @@
+"""The federation deployed: the server and each client as their own process.
+
+The server process is the round coordinator (:mod:`splitft.federation.coordinator`)
+with :class:`NetworkRounds`: the same strategy, split server, aggregation,
+evaluation and checkpoints as the simulation; only how a round runs differs.
+A round is opened for the clients the strategy selected; each client, polling
+with ``RoundRequest(round=-1)``, is handed its plan, trains through the
+server over gRPC and uploads; the round closes when every selected client
+has uploaded or at the deadline (``federation.round_timeout_s``), and those
+who did not upload are left out of its aggregation.
+
+A client process (:func:`run_client`) joins, then asks for plans until the
+server says stop, waiting when told to and reconnecting when the server is
+away (it may have restarted from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from splitft import lora, runs
+from splitft.config import ConfigError, RunConfig, from_dict, to_dict
+from splitft.data.federated import load_run_data
+from splitft.data.format import pad_token_id
+from splitft.federation.coordinator import Coordinator, check_context, resolve_device
+from splitft.federation.simulation import SimulatedRounds
+from splitft.federation.strategy import RoundConfig, RoundResult
+from splitft.models.default import resolve_model_dir
+from splitft.models.parts import WeightStore, load_model_config, load_tokenizer
+from splitft.sim.clock import ClientTiming, RoundTiming
+from splitft.split.client import ServerRefused, SplitClient
+from splitft.split.messages import (
+    Ack,
+    AdapterUpdate,
+    Join,
+    RoundPlan,
+    RoundRequest,
+    Stop,
+    Wait,
+    report_steps,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(runs.RunError):
+    """Too few clients uploaded a round, even after its retries."""
+
+
+class NetworkRounds:
+    """Rounds run by remote clients: the coordinator's side of the network.
+
+    Args:
+        serve: builds and starts the transport's server for a request handler
+            (``handler.handle(msg, peer)``, ``handler.device``) and returns it;
+            it must have ``traffic`` (per client) and ``stop()``.
+        timeout_s: how long a round waits for its uploads.
+        min_clients: the fewest uploads a round may be aggregated with.
+        retries: how often a round short of ``min_clients`` is run again.
+        poll_s: how long a client is told to wait before asking again.
+    """
+
+    def __init__(
+        self,
+        serve,
+        timeout_s: float,
+        min_clients: int = 1,
+        retries: int = 1,
+        poll_s: float = 0.5,
+    ) -> None:
+        self._serve = serve
+        self.timeout_s, self.min_clients = timeout_s, min_clients
+        self.retries, self.poll_s = retries, poll_s
+        self._cond = threading.Condition()
+        self._open: RoundConfig | None = None
+        self._next_round = 0
+        self._started: dict[int, float] = {}
+        self._uploaded: dict[int, float] = {}
+        self._reports: dict[int, list[dict]] = {}
+        self._stopped = ""
+        self.transport = None
+
+    # ------------------------------------------------------ the coordinator
+    def setup(self, coordinator) -> dict[int, list[int]]:
+        self.coordinator = coordinator
+        self.server = coordinator.server
+        self.device = self.server.device
+        self.transport = self._serve(self)
+        return {}  # the clients' data lengths are theirs: the planner learns them
+
+    def run_round(
+        self, planned: RoundConfig, devices: Mapping[int, Any]
+    ) -> RoundResult:
+        """Open the round, wait for its uploads or the deadline, close it."""
+        for attempt in range(self.retries + 1):
+            result, counted = self._attempt(planned)
+            if len(counted) >= min(self.min_clients, len(planned.cuts)):
+                return result
+            self.server.abandon_round()
+            log.warning(
+                "round %d: %d of %d clients uploaded by the deadline "
+                "(federation.min_clients=%d); %s",
+                planned.round + 1,
+                len(counted),
+                len(planned.cuts),
+                self.min_clients,
+                "running it again" if attempt < self.retries else "stopping",
+            )
+        raise RoundFailed(
+            f"round {planned.round + 1}: fewer than federation.min_clients="
+            f"{self.min_clients} clients uploaded within federation.round_timeout_s="
+            f"{self.timeout_s:g} in {self.retries + 1} tries; start more clients, "
+            "then resume the run"
+        )
+
+    def _attempt(self, planned: RoundConfig) -> tuple[RoundResult, list[int]]:
+        traffic = self.transport.traffic
+        before = {
+            c: traffic[c].snapshot() if c in traffic else {} for c in planned.cuts
+        }
+        self.server.open_round(planned.round, planned.cuts)
+        t0 = time.monotonic()
+        with self._cond:
+            self._open, self._started = planned, {}
+            self._uploaded, self._reports = {}, {}
+            deadline = t0 + self.timeout_s
+            while set(self._uploaded) != set(planned.cuts):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._open = None  # no more plans; late steps are refused
+            self._next_round = planned.round + 1
+            uploaded = dict(self._uploaded)
+            reports = dict(self._reports)
+            self.server.close_round(keep=uploaded)
+        clients = {}
+        for cid in planned.cuts:
+            steps = reports.get(cid, [])
+            t = ClientTiming(
+                finish=uploaded.get(cid, time.monotonic()) - t0,
+                compute=sum(s.get("client_seconds", 0.0) for s in steps),
+                served=sum(s.get("server_seconds", 0.0) for s in steps),
+                messages=sum(1 for _ in steps),
+                failed="" if cid in uploaded else "no upload by the deadline",
+            )
+            now = traffic[cid].snapshot() if cid in traffic else {}
+            for key, n in now.items():
+                direction, kind = key.split("_", 1)
+                grew = n - before[cid].get(key, 0)
+                if grew:
+                    getattr(t, f"bytes_{direction}")[kind] += grew
+            clients[cid] = t
+        timing = RoundTiming(
+            clients=clients,
+            makespan=max((t.finish for t in clients.values()), default=0.0),
+            server_busy=sum(t.served for t in clients.values()),
+        )
+        steps = [s for cid in sorted(reports) for s in reports[cid]]
+        return RoundResult(timing, steps, {}), sorted(uploaded)
+
+    def state_dict(self) -> dict:
+        return {}  # each client keeps its own data order
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = self._stopped or "the run is over"
+        if self.transport is not None:
+            # let waiting clients hear Stop before the port closes
+            time.sleep(min(2 * self.poll_s, 2.0))
+            self.transport.stop(grace=1.0)
+
+    # --------------------------------------------------------- the clients
+    def handle(self, msg, peer: int | None = None):
+        """A client's request: plans and waits here, the split work in the server."""
+        cid = getattr(msg, "client_id", -1)
+        if isinstance(msg, RoundRequest) and msg.round == -1:
+            if peer is not None and cid != peer:
+                return self.server.handle(msg, peer)  # refused there, by class
+            with self._cond:
+                if self._stopped:
+                    return Stop(cid, self._stopped)
+                open_ = self._open
+                if open_ is None or cid not in open_.cuts or cid in self._uploaded:
+                    nxt = open_.round if open_ is not None else self._next_round
+                    return Wait(cid, nxt, self.poll_s)
+                self._started.setdefault(cid, time.monotonic())
+            msg = RoundRequest(cid, open_.round)
+        if not isinstance(msg, AdapterUpdate):
+            return self.server.handle(msg, peer)
+        with self._cond:  # an upload and the round's closing never cross
+            reply = self.server.handle(msg, peer)
+            ok = isinstance(reply, Ack) and not reply.code
+            if ok and self._open is not None and self._open.round == msg.round:
+                self._uploaded.setdefault(cid, time.monotonic())
+                self._reports[cid] = step_records(msg, self.server.cut_layers[cid])
+                self._cond.notify_all()
+        return reply
+
+
+def run_client(
+    client: SplitClient,
+    transport,
+    retry_s: float = 2.0,
+    give_up_s: float = 600.0,
+) -> int:
+    """Join, then train every round the server plans for this client.
+
+    A refused round (it closed, or the server restarted) is logged and the
+    client asks again; a server that cannot be reached is retried for
+    ``give_up_s`` seconds. Returns the number of rounds trained.
+    """
+    trained, joined, away_since = 0, False, None
+    while True:
+        try:
+            if not joined:
+                reply = transport.call(Join(client.client_id, client.num_samples))
+                if isinstance(reply, Ack) and reply.error:
+                    raise ServerRefused(reply.error)
+                joined = True
+            result = client.run_round(transport, -1)
+            away_since = None
+        except ConnectionError as e:
+            now = time.monotonic()
+            away_since = away_since or now
+            if now - away_since > give_up_s:
+                raise
+            log.warning("client %d: %s; trying again", client.client_id, e)
+            joined = False
+            time.sleep(retry_s)
+            continue
+        except ServerRefused as e:
+            log.warning("client %d: round refused: %s", client.client_id, e)
+            time.sleep(retry_s)
+            continue
+        if isinstance(result, Stop):
+            log.info("client %d: stop (%s)", client.client_id, result.reason)
+            return trained
+        if isinstance(result, Wait):
+            time.sleep(result.retry_after_seconds)
+            continue
+        trained += 1
+        log.info("client %d: trained a round", client.client_id)
+
+
+def step_records(msg: AdapterUpdate, cut: int) -> list[dict]:
+    """The client's step metrics its upload carries, as the simulation logs them."""
+    return [
+        {"round": msg.round, "client": msg.client_id, "cut_layer": cut, **s}
+        for s in report_steps(msg.report)
+    ]
+
+
+# ------------------------------------------------------------ the processes
+def check_address(address: str, insecure: bool, allow_insecure_remote: bool) -> str:
+    """``HOST:PORT`` as given; plaintext only on loopback unless allowed."""
+    from splitft.transport.security import is_loopback
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(
+            f"--address {address!r} is not allowed: HOST:PORT, e.g. 0.0.0.0:50051"
+        )
+    if insecure and not allow_insecure_remote and not is_loopback(host.strip("[]")):
+        raise ConfigError(
+            f"--insecure on {host}, which is not a loopback address: clients' "
+            "activations and tokens would cross the network in plaintext; use "
+            "TLS (--certs), or --allow-insecure-remote if you really mean it"
+        )
+    return address
+
+
+def serve_run(
+    cfg: RunConfig,
+    address: str,
+    certs: Path | None,
+    tokens: Path | None,
+    insecure: bool = False,
+    allow_insecure_remote: bool = False,
+    resume: bool = False,
+) -> dict:
+    """``splitft server``: the coordinator with networked rounds, until done."""
+    from splitft.transport.network import NetworkServer, message_limit
+    from splitft.transport.security import load_token_hashes
+
+    check_address(address, insecure, allow_insecure_remote)
+    if not insecure and certs is None:
+        raise ConfigError(
+            "--certs DIR is required (from `splitft certs`), or --insecure"
+        )
+    tokens = tokens or (certs / "tokens.json" if certs else None)
+    if tokens is None:
+        raise ConfigError("--tokens FILE is required with --insecure (no --certs)")
+    hashes = load_token_hashes(tokens)
+    tls = None
+    if not insecure:
+        tls = (_read(certs / "server.pem"), _read(certs / "server.key"))
+    fed = cfg.federation
+
+    def serve(handler: NetworkRounds):
+        server = handler.server
+        adapter_bytes = sum(
+            t.numel() * t.element_size() for t in server.global_state.values()
+        )
+        limit = message_limit(
+            server.config.hidden_size,
+            cfg.data.max_length,
+            cfg.train.batch_size,
+            adapter_bytes,
+        )
+        net = NetworkServer(
+            handler,
+            address,
+            tls=tls,
+            token_hashes=hashes,
+            max_message_bytes=limit,
+            insecure=insecure,
+            allow_insecure_remote=allow_insecure_remote,
+        )
+        net.start()
+        host = address.rpartition(":")[0]
+        log.info(
+            "serving %s on %s:%d (%s), waiting for %d clients",
+            cfg.name,
+            host,
+            net.port,
+            "plaintext" if insecure else "TLS",
+            fed.num_clients,
+        )
+        return net
+
+    rounds = NetworkRounds(
+        serve, fed.round_timeout_s, fed.min_clients, fed.round_retries
+    )
+    return Coordinator(cfg, rounds, resume=resume).run()
+
+
+def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
+    """A client on its data: a file of its own, or its partition of the config's
+    data (split as the simulation splits it). Returns (client, model config)."""
+    fed = cfg.federation
+    if not 0 <= client_id < fed.num_clients:
+        raise ConfigError(
+            f"--client-id {client_id} is not allowed: 0 to "
+            f"federation.num_clients - 1 = {fed.num_clients - 1}"
+        )
+    device = resolve_device(cfg.model.device)
+    model_dir = resolve_model_dir(cfg.model.path)
+    model_config = load_model_config(model_dir)
+    check_context(cfg, model_config)
+    tokenizer = load_tokenizer(model_dir)
+    if data is not None:  # this client's own file: all of it is its data
+        tree = to_dict(cfg)
+        tree["data"].update(source=str(data), eval_size=1)
+        tree["federation"].update(num_clients=1)
+        tree["partition"].update(method="iid")
+        own = from_dict(RunConfig, tree)
+        partition = load_run_data(own, tokenizer).partitions[0]
+    else:
+        partition = load_run_data(cfg, tokenizer).partitions[client_id]
+    client = SplitClient(
+        client_id,
+        WeightStore(model_dir, device=device),
+        model_config,
+        cfg.lora,
+        cfg.train,
+        SimulatedRounds._rows(cfg, partition),
+        pad_token_id(tokenizer),
+        seed=cfg.seed,
+        num_samples=len(partition),
+    )
+    return client, model_config
+
+
+def client_main(
+    cfg: RunConfig,
+    server: str,
+    client_id: int,
+    token_file: Path,
+    ca: Path | None,
+    server_name: str | None = None,
+    insecure: bool = False,
+    data: Path | None = None,
+) -> int:
+    """``splitft client``: one client on its own data, until the server stops."""
+    from splitft.transport.network import NetworkTransport, message_limit
+    from splitft.transport.security import read_token
+
+    check_address(server, insecure, allow_insecure_remote=True)
+    if not insecure and ca is None:
+        raise ConfigError(
+            "--ca FILE is required (the CA from `splitft certs`), or --insecure"
+        )
+    token = read_token(token_file)
+    ca_cert = None if insecure else _read(ca)
+    client, model_config = build_client(cfg, client_id, data)
+    adapter_bytes = 4 * sum(
+        t.numel() for t in lora.init_global_adapter(model_config, cfg.lora, 0).values()
+    )
+    limit = message_limit(
+        model_config.hidden_size,
+        cfg.data.max_length,
+        cfg.train.batch_size,
+        adapter_bytes,
+    )
+    with NetworkTransport(
+        server,
+        client_id,
+        token,
+        ca_cert=ca_cert,
+        server_name=server_name,
+        max_message_bytes=limit,
+    ) as transport:
+        log.info(
+            "client %d: %d examples, server %s", client_id, client.num_samples, server
+        )
+        trained = run_client(client, transport)
+    log.info("client %d: done after %d rounds", client_id, trained)
+    return trained
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+__all__ = [
+    "NetworkRounds",
+    "RoundFailed",
+    "RoundPlan",
+    "client_main",
+    "run_client",
+    "serve_run",
+]

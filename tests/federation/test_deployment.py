@@ -1,0 +1,158 @@
+"""The deployment's round coordination, without sockets: NetworkRounds with
+clients in threads calling it through the codec, as the gRPC server would
+(tests/transport has the network itself; tests/integration the processes)."""
+
+import threading
+from collections import defaultdict
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from simrun import TIMING_FREE, config, make_assets, rounded
+
+from splitft.federation.coordinator import Coordinator
+from splitft.federation.deployment import NetworkRounds, build_client, run_client
+from splitft.federation.simulation import Simulation
+from splitft.split.messages import decode, encode
+from splitft.transport import Traffic
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+class Loopback:
+    """The network server's stand-in: requests decoded and handled in process,
+    with the authenticated peer, bytes counted per client."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.traffic = defaultdict(Traffic)
+
+    def stop(self, grace=None):
+        pass
+
+
+class LoopbackTransport:
+    def __init__(self, loop, cid, drop_after=None):
+        self.loop, self.cid, self.traffic = loop, cid, Traffic()
+        self.calls, self.drop_after = 0, drop_after
+
+    def call(self, msg):
+        self.calls += 1
+        if self.drop_after is not None and self.calls > self.drop_after:
+            raise SystemExit  # the client's process dies
+        data = encode(msg)
+        self.loop.traffic[self.cid].record("up", msg.kind, len(data))
+        self.traffic.record("up", msg.kind, len(data))
+        reply = self.loop.handler.handle(decode(data), peer=self.cid)
+        data = encode(reply)
+        self.loop.traffic[self.cid].record("down", reply.kind, len(data))
+        self.traffic.record("down", reply.kind, len(data))
+        return decode(data)
+
+
+def deploy(cfg, drop=None, timeout_s=None):
+    """Run ``cfg`` as a deployment: the coordinator here, each client in a
+    thread; ``drop[cid]`` kills that client after so many calls."""
+    drop = drop or {}
+    loop = {}
+
+    def serve(handler):
+        loop["server"] = Loopback(handler)
+        return loop["server"]
+
+    fed = cfg.federation
+    rounds = NetworkRounds(
+        serve,
+        timeout_s or fed.round_timeout_s,
+        fed.min_clients,
+        fed.round_retries,
+        poll_s=0.01,
+    )
+    coordinator = Coordinator(cfg, rounds)
+    threads = []
+    started = threading.Event()
+
+    def client(cid):
+        started.wait()
+        c, _ = build_client(cfg, cid)
+        transport = LoopbackTransport(loop["server"], cid, drop.get(cid))
+        try:
+            run_client(c, transport, retry_s=0.01)
+        except SystemExit:
+            pass
+
+    for cid in range(fed.num_clients):
+        threads.append(threading.Thread(target=client, args=(cid,), daemon=True))
+        threads[-1].start()
+    original = rounds.setup
+
+    def setup(c):
+        lengths = original(c)
+        started.set()
+        return lengths
+
+    rounds.setup = setup
+    summary = coordinator.run(table=False)
+    for t in threads:
+        t.join(timeout=30)
+    return coordinator, summary
+
+
+def settings(*extra):
+    return [
+        "federation.num_clients=3",
+        "federation.rounds=2",
+        "federation.cut_layers=[1, 2, 3]",
+        *extra,
+    ]
+
+
+def test_a_deployment_trains_the_simulations_adapter(assets, tmp_path):
+    sim = Simulation(config(assets, tmp_path, "name=sim", *settings()))
+    simulated = sim.run(table=False)
+    dep, summary = deploy(config(assets, tmp_path, "name=dep", *settings()))
+    a = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "dep" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    for x, y in zip(sim.rounds, dep.rounds, strict=True):
+        assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-5)
+        if x["round"] > 0:
+            assert x["counted"] == y["counted"] == [0, 1, 2]
+            assert x["train_tokens"] == y["train_tokens"]
+            same = set(x) - TIMING_FREE - {"sim_round_s", "sim_time_s", "timing"}
+            same -= {"predicted_round_s", "prediction_error", "memory_mb"}
+            same -= {k for k in x if k.startswith(("up_", "down_", "bytes_"))}
+            assert rounded({k: x[k] for k in same}, 5) == rounded(
+                {k: y[k] for k in same}, 5
+            )
+    # bytes: the same messages, counted at the transport (plus Join and polls)
+    assert summary["bytes"]["up_smashed"] == simulated["bytes"]["up_smashed"]
+
+
+def test_a_client_that_dies_is_left_out_and_the_run_finishes(assets, tmp_path):
+    cfg = config(
+        assets, tmp_path, "name=drop", *settings("federation.min_clients=2")
+    )
+    dep, _ = deploy(cfg, drop={2: 3}, timeout_s=3.0)  # dies in its first round
+    trained = [r for r in dep.rounds if r["round"] > 0]
+    assert [r["counted"] for r in trained] == [[0, 1], [0, 1]]
+    assert all(r["failed"] == [2] for r in trained)
+    assert (tmp_path / "drop" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_too_few_clients_stop_the_run_with_a_clear_error(assets, tmp_path):
+    from splitft.federation.deployment import RoundFailed
+
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=few",
+        *settings("federation.min_clients=3", "federation.round_retries=1"),
+    )
+    with pytest.raises(RoundFailed, match="federation.min_clients=3"):
+        deploy(cfg, drop={2: 1}, timeout_s=1.0)
