@@ -364,7 +364,8 @@ def fault(point: str) -> None:
     ``SPLITFT_FAULT=step:5`` kills at the fifth training step,
     ``SPLITFT_FAULT=step:5:SIGINT`` presses Ctrl-C there; the crash tests use
     it to ``kill -9`` or interrupt a real run at an exact instant (points:
-    ``step``, ``eval``, ``checkpoint``, ``export``). Unset, it costs an
+    ``step``, ``server_step`` (a deployed server's), ``eval``, ``checkpoint``,
+    ``export``). Unset, it costs an
     environment lookup.
     """
     spec = os.environ.get("SPLITFT_FAULT")

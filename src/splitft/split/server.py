@@ -25,7 +25,7 @@ import torch
 from peft.functional import set_adapter
 from transformers import PretrainedConfig
 
-from splitft import lora
+from splitft import lora, runs
 from splitft.config import SERVER_SIDES, LoraSettings, TrainConfig
 from splitft.federation.aggregate import (
     aggregate,
@@ -445,6 +445,7 @@ class SplitServer:
         planned = self._planned[cid]
         last = msg.micro == msg.num_micro - 1
         planned.next = (msg.step + 1, 0) if last else (msg.step, msg.micro + 1)
+        runs.fault("server_step")
         return Gradient(
             client_id=cid,
             step=msg.step,
