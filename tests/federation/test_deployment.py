@@ -53,9 +53,10 @@ class LoopbackTransport:
         return decode(data)
 
 
-def deploy(cfg, drop=None, timeout_s=None):
+def deploy(cfg, drop=None, timeout_s=None, restart=()):
     """Run ``cfg`` as a deployment: the coordinator here, each client in a
-    thread; ``drop[cid]`` kills that client after so many calls."""
+    thread; ``drop[cid]`` kills that client after so many calls, and a client
+    in ``restart`` then starts again (a new process, its data order afresh)."""
     drop = drop or {}
     loop = {}
 
@@ -82,7 +83,9 @@ def deploy(cfg, drop=None, timeout_s=None):
         try:
             run_client(c, transport, retry_s=0.01)
         except SystemExit:
-            pass
+            if cid in restart:
+                c, _ = build_client(cfg, cid)
+                run_client(c, LoopbackTransport(loop["server"], cid), retry_s=0.01)
 
     for cid in range(fed.num_clients):
         threads.append(threading.Thread(target=client, args=(cid,), daemon=True))
@@ -135,9 +138,7 @@ def test_a_deployment_trains_the_simulations_adapter(assets, tmp_path):
 
 
 def test_a_client_that_dies_is_left_out_and_the_run_finishes(assets, tmp_path):
-    cfg = config(
-        assets, tmp_path, "name=drop", *settings("federation.min_clients=2")
-    )
+    cfg = config(assets, tmp_path, "name=drop", *settings("federation.min_clients=2"))
     dep, _ = deploy(cfg, drop={2: 3}, timeout_s=3.0)  # dies in its first round
     trained = [r for r in dep.rounds if r["round"] > 0]
     assert [r["counted"] for r in trained] == [[0, 1], [0, 1]]
@@ -156,3 +157,13 @@ def test_too_few_clients_stop_the_run_with_a_clear_error(assets, tmp_path):
     )
     with pytest.raises(RoundFailed, match="federation.min_clients=3"):
         deploy(cfg, drop={2: 1}, timeout_s=1.0)
+
+
+def test_a_client_killed_mid_round_rejoins(assets, tmp_path):
+    cfg = config(assets, tmp_path, "name=back", *settings())
+    dep, _ = deploy(cfg, drop={1: 3}, restart={1}, timeout_s=60.0)
+    trained = [r for r in dep.rounds if r["round"] > 0]
+    # it died after its plan and first step, came back within the round, and
+    # the round counted its second attempt
+    assert [r["counted"] for r in trained] == [[0, 1, 2], [0, 1, 2]]
+    assert all(r["failed"] == [] for r in trained)
