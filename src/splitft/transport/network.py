@@ -1,0 +1,293 @@
+"""The network transport: the same messages as in process, over gRPC.
+
+One unary method, ``/splitft.v1.Split/Call`` (``splitft.proto``): its
+``Envelope`` carries ``messages.encode(msg)`` as its one ``bytes`` field, so
+a message costs on the wire what it costs in the simulation plus a few bytes
+of envelope. The envelope is (de)serialised here by hand (a protobuf message
+with one bytes field is a tag byte, a varint length and the bytes), so any
+client generated from the ``.proto`` can talk to the server, and neither side
+needs protobuf.
+
+Identity comes from the connection, not the message (as in Flower's node
+authentication): each call carries ``x-splitft-client-id`` and
+``authorization: Bearer <token>`` metadata; the server checks the token's
+hash, then hands the request to its handler with that client id as ``peer``,
+and the handler refuses a request acting for another client. A refusal
+travels as a gRPC status (its class's code, :mod:`splitft.split.errors`) and
+comes back to the client as the same ``Ack`` the in-process transport gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import defaultdict
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from splitft.config import ConfigError
+from splitft.split.errors import Malformed
+from splitft.split.messages import Ack, decode, encode
+from splitft.transport.base import Traffic
+from splitft.transport.security import check_token, is_loopback
+
+log = logging.getLogger(__name__)
+
+METHOD = "/splitft.v1.Split/Call"
+CLIENT_ID = "x-splitft-client-id"
+# statuses a refusal may have; anything else from the server is a transport fault
+REFUSALS = {
+    "INVALID_ARGUMENT",
+    "FAILED_PRECONDITION",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "UNAUTHENTICATED",
+    "INTERNAL",
+}
+RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+# ------------------------------------------------------------------ envelope
+def pack(payload: bytes) -> bytes:
+    """``Envelope { bytes payload = 1; }`` in protobuf's wire format."""
+    n, length = len(payload), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return b"\x0a" + bytes(length) + payload
+
+
+def unpack(data: bytes) -> bytes:
+    """The payload of an Envelope; anything else is :class:`Malformed`."""
+    if not data:
+        return b""  # an empty Envelope: payload absent
+    if data[0] != 0x0A:
+        raise Malformed("not a SplitFT envelope (field 1, bytes, expected)")
+    n = shift = 0
+    for i, byte in enumerate(data[1:11], start=1):
+        n |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            start = i + 1
+            break
+    else:
+        raise Malformed("not a SplitFT envelope (bad length)")
+    if len(data) - start != n:
+        raise Malformed(
+            f"not a SplitFT envelope ({len(data) - start} bytes after a length of {n})"
+        )
+    return data[start:]
+
+
+def message_limit(
+    hidden_size: int, max_length: int, batch_size: int, adapter_bytes: int
+) -> int:
+    """The largest message either side may send, with room to spare.
+
+    The largest messages are a micro-batch's activations or gradients
+    (B x T x H float32, plus three B x T int64 tensors) and a plan or upload
+    that carries the whole adapter; twice the larger of the two, plus 1 MiB
+    of headers, and never below gRPC's usual 4 MiB.
+    """
+    activations = batch_size * max_length * (hidden_size * 4 + 3 * 8)
+    return max(2 * max(activations, adapter_bytes) + 2**20, 4 * 2**20)
+
+
+def _options(limit: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ]
+
+
+# -------------------------------------------------------------------- server
+class NetworkServer:
+    """Serves a handler (``handle(msg, peer)``; ``device``) over gRPC.
+
+    Args:
+        handler: answers each authenticated request.
+        address: ``HOST:PORT`` (port 0: any free port; see :attr:`port`).
+        tls: the server's certificate chain and private key (PEM); None only
+            with ``insecure``.
+        token_hashes: client id -> SHA-256 of its token.
+        max_message_bytes: the largest request or reply.
+        insecure: plaintext, on a loopback address unless
+            ``allow_insecure_remote``.
+    """
+
+    def __init__(
+        self,
+        handler,
+        address: str,
+        *,
+        tls: tuple[bytes, bytes] | None,
+        token_hashes: dict[int, bytes],
+        max_message_bytes: int,
+        insecure: bool = False,
+        allow_insecure_remote: bool = False,
+        workers: int = 8,
+    ) -> None:
+        host = address.rpartition(":")[0].strip("[]")
+        if tls is None and not insecure:
+            raise ConfigError("a server without TLS certificates needs --insecure")
+        if tls is None and not allow_insecure_remote and not is_loopback(host):
+            raise ConfigError(
+                f"plaintext on {host}, which is not a loopback address, needs "
+                "--allow-insecure-remote"
+            )
+        self.handler, self.address = handler, address
+        self.hashes = token_hashes
+        self.traffic: dict[int, Traffic] = defaultdict(Traffic)
+        self._lock = threading.Lock()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers),
+            options=_options(max_message_bytes),
+        )
+        rpc = grpc.unary_unary_rpc_method_handler(
+            self._call, request_deserializer=None, response_serializer=None
+        )
+        service = grpc.method_handlers_generic_handler(
+            "splitft.v1.Split", {"Call": rpc}
+        )
+        self._server.add_generic_rpc_handlers((service,))
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self._server.add_secure_port(address, creds)
+        if not self.port:
+            raise ConfigError(
+                f"cannot listen on {address} (in use, or not this host's)"
+            )
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        self._server.stop(grace).wait()
+
+    def _peer(self, context) -> int:
+        meta = dict(context.invocation_metadata())
+        raw, auth = meta.get(CLIENT_ID, ""), meta.get("authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else ""
+        cid = int(raw) if raw.isdigit() and len(raw) < 10 else -1
+        if not check_token(self.hashes, cid, token):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "unknown client id or wrong token"
+            )
+        return cid
+
+    def _call(self, request: bytes, context) -> bytes:
+        peer = self._peer(context)
+        try:
+            payload = unpack(request)
+            msg = decode(payload, getattr(self.handler, "device", "cpu"))
+        except Malformed as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed: {e}")
+        except Exception as e:  # noqa: BLE001 - whatever the bytes, one status
+            why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"Malformed: not a message ({why})"
+            )
+        with self._lock:
+            self.traffic[peer].record("up", msg.kind, len(payload))
+        try:
+            reply = self.handler.handle(msg, peer=peer)
+            out = encode(reply)
+        except Exception as e:  # noqa: BLE001 - one request fails, not the server
+            log.warning("request from client %d failed", peer, exc_info=True)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        if isinstance(reply, Ack) and reply.code:
+            context.abort(grpc.StatusCode[reply.code], reply.error)
+        with self._lock:
+            self.traffic[peer].record("down", reply.kind, len(out))
+        return pack(out)
+
+
+# -------------------------------------------------------------------- client
+class ServerUnreachable(ConnectionError):
+    """The server did not answer, after every retry."""
+
+
+class NetworkTransport:
+    """A client's connection to the server (the :class:`Transport` protocol).
+
+    Every call has a deadline; one that meets ``UNAVAILABLE`` or
+    ``DEADLINE_EXCEEDED`` is sent again after an exponential, jittered
+    backoff (the server answers a repeated request from its first result,
+    so every call is safe to repeat), then :class:`ServerUnreachable`.
+    Refusals come back as ``Ack(error, code)``, as in process. Bytes are
+    counted once per request answered, as the in-process transport does.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        client_id: int,
+        token: str,
+        *,
+        ca_cert: bytes | None,
+        server_name: str | None = None,
+        max_message_bytes: int = 4 * 2**20,
+        timeout_s: float = 120.0,
+        retries: int = 5,
+        backoff_s: float = 0.5,
+    ) -> None:
+        self.address, self.client_id = address, client_id
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.traffic = Traffic()
+        options = _options(max_message_bytes)
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if ca_cert is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca_cert)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        self._call = self._channel.unary_unary(METHOD)
+        self._metadata = (
+            (CLIENT_ID, str(client_id)),
+            ("authorization", f"Bearer {token}"),
+        )
+
+    def call(self, msg: Any):
+        payload = encode(msg)
+        request = pack(payload)
+        for attempt in range(self.retries + 1):
+            try:
+                reply = self._call(
+                    request, timeout=self.timeout_s, metadata=self._metadata
+                )
+                break
+            except grpc.RpcError as e:
+                code = e.code()
+                if code.name in REFUSALS:
+                    self.traffic.record("up", msg.kind, len(payload))
+                    cid = getattr(msg, "client_id", self.client_id)
+                    return Ack(cid, error=e.details() or code.name, code=code.name)
+                if code not in RETRIED or attempt == self.retries:
+                    raise ServerUnreachable(
+                        f"server {self.address}: {code.name}: {e.details()}"
+                    ) from None
+                delay = self.backoff_s * 2**attempt * (0.5 + random.random())
+                time.sleep(min(delay, 30.0))
+        data = unpack(reply)
+        self.traffic.record("up", msg.kind, len(payload))
+        answer = decode(data)
+        self.traffic.record("down", answer.kind, len(data))
+        return answer
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> NetworkTransport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,147 @@
+"""The deployment as real processes on 127.0.0.1: `splitft server` and
+`splitft client`s over gRPC with TLS and tokens, on the tiny model."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from simrun import base_settings, make_assets
+
+from splitft.config import load_config
+from splitft.federation.simulation import Simulation
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = make_assets(tmp_path_factory.mktemp("assets"))
+    certs = root / "certs"
+    done = _splitft("certs", str(certs), "--server-name", "localhost", "--clients", "3")
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+SETTINGS = [
+    "federation.num_clients=3",
+    "federation.rounds=2",
+    "federation.local_steps=2",
+    "federation.cut_layers=[1, 2, 3]",
+    "federation.round_timeout_s=60",
+]
+
+
+def _splitft(*args, **kw):
+    cmd = [sys.executable, "-m", "splitft.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(*args, env=None):
+    cmd = [sys.executable, "-m", "splitft.cli", *args]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def server(assets, out, name, port, *extra, resume=None, env=None):
+    certs = assets / "certs"
+    where = ["--address", f"127.0.0.1:{port}", "--certs", str(certs)]
+    if resume:
+        return _start("server", "--resume", str(resume), *where, env=env)
+    settings = [*base_settings(assets, out), f"name={name}", *SETTINGS, *extra]
+    return _start("server", *settings, *where, env=env)
+
+
+def client(assets, out, cid, port, *extra, env=None):
+    certs = assets / "certs"
+    return _start(
+        "client",
+        *base_settings(assets, out),
+        *SETTINGS,
+        *extra,
+        "--server",
+        f"127.0.0.1:{port}",
+        "--client-id",
+        str(cid),
+        "--token-file",
+        str(certs / "clients" / f"client-{cid}.token"),
+        "--ca",
+        str(certs / "ca.pem"),
+        env=env,
+    )
+
+
+def finish(*procs, timeout=240):
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outs.append((p.returncode, out))
+    return outs
+
+
+def simulated(assets, tmp_path):
+    cfg = load_config(None, [*base_settings(assets, tmp_path), "name=sim", *SETTINGS])
+    Simulation(cfg).run(table=False)
+    return load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_server_and_three_clients_train_the_simulations_adapter(assets, tmp_path):
+    port = _free_port()
+    procs = [server(assets, tmp_path, "net", port)]
+    procs += [client(assets, tmp_path, cid, port) for cid in range(3)]
+    for code, out in finish(*procs):
+        assert code == 0, out
+    deployed = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
+    assert_same(simulated(assets, tmp_path), deployed)
+
+
+def test_a_killed_server_resumes_and_ends_as_if_never_stopped(assets, tmp_path):
+    port = _free_port()
+    # the server dies (SIGKILL, no clean-up) at the second round's 3rd step
+    first = server(
+        assets, tmp_path, "net", port, env={"SPLITFT_FAULT": "server_step:9"}
+    )
+    clients = [client(assets, tmp_path, cid, port) for cid in range(3)]
+    first.wait(timeout=240)
+    assert first.returncode == -signal.SIGKILL
+    time.sleep(1.0)  # the clients are retrying
+    again = server(assets, tmp_path, "net", port, resume=tmp_path / "net")
+    for code, out in finish(again, *clients):
+        assert code == 0, out
+    deployed = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
+    assert_same(simulated(assets, tmp_path), deployed)
+
+
+def test_plaintext_on_a_public_address_is_refused(assets, tmp_path):
+    settings = [*base_settings(assets, tmp_path), "name=open", *SETTINGS]
+    done = _splitft(
+        "server",
+        *settings,
+        "--address",
+        "0.0.0.0:50999",
+        "--insecure",
+        "--tokens",
+        str(assets / "certs" / "tokens.json"),
+    )
+    assert done.returncode == 2
+    assert "--insecure on 0.0.0.0, which is not a loopback address" in done.stderr

@@ -1,0 +1,258 @@
+"""The gRPC transport on 127.0.0.1 with TLS, against a stand-in handler."""
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from splitft.config import ConfigError
+from splitft.split.errors import Malformed
+from splitft.split.messages import (
+    Ack,
+    RoundPlan,
+    RoundRequest,
+    SmashedData,
+    decode,
+    encode,
+)
+from splitft.transport.network import (
+    METHOD,
+    NetworkServer,
+    NetworkTransport,
+    ServerUnreachable,
+    pack,
+    unpack,
+)
+from splitft.transport.security import load_token_hashes, make_certs, read_token
+
+
+class Echo:
+    """Answers a RoundRequest with a plan carrying a tensor; records peers."""
+
+    device = "cpu"
+
+    def __init__(self, refuse="", sleep=0.0):
+        self.seen, self.refuse, self.sleep = [], refuse, sleep
+
+    def handle(self, msg, peer=None):
+        self.seen.append((type(msg).__name__, peer))
+        time.sleep(self.sleep)
+        if self.refuse:
+            return Ack(msg.client_id, error="no, because", code=self.refuse)
+        adapter = {"model.layers.0.q.lora_A.weight": torch.arange(12.0).view(3, 4)}
+        return RoundPlan(msg.client_id, msg.round, 2, [1e-3], adapter)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("certs")
+    make_certs(root, "localhost", clients=2)
+    return root
+
+
+def serve(certs, handler, limit=8 * 2**20, tls=True, address="127.0.0.1:0"):
+    server = NetworkServer(
+        handler,
+        address,
+        tls=((certs / "server.pem").read_bytes(), (certs / "server.key").read_bytes())
+        if tls
+        else None,
+        token_hashes=load_token_hashes(certs / "tokens.json"),
+        max_message_bytes=limit,
+        insecure=not tls,
+    )
+    server.start()
+    return server
+
+
+def connect(certs, port, cid=0, token=None, ca=None, **kw):
+    token = token or read_token(certs / "clients" / f"client-{cid}.token")
+    ca = (certs / "ca.pem").read_bytes() if ca is None else ca
+    kw = {"timeout_s": 5.0, "retries": 1, "backoff_s": 0.05, **kw}
+    return NetworkTransport(f"127.0.0.1:{port}", cid, token, ca_cert=ca or None, **kw)
+
+
+def test_a_message_crosses_tls_as_in_process(certs):
+    handler = Echo()
+    server = serve(certs, handler)
+    try:
+        with connect(certs, server.port, cid=1) as link:
+            reply = link.call(RoundRequest(1, 0))
+        expected = handler.handle(RoundRequest(1, 0), peer=1)
+        assert isinstance(reply, RoundPlan) and reply.lrs == [1e-3]
+        assert torch.equal(
+            reply.adapter["model.layers.0.q.lora_A.weight"],
+            expected.adapter["model.layers.0.q.lora_A.weight"],
+        )
+        assert handler.seen[0] == ("RoundRequest", 1)  # the authenticated peer
+        up, down = len(encode(RoundRequest(1, 0))), len(encode(expected))
+        assert link.traffic.snapshot() == {"up_control": up, "down_adapters": down}
+        assert server.traffic[1].snapshot() == link.traffic.snapshot()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("who", ["wrong token", "unknown id", "another's token"])
+def test_without_the_right_token_nothing_reaches_the_handler(certs, who):
+    handler = Echo()
+    server = serve(certs, handler)
+    other = read_token(certs / "clients" / "client-1.token")
+    kw = {
+        "wrong token": dict(cid=0, token="nope"),
+        "unknown id": dict(cid=5, token=other),
+        "another's token": dict(cid=0, token=other),
+    }[who]
+    try:
+        with connect(certs, server.port, **kw) as link:
+            reply = link.call(RoundRequest(kw["cid"], 0))
+        assert isinstance(reply, Ack) and reply.code == "UNAUTHENTICATED"
+        assert handler.seen == []
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "code", ["PERMISSION_DENIED", "FAILED_PRECONDITION", "INVALID_ARGUMENT"]
+)
+def test_a_refusal_is_a_grpc_status_and_the_same_ack(certs, code):
+    server = serve(certs, Echo(refuse=code))
+    try:
+        with connect(certs, server.port) as link:
+            reply = link.call(RoundRequest(0, 0))
+        assert isinstance(reply, Ack) and reply.code == code
+        assert reply.error == "no, because"
+    finally:
+        server.stop()
+
+
+def raw_call(certs, port, data, cid=0):
+    creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+    token = read_token(certs / "clients" / f"client-{cid}.token")
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+        call = channel.unary_unary(METHOD)
+        meta = (("x-splitft-client-id", str(cid)), ("authorization", f"Bearer {token}"))
+        return call(data, timeout=5, metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x00garbage",
+        pack(b"not safetensors"),
+        pack(encode(RoundRequest(0, 0))[:-3]),
+        pack(encode(RoundRequest(0, 0))) + b"x",
+        b"\x0a\xff",
+    ],
+)
+def test_garbage_is_invalid_argument_and_the_server_carries_on(certs, data):
+    handler = Echo()
+    server = serve(certs, handler)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            raw_call(certs, server.port, data)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert handler.seen == []
+        reply = decode(
+            unpack(raw_call(certs, server.port, pack(encode(RoundRequest(0, 0)))))
+        )
+        assert isinstance(reply, RoundPlan)
+    finally:
+        server.stop()
+
+
+def test_a_message_over_the_limit_is_resource_exhausted(certs):
+    server = serve(certs, Echo(), limit=64 * 1024)
+    big = SmashedData(
+        0,
+        0,
+        0,
+        1,
+        torch.zeros(1, 64, 512),
+        None,
+        torch.zeros(1, 64, dtype=torch.long),
+        torch.zeros(1, 64, dtype=torch.long),
+    )
+    try:
+        with connect(certs, server.port) as link:
+            reply = link.call(big)
+        assert isinstance(reply, Ack) and reply.code == "RESOURCE_EXHAUSTED"
+    finally:
+        server.stop()
+
+
+def test_a_server_signed_by_another_ca_is_not_trusted(certs, tmp_path):
+    make_certs(tmp_path, "localhost", clients=1)
+    server = serve(certs, Echo())
+    try:
+        with connect(certs, server.port, ca=(tmp_path / "ca.pem").read_bytes()) as link:
+            with pytest.raises(ServerUnreachable):
+                link.call(RoundRequest(0, 0))
+        with connect(certs, server.port, ca=b"") as plaintext:  # no TLS at all
+            with pytest.raises(ServerUnreachable):
+                plaintext.call(RoundRequest(0, 0))
+    finally:
+        server.stop()
+
+
+def test_plaintext_only_on_loopback(certs):
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        serve(certs, Echo(), tls=False, address="0.0.0.0:0")
+    server = serve(certs, Echo(), tls=False)
+    try:
+        with connect(certs, server.port, ca=b"") as link:
+            assert isinstance(link.call(RoundRequest(0, 0)), RoundPlan)
+    finally:
+        server.stop()
+
+
+def test_a_server_that_comes_up_late_is_reached_by_retries(certs):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = {}
+
+    def later():
+        time.sleep(0.5)
+        started["server"] = serve(certs, Echo(), address=f"127.0.0.1:{port}")
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    try:
+        with connect(certs, port, retries=6, backoff_s=0.1) as link:
+            assert isinstance(link.call(RoundRequest(0, 0)), RoundPlan)
+    finally:
+        thread.join()
+        started["server"].stop()
+
+
+def test_a_call_past_its_deadline_is_retried_then_unreachable(certs):
+    handler = Echo(sleep=0.5)
+    server = serve(certs, handler)
+    try:
+        with connect(certs, server.port, timeout_s=0.1, retries=1) as link:
+            with pytest.raises(ServerUnreachable, match="DEADLINE_EXCEEDED"):
+                link.call(RoundRequest(0, 0))
+        time.sleep(1.2)  # let the handler's calls finish before the server stops
+        assert len(handler.seen) == 2  # sent twice: the server dedups real steps
+    finally:
+        server.stop()
+
+
+@given(st.binary(max_size=300))
+def test_the_envelope_round_trips(payload):
+    assert unpack(pack(payload)) == payload
+
+
+@given(st.binary(max_size=64))
+def test_unpack_accepts_envelopes_only(data):
+    try:
+        payload = unpack(data)
+    except Malformed:
+        return
+    assert pack(payload) == data or data == b""
