@@ -385,6 +385,7 @@ class Coordinator:
     def run_round(self, planned: RoundConfig, devices) -> RoundResult:
         """The selected clients train through the server (the runner's part)."""
         self._bar.set_postfix(round=planned.round + 1)
+        self._round_t0 = time.perf_counter()
         result = self.runner.run_round(planned, devices)
         self._bar.update(len(result.steps))
         return result
@@ -396,6 +397,7 @@ class Coordinator:
         t0 = time.perf_counter()
         counted = self.server.aggregate()
         aggregate_s = (time.perf_counter() - t0) / self.server_device.speed
+        wall_s = time.perf_counter() - self._round_t0  # training + aggregation
         if cfg.sim.timing == "predicted":  # not in the cost model: negligible
             aggregate_s = 0.0
         self.sim_time += timing.makespan + aggregate_s
@@ -435,6 +437,7 @@ class Coordinator:
             **{f"down_{k}": v for k, v in sorted(down.items())},
             "sim_round_s": timing.makespan + aggregate_s,
             "sim_time_s": self.sim_time,
+            "wall_round_s": wall_s,
             "server_busy_s": timing.server_busy,
             **observed,
             "planner_s": planned.planner_s,
@@ -487,6 +490,9 @@ class Coordinator:
             "adapter": str(adapter_dir),
             "config": to_dict(self.cfg),
         }
+        extra = getattr(self.runner, "summary", None)
+        if extra is not None:  # what only this kind of round knows
+            summary.update(extra())
         report.write_summary(self.run_dir / "summary.json", summary)
         self.log.close()
         runs.write_status(self.run_dir, "complete")

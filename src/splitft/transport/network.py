@@ -111,7 +111,9 @@ class NetworkServer:
     """Serves a handler (``handle(msg, peer)``; ``device``) over gRPC.
 
     Args:
-        handler: answers each authenticated request.
+        handler: answers each authenticated request; if it has
+            ``run(msg, fn)``, each request is ``run(msg, handle)`` (it may
+            run ``handle`` on another thread and return its result).
         address: ``HOST:PORT`` (port 0: any free port; see :attr:`port`).
         tls: the server's certificate chain and private key (PEM); None only
             with ``insecure``.
@@ -145,6 +147,8 @@ class NetworkServer:
         self.hashes = token_hashes
         self.traffic: dict[int, Traffic] = defaultdict(Traffic)
         self._lock = threading.Lock()
+        # how a request is run: the handler may take it to another thread
+        self._run = getattr(handler, "run", None) or (lambda msg, fn: fn())
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
             options=_options(max_message_bytes),
@@ -198,7 +202,7 @@ class NetworkServer:
         with self._lock:
             self.traffic[peer].record("up", msg.kind, len(payload))
         try:
-            reply = self.handler.handle(msg, peer=peer)
+            reply = self._run(msg, lambda: self.handler.handle(msg, peer=peer))
             out = encode(reply)
         except Exception as e:  # noqa: BLE001 - one request fails, not the server
             log.warning("request from client %d failed", peer, exc_info=True)
