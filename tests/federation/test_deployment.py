@@ -167,3 +167,16 @@ def test_a_client_killed_mid_round_rejoins(assets, tmp_path):
     # the round counted its second attempt
     assert [r["counted"] for r in trained] == [[0, 1, 2], [0, 1, 2]]
     assert all(r["failed"] == [] for r in trained)
+
+
+def test_a_client_trains_on_its_own_file(assets, tmp_path):
+    own = tmp_path / "mine.jsonl"
+    own.write_text(
+        "".join(
+            '{"instruction": "Say %d.", "output": "%d"}\n' % (i, i) for i in range(9)
+        )
+    )
+    cfg = config(assets, tmp_path, "name=own", *settings())
+    client, _ = build_client(cfg, 2, data=own)
+    assert client.client_id == 2
+    assert client.num_samples == 8  # one example is held out by the loader
