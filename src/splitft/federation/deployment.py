@@ -202,9 +202,9 @@ class NetworkRounds:
     # --------------------------------------------------------- the clients
     def run(self, msg, fn):
         """Run a request for the transport. During a round the model's work
-        (a micro-batch) runs on the coordinator's thread, the one the model
-        was built on: PyTorch on CPU ran the same server step 1.45x slower on
-        another thread here (benchmarks/network.py)."""
+        (a micro-batch) runs on the coordinator's thread, the process's main
+        one: PyTorch on CPU ran the same server step 1.45x slower on another
+        thread here (docs/benchmarks.md, the network transport)."""
         if not isinstance(msg, SmashedData):
             return fn()
         with self._cond:
