@@ -172,9 +172,7 @@ def test_a_client_killed_mid_round_rejoins(assets, tmp_path):
 def test_a_client_trains_on_its_own_file(assets, tmp_path):
     own = tmp_path / "mine.jsonl"
     own.write_text(
-        "".join(
-            '{"instruction": "Say %d.", "output": "%d"}\n' % (i, i) for i in range(9)
-        )
+        "".join(f'{{"instruction": "Say {i}.", "output": "{i}"}}\n' for i in range(9))
     )
     cfg = config(assets, tmp_path, "name=own", *settings())
     client, _ = build_client(cfg, 2, data=own)

@@ -148,3 +148,67 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path):
     for ra, rb in zip(sa["rounds"], sb["rounds"], strict=True):
         assert ra.get("cuts") == rb.get("cuts")
         assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.integration
+def test_a_deployment_over_tls_trains_the_simulations_adapter(tmp_path):
+    """`splitft server` and two `splitft client` processes on the real model,
+    over gRPC with TLS and tokens: the simulation's adapter."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    settings = [
+        f"out_dir={tmp_path}",
+        "federation.num_clients=2",
+        "federation.rounds=1",
+        "federation.local_steps=2",
+        "federation.cut_layers=[3, 11]",
+        "data.tasks=[arithmetic/2_digit_addition]",
+        "data.eval_size=4",
+        "data.max_train_per_task=16",
+        "data.max_length=64",
+        "train.batch_size=2",
+        "eval.accuracy=false",
+    ]
+    Simulation(load_config(None, [*settings, "name=sim"])).run(table=False)
+    cli = [sys.executable, "-m", "splitft.cli", "-q"]
+    certs = tmp_path / "certs"
+    made = subprocess.run(
+        [*cli, "certs", str(certs), "--server-name", "localhost", "--clients", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = ["--address", f"127.0.0.1:{port}", "--certs", str(certs)]
+    procs = [subprocess.Popen([*cli, "server", *settings, "name=net", *address])]
+    for cid in range(2):
+        token = certs / "clients" / f"client-{cid}.token"
+        procs.append(
+            subprocess.Popen(
+                [
+                    *cli,
+                    "client",
+                    *settings,
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--client-id",
+                    str(cid),
+                    "--token-file",
+                    str(token),
+                    "--ca",
+                    str(certs / "ca.pem"),
+                ],
+            )
+        )
+    assert [p.wait(timeout=600) for p in procs] == [0, 0, 0]
+    a = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
