@@ -188,6 +188,7 @@ def _interrupted(run_dir: Path, signal_name: str, command: str = "run") -> str:
     return (
         f"splitft: interrupted ({signal_name}); {where}; resume with: "
         f"splitft {command} --resume {run_dir}"
+        + (" --address HOST:PORT --certs DIR" if command == "server" else "")
     )
 
 
