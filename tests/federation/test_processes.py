@@ -1,6 +1,7 @@
 """The deployment as real processes on 127.0.0.1: `splitft server` and
 `splitft client`s over gRPC with TLS and tokens, on the tiny model."""
 
+import json
 import os
 import signal
 import socket
@@ -145,3 +146,47 @@ def test_plaintext_on_a_public_address_is_refused(assets, tmp_path):
     )
     assert done.returncode == 2
     assert "--insecure on 0.0.0.0, which is not a loopback address" in done.stderr
+
+
+def test_a_killed_client_that_comes_back_is_counted(assets, tmp_path):
+    port = _free_port()
+    procs = [server(assets, tmp_path, "net", port)]
+    procs += [client(assets, tmp_path, cid, port) for cid in (0, 2)]
+    # client 1 dies (SIGKILL) at its second step; a new process takes its place
+    doomed = client(assets, tmp_path, 1, port, env={"SPLITFT_FAULT": "step:2"})
+    doomed.wait(timeout=240)
+    assert doomed.returncode == -signal.SIGKILL
+    procs.append(client(assets, tmp_path, 1, port))
+    for code, out in finish(*procs):
+        assert code == 0, out
+    rounds = [
+        json.loads(line)
+        for line in (tmp_path / "net" / "metrics.jsonl").read_text().splitlines()
+    ]
+    trained = [r for r in rounds if r["type"] == "round" and r["round"] > 0]
+    assert [r["counted"] for r in trained] == [[0, 1, 2], [0, 1, 2]]
+    # it came back within the first round and drew that round's batches again
+    deployed = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
+    assert_same(simulated(assets, tmp_path), deployed)
+
+
+def test_over_the_network_a_client_cannot_act_for_another(assets, tmp_path):
+    from splitft.split.messages import RoundRequest
+    from splitft.transport.network import NetworkTransport
+    from splitft.transport.security import read_token
+
+    port = _free_port()
+    proc = server(assets, tmp_path, "net", port)
+    certs = assets / "certs"
+    token = read_token(certs / "clients" / "client-0.token")
+    kw = dict(ca_cert=(certs / "ca.pem").read_bytes(), retries=8, backoff_s=0.5)
+    try:
+        with NetworkTransport(f"127.0.0.1:{port}", 0, token, **kw) as link:
+            reply = link.call(RoundRequest(1, -1))  # authenticated as 0, acting as 1
+            assert reply.code == "PERMISSION_DENIED", reply
+            wrong = NetworkTransport(f"127.0.0.1:{port}", 1, token, **kw)
+            assert wrong.call(RoundRequest(1, -1)).code == "UNAUTHENTICATED"
+            wrong.close()
+    finally:
+        proc.kill()
+        proc.wait()
