@@ -169,7 +169,12 @@ def test_server_refuses_bad_steps_and_keeps_a_clean_state(tiny):
         "non-finite": smashed(nan),
         "step 5 not in": smashed(torch.zeros(1, 3, H), step=5),
         "micro 1 not in": smashed(torch.zeros(1, 3, H), micro=1),
-        "labels must be (1, 3)": smashed(torch.zeros(1, 3, H), labels=torch.ones(1, 4)),
+        "labels must be (1, 3)": smashed(
+            torch.zeros(1, 3, H), labels=torch.ones(1, 4, dtype=torch.long)
+        ),
+        "dtype torch.float32 not allowed": smashed(
+            torch.zeros(1, 3, H), labels=torch.ones(1, 3)
+        ),
     }
     for expected, msg in cases.items():
         assert expected in transport.call(msg).error

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load, save
+
+from splitft.split.errors import Malformed
 
 # Byte-accounting kinds (metrics.jsonl reports bytes up/down per kind).
 SMASHED, GRADIENTS, ADAPTERS, CONTROL = "smashed", "gradients", "adapters", "control"
@@ -209,18 +212,126 @@ def encode(msg) -> bytes:
     return save(tensors, metadata=meta)
 
 
+MAX_HEADER = 1 << 20  # bytes of safetensors header: far above any real message's
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# tensor fields: allowed dtypes and number of dimensions
+TENSORS = {
+    "hidden": (FLOATS, 3),
+    "grad": (FLOATS, 3),
+    "attention_mask": ((torch.int64,), 2),
+    "position_ids": ((torch.int64,), 2),
+    "labels": ((torch.int64,), 2),
+    "report": ((torch.float64,), 2),
+}
+
+
 def decode(data: bytes, device: torch.device | str = "cpu"):
-    """Inverse of :func:`encode`."""
-    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
-    cls = MESSAGES[meta["type"]]
+    """Inverse of :func:`encode`, and a validating parser: for any bytes it
+    returns a well-typed message or raises :class:`Malformed` (one line).
+
+    Checked: the framing, the message type, every field present (or
+    defaulted) and none unknown, ints that are ints (not bools), finite
+    floats, strings, the dtypes and dimensions of tensors (activations and
+    adapters floating point, token-level tensors int64). What needs the model
+    or the config (hidden size, lengths, order) the server checks.
+    """
+    try:
+        return _decode(data, device)
+    except Malformed:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, json, torch on bad bytes
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise Malformed(f"not a SplitFT message ({why})") from None
+
+
+def _decode(data: bytes, device):
+    if len(data) < 8:
+        raise Malformed("not a SplitFT message: shorter than its header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER or 8 + n > len(data):
+        raise Malformed(f"not a SplitFT message: header length {n} of {len(data)}")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or "type" not in meta or "fields" not in meta:
+        raise Malformed("not a SplitFT message: no type and fields in its metadata")
+    cls = MESSAGES.get(meta["type"])
+    if cls is None:
+        raise Malformed(f"unknown message type {str(meta['type'])[:40]!r}")
     kwargs = json.loads(meta["fields"])
+    if not isinstance(kwargs, dict):
+        raise Malformed(f"{cls.__name__}: fields must be a JSON object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, t in load(data).items():
-        t = t.to(device)
-        if "/" in name:
-            field_name, key = name.split("/", 1)
-            kwargs[field_name][key] = t
+        base, _, key = name.partition("/")
+        if base not in fields:
+            raise Malformed(f"{cls.__name__}: unexpected field {base!r}")
+        if key:
+            if not isinstance(kwargs.get(base), dict):
+                raise Malformed(f"{cls.__name__}.{base}: not a tensor dict")
+            kwargs[base][key] = t
         elif _timed(name):
+            if t.ndim != 0:
+                raise Malformed(f"{cls.__name__}.{name}: expected a number")
             kwargs[name] = float(t)
         else:
             kwargs[name] = t
+    for name in kwargs:
+        if name not in fields:
+            raise Malformed(f"{cls.__name__}: unexpected field {name!r}")
+    for name, f in fields.items():
+        if name not in kwargs:
+            if (
+                f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ):
+                raise Malformed(f"{cls.__name__}: missing field {name!r}")
+            continue
+        kwargs[name] = _checked(f"{cls.__name__}.{name}", f.type, kwargs[name], device)
     return cls(**kwargs)
+
+
+def _checked(where: str, kind: str, value, device):
+    """One field's value, checked against its annotation."""
+    if kind == "int":
+        if type(value) is not int:
+            raise Malformed(f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value):
+            raise Malformed(f"{where}: expected a finite number")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise Malformed(f"{where}: expected a string")
+        return value
+    if kind == "list[float]":
+        ok = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
+        if not ok:
+            raise Malformed(f"{where}: expected a list of finite numbers")
+        return [float(v) for v in value]
+    if kind == "dict[str, torch.Tensor]":
+        if not isinstance(value, dict) or not all(
+            isinstance(t, torch.Tensor) for t in value.values()
+        ):
+            raise Malformed(f"{where}: expected tensors by name")
+        for key, t in value.items():
+            if t.dtype not in FLOATS:
+                raise Malformed(f"{where}[{key[:80]!r}]: dtype {t.dtype} not allowed")
+        return {k: t.to(device) for k, t in value.items()}
+    if kind in ("torch.Tensor", "torch.Tensor | None"):
+        if value is None and kind.endswith("None"):
+            return None
+        if not isinstance(value, torch.Tensor):
+            raise Malformed(f"{where}: expected a tensor")
+        dtypes, ndim = TENSORS[where.split(".")[-1]]
+        if value.dtype not in dtypes:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise Malformed(f"{where}: dtype {value.dtype} not allowed ({allowed})")
+        if value.ndim != ndim:
+            raise Malformed(f"{where}: expected {ndim} dimensions, got {value.ndim}")
+        return value.to(device)
+    raise Malformed(f"{where}: no check for {kind}")  # a new field type: add it

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from splitft.split.messages import decode, encode
+from splitft.split.errors import Malformed
+from splitft.split.messages import Ack, decode, encode
 from splitft.transport.base import Handler, Traffic
 
 
@@ -20,7 +21,12 @@ class InProcessTransport:
     def call(self, msg):
         data = encode(msg)
         self.traffic.record("up", msg.kind, len(data))
-        reply = self.server.handle(decode(data, self.server.device))
+        try:
+            request = decode(data, self.server.device)
+        except Malformed as e:  # as the network transport answers it
+            cid = getattr(msg, "client_id", -1)
+            return Ack(cid, error=f"Malformed: {e}", code=e.code)
+        reply = self.server.handle(request)
         data = encode(reply)
         self.traffic.record("down", reply.kind, len(data))
         return decode(data)
