@@ -190,3 +190,60 @@ def test_over_the_network_a_client_cannot_act_for_another(assets, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_live_server_refuses_malformed_tensors_and_carries_on(assets, tmp_path):
+    import grpc
+    import torch
+
+    from splitft.split.messages import (
+        Gradient,
+        RoundPlan,
+        RoundRequest,
+        SmashedData,
+        encode,
+    )
+    from splitft.transport.network import METHOD, NetworkTransport, pack
+    from splitft.transport.security import read_token
+
+    port = _free_port()
+    proc = server(assets, tmp_path, "net", port)
+    certs = assets / "certs"
+    token = read_token(certs / "clients" / "client-0.token")
+    ca = (certs / "ca.pem").read_bytes()
+    try:
+        with NetworkTransport(
+            f"127.0.0.1:{port}", 0, token, ca_cert=ca, retries=8, backoff_s=0.5
+        ) as link:
+            plan = link.call(RoundRequest(0, -1))
+            while not isinstance(plan, RoundPlan):  # the base model is evaluated
+                time.sleep(0.2)
+                plan = link.call(RoundRequest(0, -1))
+
+            def step(hidden, t=4):
+                ids = torch.arange(t).expand(2, t).clone()
+                return SmashedData(0, 0, 0, 1, hidden, None, ids, ids)
+
+            H = 32  # the tiny model's hidden size
+            cases = {
+                "hidden must be (B, T, 32)": step(torch.zeros(2, 4, H + 1)),
+                "non-finite": step(torch.full((2, 4, H), float("nan"))),
+                "at most 32": step(torch.zeros(2, 40, H), t=40),
+                "dtype torch.int64": step(torch.zeros(2, 4, H, dtype=torch.long)),
+            }
+            for text, msg in cases.items():
+                reply = link.call(msg)
+                assert reply.code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
+                assert text in reply.error, reply.error
+            creds = grpc.ssl_channel_credentials(ca)
+            meta = (("x-splitft-client-id", "0"), ("authorization", f"Bearer {token}"))
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+                call = channel.unary_unary(METHOD)
+                with pytest.raises(grpc.RpcError) as err:  # truncated bytes
+                    call(pack(encode(step(torch.zeros(2, 4, H)))[:-100]), metadata=meta)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # and the step itself, well formed, is trained on
+            assert isinstance(link.call(step(torch.zeros(2, 4, H))), Gradient)
+    finally:
+        proc.kill()
+        proc.wait()
