@@ -65,7 +65,8 @@ class NetworkRounds:
         timeout_s: how long a round waits for its uploads.
         min_clients: the fewest uploads a round may be aggregated with.
         retries: how often a round short of ``min_clients`` is run again.
-        poll_s: how long a client is told to wait before asking again.
+        poll_s: how long a client's request for a plan is held, waiting for
+            one, before it is told to ask again (a long poll).
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class NetworkRounds:
         timeout_s: float,
         min_clients: int = 1,
         retries: int = 1,
-        poll_s: float = 0.5,
+        poll_s: float = 2.0,
     ) -> None:
         self._serve = serve
         self.timeout_s, self.min_clients = timeout_s, min_clients
@@ -135,6 +136,7 @@ class NetworkRounds:
             self._open, self._started = planned, {}
             self._uploaded, self._reports = {}, {}
             self._pumping = True
+            self._cond.notify_all()  # the clients waiting for a plan
         deadline = t0 + self.timeout_s
         while time.monotonic() < deadline:
             with self._cond:
@@ -194,6 +196,7 @@ class NetworkRounds:
     def close(self) -> None:
         with self._cond:
             self._stopped = self._stopped or "the run is over"
+            self._cond.notify_all()
         if self.transport is not None:
             # let waiting clients hear Stop before the port closes
             time.sleep(min(2 * self.poll_s, 2.0))
@@ -222,13 +225,18 @@ class NetworkRounds:
         if isinstance(msg, RoundRequest) and msg.round == -1:
             if peer is not None and cid != peer:
                 return self.server.handle(msg, peer)  # refused there, by class
-            with self._cond:
-                if self._stopped:
-                    return Stop(cid, self._stopped)
-                open_ = self._open
-                if open_ is None or cid not in open_.cuts or cid in self._uploaded:
-                    nxt = open_.round if open_ is not None else self._next_round
-                    return Wait(cid, nxt, self.poll_s)
+            with self._cond:  # a long poll: answered as soon as there is news
+                until = time.monotonic() + self.poll_s
+                while True:
+                    if self._stopped:
+                        return Stop(cid, self._stopped)
+                    open_ = self._open
+                    if open_ and cid in open_.cuts and cid not in self._uploaded:
+                        break
+                    if time.monotonic() >= until:
+                        nxt = open_.round if open_ is not None else self._next_round
+                        return Wait(cid, nxt, 0.0)  # ask again at once
+                    self._cond.wait(until - time.monotonic())
                 self._started.setdefault(cid, time.monotonic())
             msg = RoundRequest(cid, open_.round)
         if not isinstance(msg, AdapterUpdate):
@@ -367,6 +375,7 @@ def serve_run(
             token_hashes=hashes,
             max_message_bytes=limit,
             insecure=insecure,
+            workers=fed.num_clients + 8,  # a long poll holds a worker
             allow_insecure_remote=allow_insecure_remote,
         )
         net.start()
