@@ -164,6 +164,76 @@ def test_garbage_is_invalid_argument_and_the_server_carries_on(certs, data):
         server.stop()
 
 
+class Keep:
+    """Keeps what it receives; acks it, or raises when told to."""
+
+    device = "cpu"
+
+    def __init__(self, fail=0):
+        self.msgs, self.fail = [], fail
+
+    def handle(self, msg, peer=None):
+        self.msgs.append(msg)
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("boom\non two lines")
+        return Ack(msg.client_id)
+
+
+def smashed(cid=0, t=5):
+    return SmashedData(
+        client_id=cid,
+        step=1,
+        micro=0,
+        num_micro=2,
+        hidden=torch.randn(2, t, 8),
+        attention_mask=torch.ones(2, t, dtype=torch.long),
+        position_ids=torch.arange(t).repeat(2, 1),
+        labels=torch.full((2, t), -100),
+        step_tokens=7,
+    )
+
+
+def test_tensors_arrive_as_the_in_process_decode_gives_them(certs):
+    handler = Keep()
+    server = serve(certs, handler)
+    msg = smashed()
+    try:
+        with connect(certs, server.port) as link:
+            assert link.call(msg) == Ack(0)
+        got, want = handler.msgs[0], decode(encode(msg))
+        for name in ("hidden", "attention_mask", "position_ids", "labels"):
+            assert torch.equal(getattr(got, name), getattr(want, name))
+            assert getattr(got, name).dtype == getattr(want, name).dtype
+        assert (got.step, got.num_micro, got.step_tokens) == (1, 2, 7)
+        sizes = {"up_smashed": len(encode(msg)), "down_control": len(encode(Ack(0)))}
+        assert link.traffic.snapshot() == sizes == server.traffic[0].snapshot()
+    finally:
+        server.stop()
+
+
+def test_a_failing_handler_is_internal_and_the_server_carries_on(certs):
+    server = serve(certs, Keep(fail=1))
+    try:
+        with connect(certs, server.port) as link:
+            reply = link.call(RoundRequest(0, 0))
+            assert reply.code == "INTERNAL"
+            assert reply.error == "RuntimeError: boom on two lines"
+            assert link.call(RoundRequest(0, 0)) == Ack(0)
+    finally:
+        server.stop()
+
+
+def test_an_ack_with_a_code_that_is_no_refusal_is_internal(certs):
+    server = serve(certs, Echo(refuse="NOT_A_STATUS"))
+    try:
+        with connect(certs, server.port) as link:
+            reply = link.call(RoundRequest(0, 0))
+        assert reply == Ack(0, error="no, because", code="INTERNAL")
+    finally:
+        server.stop()
+
+
 def test_a_message_over_the_limit_is_resource_exhausted(certs):
     server = serve(certs, Echo(), limit=64 * 1024)
     big = SmashedData(
@@ -201,6 +271,10 @@ def test_a_server_signed_by_another_ca_is_not_trusted(certs, tmp_path):
 def test_plaintext_only_on_loopback(certs):
     with pytest.raises(ConfigError, match="not a loopback address"):
         serve(certs, Echo(), tls=False, address="0.0.0.0:0")
+    with pytest.raises(ConfigError, match="--insecure"):
+        NetworkServer(
+            Echo(), "127.0.0.1:0", tls=None, token_hashes={}, max_message_bytes=2**20
+        )
     server = serve(certs, Echo(), tls=False)
     try:
         with connect(certs, server.port, ca=b"") as link:
@@ -247,6 +321,35 @@ def test_a_call_past_its_deadline_is_retried_then_unreachable(certs):
 @given(st.binary(max_size=300))
 def test_the_envelope_round_trips(payload):
     assert unpack(pack(payload)) == payload
+
+
+def test_the_envelope_is_protobufs_wire_format():
+    # tag 0x0A (field 1, length-delimited), then the length as a varint:
+    # 150 is 0x96 0x01 (the protobuf encoding guide's example)
+    assert pack(b"") == b"\x0a\x00"
+    assert pack(b"x" * 127)[:2] == b"\x0a\x7f"
+    assert pack(b"x" * 150)[:3] == b"\x0a\x96\x01"
+    assert pack(b"x" * 2**21)[:5] == b"\x0a\x80\x80\x80\x01"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x12\x01x",  # field 2
+        b"\x08\x01",  # field 1 as a varint
+        b"\x0a",  # no length
+        b"\x0a\x80",  # length cut short
+        b"\x0a" + b"\xff" * 10 + b"\x01",  # a length over ten bytes
+        b"\x0a\x80\x00",  # 0 in two bytes: not minimal
+        b"\x0a\x81\x00x",  # 1 in two bytes
+        b"\x0a\x02x",  # shorter than its length
+        b"\x0a\x01xy",  # a byte after the payload
+        b"\x0a\x01x\x0a\x01y",  # field 1 twice
+    ],
+)
+def test_unpack_refuses_what_is_not_one_envelope(data):
+    with pytest.raises(Malformed, match="envelope"):
+        unpack(data)
 
 
 @given(st.binary(max_size=64))

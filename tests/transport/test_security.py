@@ -1,6 +1,8 @@
+import ipaddress
 import stat
 
 import pytest
+from cryptography import x509
 
 from splitft.config import ConfigError
 from splitft.transport.security import (
@@ -57,3 +59,23 @@ def test_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
     assert not is_loopback("example.org")
+
+
+@pytest.mark.parametrize(
+    ("name", "dns", "ips"),
+    [
+        ("gpu.example.org", {"gpu.example.org", "localhost"}, {"127.0.0.1"}),
+        ("10.1.2.3", {"localhost"}, {"10.1.2.3", "127.0.0.1"}),
+        ("localhost", {"localhost"}, {"127.0.0.1"}),
+    ],
+)
+def test_the_server_certificate_names_the_server_and_loopback(tmp_path, name, dns, ips):
+    paths = make_certs(tmp_path, name, clients=1)
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    cert = x509.load_pem_x509_certificate(paths["server_cert"].read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == dns
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address(i) for i in ips
+    }
+    cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it

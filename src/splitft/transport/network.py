@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from splitft.config import ConfigError
-from splitft.split.errors import Malformed
+from splitft.split.errors import CODES, Malformed
 from splitft.split.messages import Ack, decode, encode
 from splitft.transport.base import Traffic
 from splitft.transport.security import check_token, is_loopback
@@ -39,15 +39,9 @@ log = logging.getLogger(__name__)
 
 METHOD = "/splitft.v1.Split/Call"
 CLIENT_ID = "x-splitft-client-id"
-# statuses a refusal may have; anything else from the server is a transport fault
-REFUSALS = {
-    "INVALID_ARGUMENT",
-    "FAILED_PRECONDITION",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "UNAUTHENTICATED",
-    "INTERNAL",
-}
+# statuses a refusal may have (splitft.split.errors); anything else from the
+# server is a transport fault
+REFUSALS = frozenset(CODES)
 RETRIED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -64,7 +58,11 @@ def pack(payload: bytes) -> bytes:
 
 
 def unpack(data: bytes) -> bytes:
-    """The payload of an Envelope; anything else is :class:`Malformed`."""
+    """The payload of an Envelope; anything else is :class:`Malformed`.
+
+    Strict: field 1 as bytes, a minimal varint length, nothing after the
+    payload (no other or repeated fields), so ``pack(unpack(data)) == data``.
+    """
     if not data:
         return b""  # an empty Envelope: payload absent
     if data[0] != 0x0A:
@@ -78,6 +76,8 @@ def unpack(data: bytes) -> bytes:
             break
     else:
         raise Malformed("not a SplitFT envelope (bad length)")
+    if start > 2 and data[start - 1] == 0:  # 0x80 0x00 for 0: valid, not minimal
+        raise Malformed("not a SplitFT envelope (length not minimally encoded)")
     if len(data) - start != n:
         raise Malformed(
             f"not a SplitFT envelope ({len(data) - start} bytes after a length of {n})"
@@ -99,6 +99,10 @@ def message_limit(
     return max(2 * max(activations, adapter_bytes) + 2**20, 4 * 2**20)
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
 def _options(limit: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", limit),
@@ -109,6 +113,13 @@ def _options(limit: int) -> list[tuple[str, int]]:
 # -------------------------------------------------------------------- server
 class NetworkServer:
     """Serves a handler (``handle(msg, peer)``; ``device``) over gRPC.
+
+    The token is checked in the servicer, before the payload is parsed (one
+    method, so an interceptor would add a layer and no safety); an unknown id
+    and a wrong token get the same ``UNAUTHENTICATED``. :attr:`traffic` counts
+    payload bytes per authenticated client as received and sent: a request
+    the client repeated after a lost answer is counted each time it arrives,
+    a refusal (a status, no payload) counts its request only.
 
     Args:
         handler: answers each authenticated request; if it has
@@ -195,9 +206,9 @@ class NetworkServer:
         except Malformed as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Malformed: {e}")
         except Exception as e:  # noqa: BLE001 - whatever the bytes, one status
-            why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"Malformed: not a message ({why})"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Malformed: not a message ({_one_line(e)})",
             )
         with self._lock:
             self.traffic[peer].record("up", msg.kind, len(payload))
@@ -206,9 +217,11 @@ class NetworkServer:
             out = encode(reply)
         except Exception as e:  # noqa: BLE001 - one request fails, not the server
             log.warning("request from client %d failed", peer, exc_info=True)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            context.abort(grpc.StatusCode.INTERNAL, _one_line(e))
         if isinstance(reply, Ack) and reply.code:
-            context.abort(grpc.StatusCode[reply.code], reply.error)
+            # a code outside the refusals would be a handler bug: INTERNAL
+            code = reply.code if reply.code in REFUSALS else "INTERNAL"
+            context.abort(grpc.StatusCode[code], reply.error or reply.code)
         with self._lock:
             self.traffic[peer].record("down", reply.kind, len(out))
         return pack(out)
@@ -227,7 +240,8 @@ class NetworkTransport:
     backoff (the server answers a repeated request from its first result,
     so every call is safe to repeat), then :class:`ServerUnreachable`.
     Refusals come back as ``Ack(error, code)``, as in process. Bytes are
-    counted once per request answered, as the in-process transport does.
+    payload bytes (``len(encode(msg))``, as in process), counted once per
+    call however often it was sent; a refused call counts its request only.
     """
 
     def __init__(
