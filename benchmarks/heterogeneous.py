@@ -733,20 +733,13 @@ def main() -> None:
 
     prov = provenance()  # the tree as it is now, before anything can change it
     earlier = previous(out / "results.json", args) if args.resume else None
+    data = (MAX_LENGTH, args.eval_size, args.train_per_task, args.seed)
     if earlier:  # the yardstick the kept rows were measured with
-        costs = CostModel(**earlier["costs"])
-        lengths = train_lengths(
-            MAX_LENGTH, args.eval_size, args.train_per_task, args.seed
-        )
+        costs, lengths = CostModel(**earlier["costs"]), train_lengths(*data)
     elif args.costs:  # another run's probe: the same yardstick across runs
-        costs = CostModel.load(args.costs)
-        lengths = train_lengths(
-            MAX_LENGTH, args.eval_size, args.train_per_task, args.seed
-        )
+        costs, lengths = CostModel.load(args.costs), train_lengths(*data)
     else:
-        costs, lengths = probe_default(
-            BATCH, MAX_LENGTH, args.eval_size, args.train_per_task, args.seed
-        )
+        costs, lengths = probe_default(BATCH, *data)
     args.num_layers = costs.num_layers
     slots = expected_slots(lengths, BATCH)
     bests = {

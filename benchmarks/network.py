@@ -175,11 +175,8 @@ def deployed(args, out: Path) -> dict:
     if any(codes):
         raise SystemExit(f"a deployment process failed: exit codes {codes}")
     run = out / "grpc"
-    rounds = [
-        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
-    rounds = [r for r in rounds if r.get("type") == "round"]
     summary = json.loads((run / "summary.json").read_text())
+    rounds = summary["rounds"]
     payload = sum(
         n for per in summary["transport_bytes"].values() for n in per.values()
     )

@@ -121,9 +121,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         else load_config(args.config, args.overrides)
     )
     from splitft import runs
-    from splitft.federation.deployment import check_address, serve_run
+    from splitft.federation.deployment import serve_run
 
-    check_address(args.address, args.insecure, args.allow_insecure_remote)
     run_dir = cfg.run_dir
     try:
         serve_run(
@@ -145,9 +144,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     """One deployed client, next to its data."""
     cfg = load_config(args.config, args.overrides)
-    from splitft.federation.deployment import check_address, client_main
+    from splitft.federation.deployment import client_main
 
-    check_address(args.server, args.insecure, allow_insecure_remote=True)
     client_main(
         cfg,
         args.server,

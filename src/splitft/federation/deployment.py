@@ -30,7 +30,7 @@ from splitft.config import ConfigError, RunConfig, from_dict, to_dict
 from splitft.data.federated import load_run_data
 from splitft.data.format import pad_token_id
 from splitft.federation.coordinator import Coordinator, check_context, resolve_device
-from splitft.federation.simulation import SimulatedRounds
+from splitft.federation.simulation import client_rows
 from splitft.federation.strategy import RoundConfig, RoundResult
 from splitft.models.default import resolve_model_dir
 from splitft.models.parts import WeightStore, load_model_config, load_tokenizer
@@ -40,7 +40,6 @@ from splitft.split.messages import (
     Ack,
     AdapterUpdate,
     Join,
-    RoundPlan,
     RoundRequest,
     SmashedData,
     Stop,
@@ -83,7 +82,6 @@ class NetworkRounds:
         self._cond = threading.Condition()
         self._open: RoundConfig | None = None
         self._next_round = 0
-        self._started: dict[int, float] = {}
         self._uploaded: dict[int, float] = {}
         self._reports: dict[int, list[dict]] = {}
         self._stopped = ""
@@ -133,7 +131,7 @@ class NetworkRounds:
         self.server.open_round(planned.round, planned.cuts)
         t0 = time.monotonic()
         with self._cond:
-            self._open, self._started = planned, {}
+            self._open = planned
             self._uploaded, self._reports = {}, {}
             self._pumping = True
             self._cond.notify_all()  # the clients waiting for a plan
@@ -163,7 +161,7 @@ class NetworkRounds:
                 finish=uploaded.get(cid, time.monotonic()) - t0,
                 compute=sum(s.get("client_seconds", 0.0) for s in steps),
                 served=sum(s.get("server_seconds", 0.0) for s in steps),
-                messages=sum(1 for _ in steps),
+                messages=len(steps),
                 failed="" if cid in uploaded else "no upload by the deadline",
             )
             now = traffic[cid].snapshot() if cid in traffic else {}
@@ -210,14 +208,12 @@ class NetworkRounds:
         thread here (docs/benchmarks.md, the network transport)."""
         if not isinstance(msg, SmashedData):
             return fn()
+        future: Future | None = None
         with self._cond:
-            if not self._pumping:
-                return_now = True
-            else:
-                return_now = False
-                future: Future = Future()
+            if self._pumping:
+                future = Future()
                 self._jobs.put((fn, future))
-        return fn() if return_now else future.result()
+        return fn() if future is None else future.result()
 
     def handle(self, msg, peer: int | None = None):
         """A client's request: plans and waits here, the split work in the server."""
@@ -237,7 +233,6 @@ class NetworkRounds:
                         nxt = open_.round if open_ is not None else self._next_round
                         return Wait(cid, nxt, 0.0)  # ask again at once
                     self._cond.wait(until - time.monotonic())
-                self._started.setdefault(cid, time.monotonic())
             msg = RoundRequest(cid, open_.round)
         if not isinstance(msg, AdapterUpdate):
             return self.server.handle(msg, peer)
@@ -340,7 +335,7 @@ def serve_run(
     resume: bool = False,
 ) -> dict:
     """``splitft server``: the coordinator with networked rounds, until done."""
-    from splitft.transport.network import NetworkServer, message_limit
+    from splitft.transport.network import NetworkServer
     from splitft.transport.security import load_token_hashes
 
     check_address(address, insecure, allow_insecure_remote)
@@ -358,16 +353,7 @@ def serve_run(
     fed = cfg.federation
 
     def serve(handler: NetworkRounds):
-        server = handler.server
-        adapter_bytes = sum(
-            t.numel() * t.element_size() for t in server.global_state.values()
-        )
-        limit = message_limit(
-            server.config.hidden_size,
-            cfg.data.max_length,
-            cfg.train.batch_size,
-            adapter_bytes,
-        )
+        limit = _message_limit(cfg, handler.server.config)
         net = NetworkServer(
             handler,
             address,
@@ -425,7 +411,7 @@ def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
         model_config,
         cfg.lora,
         cfg.train,
-        SimulatedRounds._rows(cfg, partition),
+        client_rows(cfg, partition),
         pad_token_id(tokenizer),
         seed=cfg.seed,
         num_samples=len(partition),
@@ -444,7 +430,7 @@ def client_main(
     data: Path | None = None,
 ) -> int:
     """``splitft client``: one client on its own data, until the server stops."""
-    from splitft.transport.network import NetworkTransport, message_limit
+    from splitft.transport.network import NetworkTransport
     from splitft.transport.security import read_token
 
     check_address(server, insecure, allow_insecure_remote=True)
@@ -455,15 +441,7 @@ def client_main(
     token = read_token(token_file)
     ca_cert = None if insecure else _read(ca)
     client, model_config = build_client(cfg, client_id, data)
-    adapter_bytes = 4 * sum(
-        t.numel() for t in lora.init_global_adapter(model_config, cfg.lora, 0).values()
-    )
-    limit = message_limit(
-        model_config.hidden_size,
-        cfg.data.max_length,
-        cfg.train.batch_size,
-        adapter_bytes,
-    )
+    limit = _message_limit(cfg, model_config)
     with NetworkTransport(
         server,
         client_id,
@@ -480,6 +458,19 @@ def client_main(
     return trained
 
 
+def _message_limit(cfg: RunConfig, model_config) -> int:
+    """The message size limit, derived the same way on both sides."""
+    from splitft.transport.network import message_limit
+
+    adapter = lora.init_global_adapter(model_config, cfg.lora, 0)
+    return message_limit(
+        model_config.hidden_size,
+        cfg.data.max_length,
+        cfg.train.batch_size,
+        sum(t.numel() * t.element_size() for t in adapter.values()),
+    )
+
+
 def _read(path: Path) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -490,7 +481,6 @@ def _read(path: Path) -> bytes:
 __all__ = [
     "NetworkRounds",
     "RoundFailed",
-    "RoundPlan",
     "client_main",
     "run_client",
     "serve_run",

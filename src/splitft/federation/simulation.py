@@ -34,6 +34,12 @@ __all__ = [
 ]
 
 
+def client_rows(cfg: RunConfig, partition) -> list[dict]:
+    """A client's training rows: its partition's tokens, packed if configured."""
+    rows = partition.select_columns(TOKENS).to_list()
+    return pack(rows, cfg.data.max_length) if cfg.data.packing else rows
+
+
 class SimulatedRounds:
     """Every client in this process, each round run on the simulated clock."""
 
@@ -41,7 +47,7 @@ class SimulatedRounds:
         self.coordinator = c = coordinator
         cfg = c.cfg
         partitions = c.data.partitions
-        rows = {cid: self._rows(cfg, partitions[cid]) for cid in range(len(partitions))}
+        rows = {cid: client_rows(cfg, p) for cid, p in enumerate(partitions)}
         c.server.declared.update({cid: len(p) for cid, p in enumerate(partitions)})
         self.clients = {
             cid: SplitClient(
@@ -58,11 +64,6 @@ class SimulatedRounds:
             for cid in rows
         }
         return {cid: [len(r["input_ids"]) for r in rs] for cid, rs in rows.items()}
-
-    @staticmethod
-    def _rows(cfg: RunConfig, partition) -> list[dict]:
-        rows = partition.select_columns(TOKENS).to_list()
-        return pack(rows, cfg.data.max_length) if cfg.data.packing else rows
 
     def run_round(self, planned: RoundConfig, devices) -> RoundResult:
         """The selected clients train through the server on the simulated clock."""

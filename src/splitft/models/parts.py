@@ -131,8 +131,13 @@ def _config_error(path: Path, err: Exception) -> ConfigError:
         return ConfigError(f"{path}: not a JSON object")
     if not isinstance(data.get("model_type"), str):
         return ConfigError(f"{path}: no 'model_type' key (e.g. \"llama\")")
-    why = " ".join(str(err).split("\n\n")[0].split())  # its first paragraph
+    why = _first_paragraph(err)
     return ConfigError(f"{path}: not a model config transformers can read: {why}")
+
+
+def _first_paragraph(err: Exception) -> str:
+    """transformers' error messages, cut to their first paragraph, one line."""
+    return " ".join(str(err).split("\n\n")[0].split())
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
@@ -149,7 +154,7 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (folder / name).is_file():
                 _read_json(folder / name)  # raises for a JSON error, naming it
-        why = " ".join(str(err).split("\n\n")[0].split())
+        why = _first_paragraph(err)
         raise ConfigError(
             f"{folder}: no tokenizer transformers can load (a model folder needs "
             f"tokenizer.json and tokenizer_config.json): {why}"

@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 
 SHARED = "shared"  # the adapter name of the shared server-side LoRA
 
-ClientError = Refused  # the name the server's refusals had before errors.py
-
 
 @dataclass
 class _Planned:
@@ -238,15 +236,14 @@ class SplitServer:
             if isinstance(msg, AdapterUpdate):
                 return self._answer(msg, self._receive)
             raise Malformed(f"unexpected message {type(msg).__name__}")
-        except Refused as e:
+        except Exception as e:  # noqa: BLE001 - reported to the client, not raised
+            refused = isinstance(e, Refused)
+            if not refused:
+                log.warning("request from client %s failed", cid, exc_info=True)
             if peer is None or cid == peer:  # never touch another client's state
                 self._drop_step(cid)
-            return Ack(client_id=cid, error=f"{type(e).__name__}: {e}", code=e.code)
-        except Exception as e:  # noqa: BLE001 - reported to the client, not raised
-            log.warning("request from client %s failed", cid, exc_info=True)
-            if peer is None or cid == peer:
-                self._drop_step(cid)
-            return Ack(client_id=cid, error=f"{type(e).__name__}: {e}", code="INTERNAL")
+            code = e.code if refused else "INTERNAL"
+            return Ack(client_id=cid, error=f"{type(e).__name__}: {e}", code=code)
 
     def _answer(self, msg, run):
         """Run a step or an upload once: a retried request (the same client,
@@ -316,8 +313,9 @@ class SplitServer:
         if self._open is not None and cid not in self._open:
             raise OutOfOrder(f"client {cid} is not in this round")
         done = self._planned.get(cid)
+        # a reply is kept only for what succeeded: an upload kept is an upload made
         if done is not None and done.round == req.round and done.last is not None:
-            if isinstance(done.last[1], Ack) and done.last[0][0] == "upload":
+            if done.last[0][0] == "upload":
                 raise OutOfOrder(f"client {cid} already uploaded round {req.round}")
         if k < self.num_layers:
             if k < self.part.layers.start:  # open_round grows the part first
@@ -522,7 +520,12 @@ class SplitServer:
                 f"client {cid}: num_samples={msg.num_samples}, more than the "
                 f"{declared} it declared"
             )
-        bad = [key for key, t in msg.adapter.items() if not torch.isfinite(t).all()]
+        state = dict(msg.adapter)
+        if self.server_side != SHARED and k < self.num_layers:
+            # this client's server-side copy: exactly its blocks [k, L)
+            server_side = lora.adapter_state(self.part.model, self._name(cid))
+            state.update(lora.select_layers(server_side, self.spec, range(k, L)))
+        bad = [key for key, t in state.items() if not torch.isfinite(t).all()]
         if bad:
             raise Malformed(f"client {cid}: non-finite values in {bad[:3]}")
         self._check_norm(cid, msg.adapter, expected)
@@ -536,14 +539,6 @@ class SplitServer:
                 )
             if not torch.isfinite(report).all():
                 raise Malformed(f"client {cid}: report has non-finite values")
-        state = dict(msg.adapter)
-        if self.server_side != SHARED and k < self.num_layers:
-            # this client's server-side copy: exactly its blocks [k, L)
-            server_side = lora.adapter_state(self.part.model, self._name(cid))
-            state.update(lora.select_layers(server_side, self.spec, range(k, L)))
-        bad = [key for key, t in state.items() if not torch.isfinite(t).all()]
-        if bad:
-            raise Malformed(f"client {cid}: non-finite values in {bad[:3]}")
         self.updates[cid] = (state, float(msg.num_samples))
         self._client_keys[cid] = set(msg.adapter)
         return Ack(cid)
