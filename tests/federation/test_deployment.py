@@ -13,7 +13,7 @@ from simrun import TIMING_FREE, config, make_assets, rounded
 from splitft.federation.coordinator import Coordinator
 from splitft.federation.deployment import NetworkRounds, build_client, run_client
 from splitft.federation.simulation import Simulation
-from splitft.split.messages import decode, encode
+from splitft.split.messages import SmashedData, decode, encode
 from splitft.transport import Traffic
 
 
@@ -35,14 +35,21 @@ class Loopback:
 
 
 class LoopbackTransport:
-    def __init__(self, loop, cid, drop_after=None):
+    """``drop_after`` calls (or at the ``drop_at``-th activations sent) the
+    client's process dies."""
+
+    def __init__(self, loop, cid, drop_after=None, drop_at=None):
         self.loop, self.cid, self.traffic = loop, cid, Traffic()
         self.calls, self.drop_after = 0, drop_after
+        self.smashed, self.drop_at = 0, drop_at
 
     def call(self, msg):
         self.calls += 1
+        self.smashed += isinstance(msg, SmashedData)
         if self.drop_after is not None and self.calls > self.drop_after:
-            raise SystemExit  # the client's process dies
+            raise SystemExit
+        if self.drop_at is not None and self.smashed == self.drop_at:
+            raise SystemExit
         data = encode(msg)
         self.loop.traffic[self.cid].record("up", msg.kind, len(data))
         self.traffic.record("up", msg.kind, len(data))
@@ -53,11 +60,12 @@ class LoopbackTransport:
         return decode(data)
 
 
-def deploy(cfg, drop=None, timeout_s=None, restart=()):
+def deploy(cfg, drop=None, timeout_s=None, restart=(), drop_at=None):
     """Run ``cfg`` as a deployment: the coordinator here, each client in a
-    thread; ``drop[cid]`` kills that client after so many calls, and a client
-    in ``restart`` then starts again (a new process, its data order afresh)."""
-    drop = drop or {}
+    thread; ``drop[cid]`` kills that client after so many calls (``drop_at``:
+    as it sends that many activations), and a client in ``restart`` then
+    starts again (a new process: its model and data order afresh)."""
+    drop, drop_at = drop or {}, drop_at or {}
     loop = {}
 
     def serve(handler):
@@ -79,7 +87,9 @@ def deploy(cfg, drop=None, timeout_s=None, restart=()):
     def client(cid):
         started.wait()
         c, _ = build_client(cfg, cid)
-        transport = LoopbackTransport(loop["server"], cid, drop.get(cid))
+        transport = LoopbackTransport(
+            loop["server"], cid, drop.get(cid), drop_at.get(cid)
+        )
         try:
             run_client(c, transport, retry_s=0.01)
         except SystemExit:
@@ -167,6 +177,21 @@ def test_a_client_killed_mid_round_rejoins(assets, tmp_path):
     # the round counted its second attempt
     assert [r["counted"] for r in trained] == [[0, 1, 2], [0, 1, 2]]
     assert all(r["failed"] == [] for r in trained)
+
+
+def test_a_client_restarted_in_a_later_round_draws_the_simulations_batches(
+    assets, tmp_path
+):
+    sim = Simulation(config(assets, tmp_path, "name=sim", *settings()))
+    sim.run(table=False)
+    cfg = config(assets, tmp_path, "name=later", *settings())
+    # client 1 dies as it sends round 2's first activations (2 steps a round);
+    # the new process is told by its plan how many batches it drew before
+    deploy(cfg, drop_at={1: 3}, restart={1}, timeout_s=60.0)
+    a = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "later" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def test_a_client_trains_on_its_own_file(assets, tmp_path):

@@ -148,12 +148,15 @@ def test_plaintext_on_a_public_address_is_refused(assets, tmp_path):
     assert "--insecure on 0.0.0.0, which is not a loopback address" in done.stderr
 
 
-def test_a_killed_client_that_comes_back_is_counted(assets, tmp_path):
+@pytest.mark.parametrize("step", [2, 3], ids=["in-round-1", "in-round-2"])
+def test_a_killed_client_that_comes_back_is_counted(assets, tmp_path, step):
     port = _free_port()
     procs = [server(assets, tmp_path, "net", port)]
     procs += [client(assets, tmp_path, cid, port) for cid in (0, 2)]
-    # client 1 dies (SIGKILL) at its second step; a new process takes its place
-    doomed = client(assets, tmp_path, 1, port, env={"SPLITFT_FAULT": "step:2"})
+    # client 1 dies (SIGKILL) after its step-th step (2 a round); a new
+    # process takes its place
+    env = {"SPLITFT_FAULT": f"step:{step}"}
+    doomed = client(assets, tmp_path, 1, port, env=env)
     doomed.wait(timeout=240)
     assert doomed.returncode == -signal.SIGKILL
     procs.append(client(assets, tmp_path, 1, port))
@@ -165,7 +168,8 @@ def test_a_killed_client_that_comes_back_is_counted(assets, tmp_path):
     ]
     trained = [r for r in rounds if r["type"] == "round" and r["round"] > 0]
     assert [r["counted"] for r in trained] == [[0, 1, 2], [0, 1, 2]]
-    # it came back within the first round and drew that round's batches again
+    # it came back within the round and drew that round's batches again, the
+    # new process from where its plan said the old one had got to
     deployed = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
     assert_same(simulated(assets, tmp_path), deployed)
 

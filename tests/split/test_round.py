@@ -225,3 +225,39 @@ def test_concurrent_clients_are_served_one_request_at_a_time(tiny):
         t.join()
     assert not errors and sorted(results) == [0, 1]
     assert server.aggregate() == [0, 1]
+
+
+def test_plans_say_how_many_batches_each_client_drew_before(tiny):
+    _, folder, config, _ = tiny
+    cuts = {0: 1, 1: 2}
+    _, clients, _ = federation(folder, config, cuts)
+    store = WeightStore(folder)
+    server = SplitServer(
+        store, config, SETTINGS, TRAIN, cuts, total_steps=6, local_steps=2
+    )
+    transport = InProcessTransport(server)
+
+    def train(cid, r):  # 2 steps of 1 micro-batch
+        plan = clients[cid].start_round(transport, r)
+        clients[cid].train_step(transport, 0, 1e-3)
+        clients[cid].train_step(transport, 1, 1e-3)
+        clients[cid].finish_round(transport, r)
+        return plan.batches_drawn
+
+    plans = []
+    for r in range(3):
+        server.open_round(r, cuts)
+        plans.append(train(0, r))
+        if r == 1:  # run again (too few uploads): the same batches again
+            server.close_round(keep=[0])
+            server.abandon_round()
+            server.open_round(r, cuts)
+            plans.append(train(0, r))
+        if r == 2:  # client 1 takes its plan, then misses the deadline
+            assert clients[1].start_round(transport, r).batches_drawn == 0
+        server.close_round(keep=[0])
+        server.aggregate()
+    assert plans == [0, 2, 2, 4]
+    # a client left out after taking its plan drew its batches all the same
+    assert server.batches_drawn == {0: 6, 1: 2}
+    assert server.state_dict()["batches_drawn"] == {0: 6, 1: 2}

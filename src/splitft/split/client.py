@@ -54,15 +54,19 @@ def drive(protocol: Protocol, call: Callable[[object], object]):
 class BatchOrder:
     """Epochs of seeded shuffles, cut into batches; resumable at any batch.
 
-    The state is the generator's state before the current epoch's shuffle
-    and the position in it, so a resumed client draws the batches an
-    uninterrupted one would.
+    The order is a function of the seed alone: :meth:`seek` puts it at the
+    n-th batch (the server's plan says how many this client drew before the
+    round), so a client that restarted, or a round the server runs again,
+    draws the batches an uninterrupted run would.
     """
 
     def __init__(self, n: int, batch_size: int, rng: np.random.Generator) -> None:
         self.n, self.batch_size, self.rng = n, batch_size, rng
         # a last batch smaller than batch_size is dropped, unless it is the only one
         self.stop = n - n % batch_size if n >= batch_size else n
+        self.per_epoch = -(-self.stop // batch_size)
+        self._seed = rng.bit_generator.state
+        self.drawn = 0
         self._new_epoch()
 
     def _new_epoch(self) -> None:
@@ -75,15 +79,28 @@ class BatchOrder:
             self._new_epoch()
         rows = self.order[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
+        self.drawn += 1
         return rows
 
+    def seek(self, drawn: int) -> None:
+        """Go to where the order is after ``drawn`` batches."""
+        if drawn == self.drawn:
+            return
+        epochs, rest = divmod(drawn, self.per_epoch)
+        self.rng.bit_generator.state = self._seed
+        for _ in range(epochs):
+            self.rng.permutation(self.n)
+        self._new_epoch()
+        self.pos, self.drawn = rest * self.batch_size, drawn
+
     def state_dict(self) -> dict:
-        return {"rng": self._epoch_rng, "pos": self.pos}
+        return {"rng": self._epoch_rng, "pos": self.pos, "drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         self._new_epoch()
         self.pos = state["pos"]
+        self.drawn = state.get("drawn", 0)
 
 
 def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -130,9 +147,6 @@ class SplitClient:
         self._order = BatchOrder(
             len(examples), train.batch_size, np.random.default_rng([seed, client_id])
         )
-        # the data order at the start of each recent round: a round the server
-        # runs again (it restarted from its last checkpoint) draws the same batches
-        self._round_starts: dict[int, dict] = {}
 
     @property
     def cut_layer(self) -> int | None:
@@ -195,7 +209,7 @@ class SplitClient:
         if isinstance(reply, (Wait, Stop)):
             return reply
         plan = _expect(reply, RoundPlan)
-        self._rewind(plan.round)
+        self._order.seek(plan.batches_drawn)
         if plan.cut_layer != self.cut_layer:
             self._build(plan.cut_layer)
         device = self.store.device
@@ -207,15 +221,6 @@ class SplitClient:
         self._round = plan.round
         self.part.model.train()
         return plan
-
-    def _rewind(self, round: int) -> None:
-        """Draw a round's batches from where that round first started."""
-        if round in self._round_starts:
-            self._order.load_state_dict(self._round_starts[round])
-        else:
-            self._round_starts[round] = self._order.state_dict()
-            for old in sorted(self._round_starts)[:-4]:  # keep the last few
-                del self._round_starts[old]
 
     def _step(self, step: int, lr: float, batches: list[dict]) -> Protocol:
         """One optimizer step over the given micro-batches; returns its metrics."""

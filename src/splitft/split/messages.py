@@ -70,6 +70,8 @@ class RoundPlan:
     cut_layer: int
     lrs: list[float]  # one per local optimizer step
     adapter: dict[str, torch.Tensor] = field(default_factory=dict)
+    # batches the client drew in earlier rounds: where its data order resumes
+    batches_drawn: int = 0
     kind = ADAPTERS
 
 

@@ -114,6 +114,10 @@ class SplitServer:
         self._build_part(min(self.cut_layers.values()))
         self._open: set[int] | None = None  # this round's clients (None: any)
         self._planned: dict[int, _Planned] = {}
+        # batches each client drew in the rounds aggregated so far (its data
+        # order resumes there), and who was handed a plan in this round
+        self.batches_drawn: dict[int, int] = {}
+        self._drawing: dict[int, int] = {}
         self._optim: dict[int, torch.optim.Optimizer] = {}  # per_client
         self._shared_round: int | None = None
         self._shared_grads: dict[int, dict[torch.nn.Parameter, torch.Tensor]] = {}
@@ -196,6 +200,7 @@ class SplitServer:
         self.close_round([])
         with self._lock:
             self._optim.clear()
+            self._drawing.clear()  # a round run again draws the same batches
             self._served, self._shared_round = {}, None
 
     @staticmethod
@@ -336,8 +341,10 @@ class SplitServer:
             for s in range(self.local_steps)
         ]
         self._planned[cid] = _Planned(req.round, k, lrs)
+        self._drawing[cid] = len(lrs) * self.train.grad_accum
         adapter = truncate_to(self.global_state, self.client_ranks(k))
-        return RoundPlan(cid, req.round, k, lrs, adapter)
+        drawn = self.batches_drawn.get(cid, 0)
+        return RoundPlan(cid, req.round, k, lrs, adapter, drawn)
 
     def _start_shared(self, round: int) -> None:
         """The first plan of a round loads the shared adapter from the global one."""
@@ -567,8 +574,9 @@ class SplitServer:
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        """Between rounds: cuts, the server part's lowest block and the last
-        drift (the global adapter is saved on its own, as safetensors)."""
+        """Between rounds: cuts, the server part's lowest block, the last
+        drift and the batches each client drew (the global adapter is saved
+        on its own, as safetensors)."""
         with self._lock:
             if self.updates or self._planned:
                 raise ValueError("a round is open: checkpoint between rounds")
@@ -576,6 +584,7 @@ class SplitServer:
                 "cut_layers": dict(self.cut_layers),
                 "lowest": self.part.layers.start,
                 "drift": dict(self.drift),
+                "batches_drawn": dict(self.batches_drawn),
             }
 
     def load_state_dict(
@@ -587,6 +596,7 @@ class SplitServer:
             self.global_state = {k: v.to(self.device) for k, v in global_state.items()}
             self.cut_layers.update(state["cut_layers"])
             self.drift = dict(state["drift"])
+            self.batches_drawn = dict(state.get("batches_drawn", {}))
             if state["lowest"] != self.part.layers.start:
                 self._build_part(state["lowest"])
 
@@ -652,6 +662,9 @@ class SplitServer:
         self._client_keys.clear()
         self._optim.clear()
         self._planned.clear()
+        for cid, n in self._drawing.items():  # dropped clients drew them too
+            self.batches_drawn[cid] = self.batches_drawn.get(cid, 0) + n
+        self._drawing.clear()
         self._served = {}
         self._shared_round = None
         return who
