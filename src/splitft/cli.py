@@ -155,6 +155,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         server_name=args.server_name,
         insecure=args.insecure,
         data=Path(args.data) if args.data else None,
+        memory_mb=args.memory_mb,
     )
     return 0
 
@@ -272,6 +273,13 @@ def parser() -> argparse.ArgumentParser:
         "--data",
         metavar="FILE",
         help="this client's data file (default: its partition of the config's data)",
+    )
+    client.add_argument(
+        "--memory-mb",
+        type=float,
+        default=0.0,
+        help="memory its part of the model may use, for the server's cut planner "
+        "(default: the config's device profile for this client)",
     )
     client.set_defaults(func=cmd_client)
     certs = sub.add_parser("certs", help="make a CA, server certificate, client tokens")

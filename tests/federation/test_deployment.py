@@ -3,6 +3,7 @@ clients in threads calling it through the codec, as the gRPC server would
 (tests/transport has the network itself; tests/integration the processes)."""
 
 import threading
+import time
 from collections import defaultdict
 
 import pytest
@@ -60,12 +61,16 @@ class LoopbackTransport:
         return decode(data)
 
 
-def deploy(cfg, drop=None, timeout_s=None, restart=(), drop_at=None):
+def deploy(
+    cfg, drop=None, timeout_s=None, restart=(), drop_at=None, memory=None, errors=None
+):
     """Run ``cfg`` as a deployment: the coordinator here, each client in a
     thread; ``drop[cid]`` kills that client after so many calls (``drop_at``:
     as it sends that many activations), and a client in ``restart`` then
-    starts again (a new process: its model and data order afresh)."""
-    drop, drop_at = drop or {}, drop_at or {}
+    starts again (a new process: its model and data order afresh).
+    ``memory[cid](coordinator)`` is the memory a client declares; a client's
+    exception goes to ``errors[cid]``."""
+    drop, drop_at, memory = drop or {}, drop_at or {}, memory or {}
     loop = {}
 
     def serve(handler):
@@ -90,8 +95,13 @@ def deploy(cfg, drop=None, timeout_s=None, restart=(), drop_at=None):
         transport = LoopbackTransport(
             loop["server"], cid, drop.get(cid), drop_at.get(cid)
         )
+        declared = int(memory[cid](coordinator)) if cid in memory else 0
         try:
-            run_client(c, transport, retry_s=0.01)
+            run_client(c, transport, retry_s=0.01, memory_bytes=declared)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            if errors is None:
+                raise
+            errors[cid] = e
         except SystemExit:
             if cid in restart:
                 c, _ = build_client(cfg, cid)
@@ -194,6 +204,43 @@ def test_a_client_restarted_in_a_later_round_draws_the_simulations_batches(
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def _memory_for(k):
+    def need(coordinator):
+        while getattr(coordinator, "strategy", None) is None:  # still setting up
+            time.sleep(0.01)
+        world = coordinator.strategy.estimator.world
+        return world.costs.client_memory(k, world.workload.worst_slots)
+
+    return need
+
+
+def test_the_planner_keeps_a_client_within_the_memory_it_declared(assets, tmp_path):
+    cfg = config(assets, tmp_path, "name=mem", *settings("federation.policy=adaptive"))
+    # client 0 (a workstation in sim.mix) says it can hold one block, not two
+    between = _memory_for(1)
+    dep, _ = deploy(cfg, memory={0: lambda c: between(c) + 1})
+    world = dep.strategy.estimator.world
+    assert world.devices[0].memory == int(between(dep)) + 1
+    assert world.deepest_fit(0, 3) == 1
+    trained = [r for r in dep.rounds if r["round"] > 0]
+    assert [r["cuts"]["0"] for r in trained] == [1, 1]
+
+
+def test_a_client_that_declares_too_little_memory_is_refused(assets, tmp_path):
+    from splitft.federation.deployment import JoinRefused
+
+    cfg = config(assets, tmp_path, "name=small", *settings())
+    errors = {}
+    deploy(
+        cfg,
+        memory={2: lambda c: _memory_for(1)(c) / 2},
+        errors=errors,
+        timeout_s=1.0,
+    )
+    assert isinstance(errors[2], JoinRefused)
+    assert "--memory-mb" in str(errors[2]) and "federation.k_min=1" in str(errors[2])
+
+
 def test_a_client_trains_on_its_own_file(assets, tmp_path):
     own = tmp_path / "mine.jsonl"
     own.write_text(
@@ -202,4 +249,4 @@ def test_a_client_trains_on_its_own_file(assets, tmp_path):
     cfg = config(assets, tmp_path, "name=own", *settings())
     client, _ = build_client(cfg, 2, data=own)
     assert client.client_id == 2
-    assert client.num_samples == 8  # one example is held out by the loader
+    assert client.num_samples == 9  # all of it: the server holds the eval set

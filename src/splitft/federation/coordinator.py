@@ -100,6 +100,10 @@ class Rounds(Protocol):
         self, planned: RoundConfig, devices: dict[int, Device]
     ) -> RoundResult: ...
 
+    def declared(self, devices: dict[int, Device]) -> dict[int, Device]:
+        """The devices as the clients declared them (memory), where they did."""
+        ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -372,7 +376,7 @@ class Coordinator:
             unit="step",
         )
         for rnd in range(self.start_round, fed.rounds):
-            devices = devices_at(sim, fed.num_clients, rnd)
+            devices = self.runner.declared(devices_at(sim, fed.num_clients, rnd))
             planned = self.strategy.configure_round(rnd, devices)
             result = self.run_round(planned, devices)
             record = self.finish_round(planned, result)

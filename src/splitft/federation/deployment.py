@@ -16,7 +16,9 @@ away (it may have restarted from its last checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -54,6 +56,10 @@ class RoundFailed(runs.RunError):
     """Too few clients uploaded a round, even after its retries."""
 
 
+class JoinRefused(runs.RunError):
+    """The server would not have this client (its reason says why)."""
+
+
 class NetworkRounds:
     """Rounds run by remote clients: the coordinator's side of the network.
 
@@ -84,6 +90,7 @@ class NetworkRounds:
         self._next_round = 0
         self._uploaded: dict[int, float] = {}
         self._reports: dict[int, list[dict]] = {}
+        self.memory: dict[int, int] = {}  # bytes each client declared at Join
         self._stopped = ""
         self.transport = None
         # the model's work during a round, run by the coordinator's thread
@@ -179,8 +186,37 @@ class NetworkRounds:
         steps = [s for cid in sorted(reports) for s in reports[cid]]
         return RoundResult(timing, steps, {}), sorted(uploaded)
 
+    def declared(self, devices: Mapping[int, Any]) -> dict[int, Any]:
+        """The config's device profiles (``sim.mix``: what the planner starts
+        from), with the memory budget each client declared when it joined."""
+        with self._cond:
+            memory = dict(self.memory)
+        return {
+            cid: dataclasses.replace(dev, memory=memory[cid])
+            if memory.get(cid)
+            else dev
+            for cid, dev in devices.items()
+        }
+
+    def _too_little_memory(self, memory: int) -> str:
+        """Why a declared memory budget cannot hold the shallowest cut, or ""."""
+        until = time.monotonic() + 120.0  # a Join may come while the server
+        while getattr(self.coordinator, "strategy", None) is None:  # probes costs
+            if time.monotonic() > until:
+                return ""  # the planner will see it; it names the client
+            time.sleep(0.05)
+        k_min = self.coordinator.cfg.federation.k_min
+        world = self.coordinator.strategy.estimator.world
+        need = world.costs.client_memory(k_min, world.workload.worst_slots)
+        if memory >= need:
+            return ""
+        return (
+            f"--memory-mb {memory / 1e6:g} cannot hold its part of the model at "
+            f"federation.k_min={k_min} ({need / 1e6:.1f} MB)"
+        )
+
     def state_dict(self) -> dict:
-        return {}  # each client keeps its own data order
+        return {}  # the server's plans tell each client where its data order is
 
     def load_state_dict(self, state: dict) -> None:
         pass
@@ -234,6 +270,15 @@ class NetworkRounds:
                         return Wait(cid, nxt, 0.0)  # ask again at once
                     self._cond.wait(until - time.monotonic())
             msg = RoundRequest(cid, open_.round)
+        if isinstance(msg, Join):
+            reply = self.server.handle(msg, peer)
+            if isinstance(reply, Ack) and not reply.code and msg.memory_bytes:
+                short = self._too_little_memory(msg.memory_bytes)
+                if short:
+                    return Ack(cid, f"client {cid}: {short}", "FAILED_PRECONDITION")
+                with self._cond:
+                    self.memory[cid] = msg.memory_bytes
+            return reply
         if not isinstance(msg, AdapterUpdate):
             return self.server.handle(msg, peer)
         with self._cond:  # an upload and the round's closing never cross
@@ -251,8 +296,12 @@ def run_client(
     transport,
     retry_s: float = 2.0,
     give_up_s: float = 600.0,
+    memory_bytes: int = 0,
 ) -> int:
     """Join, then train every round the server plans for this client.
+
+    ``memory_bytes`` (if > 0) is declared at Join: the server's planner keeps
+    this client's part of the model within it.
 
     A refused round (it closed, or the server restarted) is logged and the
     client asks again; a server that cannot be reached is retried for
@@ -262,9 +311,10 @@ def run_client(
     while True:
         try:
             if not joined:
-                reply = transport.call(Join(client.client_id, client.num_samples))
+                join = Join(client.client_id, client.num_samples, memory_bytes)
+                reply = transport.call(join)
                 if isinstance(reply, Ack) and reply.error:
-                    raise ServerRefused(reply.error)
+                    raise JoinRefused(f"the server refused to join: {reply.error}")
                 joined = True
             result = client.run_round(transport, -1)
             away_since = None
@@ -398,10 +448,11 @@ def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
     tokenizer = load_tokenizer(model_dir)
     if data is not None:  # this client's own file: all of it is its data
         tree = to_dict(cfg)
-        tree["data"].update(source=str(data), eval_size=1)
+        tree["data"].update(source=str(data))
         tree["federation"].update(num_clients=1)
         tree["partition"].update(method="iid")
         own = from_dict(RunConfig, tree)
+        own.data.eval_size = 0  # the server evaluates; the client trains on all
         partition = load_run_data(own, tokenizer).partitions[0]
     else:
         partition = load_run_data(cfg, tokenizer).partitions[client_id]
@@ -428,8 +479,14 @@ def client_main(
     server_name: str | None = None,
     insecure: bool = False,
     data: Path | None = None,
+    memory_mb: float = 0.0,
 ) -> int:
     """``splitft client``: one client on its own data, until the server stops."""
+    if not (memory_mb >= 0 and math.isfinite(memory_mb)):
+        raise ConfigError(
+            f"--memory-mb {memory_mb} is not allowed: a number of megabytes > 0 "
+            "(or 0: the config's device profile)"
+        )
     from splitft.transport.network import NetworkTransport
     from splitft.transport.security import read_token
 
@@ -453,7 +510,7 @@ def client_main(
         log.info(
             "client %d: %d examples, server %s", client_id, client.num_samples, server
         )
-        trained = run_client(client, transport)
+        trained = run_client(client, transport, memory_bytes=int(memory_mb * 1e6))
     log.info("client %d: done after %d rounds", client_id, trained)
     return trained
 
@@ -479,6 +536,7 @@ def _read(path: Path) -> bytes:
 
 
 __all__ = [
+    "JoinRefused",
     "NetworkRounds",
     "RoundFailed",
     "client_main",

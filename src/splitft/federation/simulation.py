@@ -85,6 +85,9 @@ class SimulatedRounds:
         recut = {cid: p.recut for cid, p in processes.items()}
         return RoundResult(timing, steps, recut)
 
+    def declared(self, devices):
+        return devices  # the simulated devices are what they are
+
     def state_dict(self) -> dict:
         return {cid: client.state_dict() for cid, client in self.clients.items()}
 

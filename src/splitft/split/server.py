@@ -283,6 +283,8 @@ class SplitServer:
         may weigh in aggregation."""
         if msg.num_samples <= 0:
             raise Malformed(f"num_samples must be > 0, got {msg.num_samples}")
+        if msg.memory_bytes < 0:
+            raise Malformed(f"memory_bytes must be >= 0, got {msg.memory_bytes}")
         known = self.declared.get(msg.client_id)
         if known is not None and known != msg.num_samples:
             raise OutOfOrder(
