@@ -111,7 +111,7 @@ def settings(args, out: Path) -> list[str]:
         f"federation.num_clients={args.clients}",
         f"federation.rounds={args.rounds}",
         f"federation.local_steps={args.local_steps}",
-        "federation.cut_layers=[2, 4, 6]",
+        f"federation.cut_layers={[(2, 4, 6)[i % 3] for i in range(args.clients)]}",
         "federation.round_timeout_s=1800",
     ]
 
