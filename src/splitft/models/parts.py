@@ -271,6 +271,22 @@ class ModelPart:
         )
         return out.last_hidden_state
 
+    def middle_forward(
+        self,
+        hidden: torch.Tensor,  # (B, T, H) smashed data at the first cut
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """The held blocks only (no head): the hidden state after the last
+        one, ``(B, T, H)``. The server's part of a U-shaped split."""
+        out = self.decoder(
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
     def server_forward(
         self,
         hidden: torch.Tensor,  # (B, T, H) smashed data
@@ -318,6 +334,20 @@ def server_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPa
     """Blocks ``[k, L)``, final norm and LM head."""
     L = config.num_hidden_layers
     return ModelPart(store, config, range(k, L), embed=False, head=True)
+
+
+def middle_part(
+    store: WeightStore, config: PretrainedConfig, k: int, end: int
+) -> ModelPart:
+    """Blocks ``[k, end)`` alone: the server's part of a U-shaped split, where
+    the client keeps blocks ``[end, L)``, the final norm and the head (a
+    :func:`server_part` at ``end``), and with them the labels."""
+    L = config.num_hidden_layers
+    if not 1 <= k < end < L:
+        raise ValueError(
+            f"a U-shaped split needs 1 <= k < end < L={L}: k={k}, end={end}"
+        )
+    return ModelPart(store, config, range(k, end), embed=False, head=False)
 
 
 def full_part(store: WeightStore, config: PretrainedConfig) -> ModelPart:
