@@ -448,6 +448,31 @@ class CheckpointConfig:
         _check(self.keep >= 1, "checkpoint.keep", self.keep, ">= 1")
 
 
+COMPRESSION = ("none", "bf16", "int8")
+
+
+@dataclass
+class TransportConfig:
+    compression: str = _f(
+        "none",
+        "the clients' smashed data on the wire: none (fp32), bf16, or int8 "
+        "(per-token absmax scale); adapters and labels stay lossless",
+    )
+    grad_compression: str = _f(
+        "none", "the server's gradients of the smashed data: none, bf16 or int8"
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("compression", "grad_compression"):
+            value = getattr(self, key)
+            _check(
+                value in COMPRESSION,
+                f"transport.{key}",
+                value,
+                f"one of {list(COMPRESSION)}",
+            )
+
+
 @dataclass
 class RunConfig:
     name: str = _f("default", "run name; outputs go to <out_dir>/<name>/")
@@ -463,6 +488,7 @@ class RunConfig:
     sim: SimConfig = field(default_factory=SimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
 
     def __post_init__(self) -> None:
         ok = bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name))

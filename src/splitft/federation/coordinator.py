@@ -174,6 +174,7 @@ class Coordinator:
             server_side=fed.server_side,
             max_length=cfg.data.max_length,
             upload_norm_bound=fed.upload_norm_bound,
+            grad_compression=cfg.transport.grad_compression,
         )
         lengths = self.runner.setup(self)
         self._setup_strategy(lengths)
@@ -288,7 +289,14 @@ class Coordinator:
         if self.costs is None:
             known = [n for ls in lengths.values() for n in ls]
             typical = int(np.mean(known)) if known else cfg.data.max_length
-            self.costs = probe(self.store, self.model_config, cfg.lora, bs, typical)
+            self.costs = probe(
+                self.store,
+                self.model_config,
+                cfg.lora,
+                bs,
+                typical,
+                compression=(cfg.transport.compression, cfg.transport.grad_compression),
+            )
         workload = Workload(
             local_steps=fed.local_steps,
             grad_accum=cfg.train.grad_accum,

@@ -466,6 +466,7 @@ def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
         pad_token_id(tokenizer),
         seed=cfg.seed,
         num_samples=len(partition),
+        compression=cfg.transport.compression,
     )
     return client, model_config
 

@@ -60,6 +60,7 @@ class SimulatedRounds:
                 c.pad_id,
                 seed=cfg.seed,
                 num_samples=len(partitions[cid]),
+                compression=cfg.transport.compression,
             )
             for cid in rows
         }

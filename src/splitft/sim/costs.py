@@ -32,6 +32,7 @@ from splitft.models.arch import spec_for
 from splitft.models.parts import WeightStore, client_part
 from splitft.sim.clock import Outgoing, RoundTiming, simulate_round
 from splitft.sim.profiles import Device, ServerDevice
+from splitft.split.compress import compress
 from splitft.split.messages import (
     ADAPTERS,
     CONTROL,
@@ -261,6 +262,7 @@ def probe(
     batch_size: int,
     seq_len: int,
     repeats: int = 5,
+    compression: tuple[str, str] = ("none", "none"),
 ) -> CostModel:
     """Measure the cost model on this machine with a synthetic batch.
 
@@ -272,6 +274,7 @@ def probe(
     either side (the same code on the same machine), so the block time comes
     from the client's parts, and the server's one-block time gives the head's
     (with the server's overheads, which do not grow with the cut).
+    ``compression`` (smashed data, gradients) sizes their messages.
     """
     L = model_config.num_hidden_layers
     if L < 3:
@@ -340,8 +343,12 @@ def probe(
     codec = _typical_time(lambda: decode(encode(big)), repeats) / 2 / len(data)
     adapter_cut = adapter_block * settings.cut_rank / settings.r
     hidden = torch.zeros(batch_size, seq_len, model_config.hidden_size)
-    smashed = encode(SmashedData(0, 0, 0, 1, hidden, mask.cpu(), pos.cpu(), ids.cpu()))
-    gradient = encode(Gradient(0, 0, 0, 0.0, 0, 0.0, hidden))
+    up, up_scale = compress(hidden, compression[0])
+    smashed = encode(
+        SmashedData(0, 0, 0, 1, up, mask.cpu(), pos.cpu(), ids.cpu(), 0, up_scale)
+    )
+    down, down_scale = compress(hidden, compression[1])
+    gradient = encode(Gradient(0, 0, 0, 0.0, 0, 0.0, down, 0, down_scale))
 
     fresh = WeightStore(store.folder, device="cpu")
     prefix = spec.block_prefix(0)

@@ -20,6 +20,7 @@ from splitft.config import LoraSettings, TrainConfig
 from splitft.data import collate
 from splitft.models.parts import ModelPart, WeightStore, client_part, count_correct
 from splitft.split import optim
+from splitft.split.compress import compress, decompress
 from splitft.split.messages import (
     Ack,
     AdapterUpdate,
@@ -129,6 +130,7 @@ class SplitClient:
         pad_token_id: int,
         seed: int = 0,
         num_samples: int | None = None,
+        compression: str = "none",
     ) -> None:
         if len(examples) == 0:
             raise ValueError(f"client {client_id} has no training examples")
@@ -137,6 +139,7 @@ class SplitClient:
         self.examples, self.pad_token_id = examples, pad_token_id
         # aggregation weight: examples held, not rows (packing merges rows)
         self.num_samples = num_samples or len(examples)
+        self.compression = compression  # of the smashed data it sends
         self.part: ModelPart | None = None
         # (kind, amount) of the compute done since the owner last cleared it:
         # "forward", "backward" or "local" token slots, or "load" blocks (the
@@ -240,6 +243,7 @@ class SplitClient:
                 hidden = self.part.client_forward(  # (B, T, H)
                     batch["input_ids"], batch["attention_mask"], batch["position_ids"]
                 )
+                values, scale = compress(hidden.detach(), self.compression)
                 client_s += time.perf_counter() - t0
                 self.work.append(("forward", slots))
                 reply = yield SmashedData(
@@ -247,15 +251,17 @@ class SplitClient:
                     step=step,
                     micro=micro,
                     num_micro=len(batches),
-                    hidden=hidden.detach(),
+                    hidden=values,
                     attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"],
                     labels=batch["labels"],
                     step_tokens=step_tokens,
+                    hidden_scale=scale,
                 )
                 reply = _expect(reply, Gradient)
                 t0 = time.perf_counter()
-                hidden.backward(reply.grad.to(device))
+                grad = decompress(reply.grad, reply.grad_scale, hidden.dtype)
+                hidden.backward(grad.to(device))
                 client_s += time.perf_counter() - t0
                 self.work.append(("backward", slots))
                 n, hits, loss = reply.tokens, reply.correct, reply.loss

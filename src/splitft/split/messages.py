@@ -83,11 +83,12 @@ class SmashedData:
     step: int  # local optimizer step within the round
     micro: int  # micro-batch index within the step
     num_micro: int  # micro-batches per step: the server steps after the last
-    hidden: torch.Tensor  # (B, T, H) float
+    hidden: torch.Tensor  # (B, T, H) float, or int8 with hidden_scale
     attention_mask: torch.Tensor | None  # (B, T) int64; None for packed rows
     position_ids: torch.Tensor  # (B, T) int64
     labels: torch.Tensor  # (B, T) int64, -100 where no loss
     step_tokens: int = 0  # labelled tokens in the whole step (0 = weigh equally)
+    hidden_scale: torch.Tensor | None = None  # (B, T, 1) fp32 for int8 hidden
     kind = SMASHED
 
 
@@ -101,8 +102,9 @@ class Gradient:
     loss: float  # mean token loss of this micro-batch
     tokens: int  # tokens that carried loss
     server_seconds: float
-    grad: torch.Tensor  # (B, T, H), same dtype as the smashed data
+    grad: torch.Tensor  # (B, T, H) float, or int8 with grad_scale
     correct: int = 0  # labelled tokens the server's logits predicted right
+    grad_scale: torch.Tensor | None = None  # (B, T, 1) fp32 for an int8 grad
     kind = GRADIENTS
 
 
@@ -218,8 +220,10 @@ MAX_HEADER = 1 << 20  # bytes of safetensors header: far above any real message'
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # tensor fields: allowed dtypes and number of dimensions
 TENSORS = {
-    "hidden": (FLOATS, 3),
-    "grad": (FLOATS, 3),
+    "hidden": ((*FLOATS, torch.int8), 3),
+    "grad": ((*FLOATS, torch.int8), 3),
+    "hidden_scale": ((torch.float32,), 3),
+    "grad_scale": ((torch.float32,), 3),
     "attention_mask": ((torch.int64,), 2),
     "position_ids": ((torch.int64,), 2),
     "labels": ((torch.int64,), 2),
@@ -289,7 +293,28 @@ def _decode(data: bytes, device):
                 raise Malformed(f"{cls.__name__}: missing field {name!r}")
             continue
         kwargs[name] = _checked(f"{cls.__name__}.{name}", f.type, kwargs[name], device)
-    return cls(**kwargs)
+    msg = cls(**kwargs)
+    for values, scale in (("hidden", "hidden_scale"), ("grad", "grad_scale")):
+        if hasattr(msg, scale):
+            _check_scaled(
+                cls.__name__, values, getattr(msg, values), scale, getattr(msg, scale)
+            )
+    return msg
+
+
+def _check_scaled(where, name, values, scale_name, scale) -> None:
+    """An int8 tensor comes with one finite, non-negative scale per token;
+    a float one with none."""
+    if values.dtype != torch.int8:
+        if scale is not None:
+            raise Malformed(f"{where}.{scale_name}: only with an int8 {name}")
+        return
+    want = (*values.shape[:-1], 1)
+    if scale is None or tuple(scale.shape) != want:
+        got = None if scale is None else tuple(scale.shape)
+        raise Malformed(f"{where}.{scale_name}: an int8 {name} needs {want}, got {got}")
+    if not (torch.isfinite(scale).all() and (scale >= 0).all()):
+        raise Malformed(f"{where}.{scale_name}: scales must be finite and >= 0")
 
 
 def _checked(where: str, kind: str, value, device):

@@ -36,6 +36,7 @@ from splitft.federation.aggregate import (
 from splitft.models.arch import spec_for
 from splitft.models.parts import WeightStore, count_correct, server_part
 from splitft.split import optim
+from splitft.split.compress import compress, decompress
 from splitft.split.errors import (
     Malformed,
     NotAllowed,
@@ -88,6 +89,7 @@ class SplitServer:
         max_length: int | None = None,
         num_samples: Mapping[int, int] | None = None,
         upload_norm_bound: float = 0.0,
+        grad_compression: str = "none",
     ) -> None:
         if server_side not in SERVER_SIDES:
             raise ValueError(f"server_side {server_side!r} not in {SERVER_SIDES}")
@@ -105,6 +107,7 @@ class SplitServer:
         # the most samples each client may weigh in aggregation (Join sets it)
         self.declared: dict[int, int] = dict(num_samples or {})
         self.upload_norm_bound = upload_norm_bound
+        self.grad_compression = grad_compression  # of the gradients it returns
         self._round: int | None = None  # the round open_round opened
         self.device = store.device
         self.spec = spec_for(config.model_type)
@@ -427,7 +430,8 @@ class SplitServer:
         set_adapter(self.part.model, self._adapter_of(cid))
         self.part.model.train()
         dtype = self.store.dtype  # a client may compute in another precision
-        hidden = msg.hidden.detach().to(dtype).requires_grad_(True)  # (B, T, H)
+        hidden = decompress(msg.hidden, msg.hidden_scale, dtype)
+        hidden = hidden.detach().requires_grad_(True)  # (B, T, H)
         with self.part.cut_at(k):
             out = self.part.server_forward(
                 hidden, msg.attention_mask, msg.position_ids, msg.labels
@@ -453,6 +457,8 @@ class SplitServer:
         last = msg.micro == msg.num_micro - 1
         planned.next = (msg.step + 1, 0) if last else (msg.step, msg.micro + 1)
         runs.fault("server_step")
+        # in the server's precision unless compressed; the client casts it to its own
+        values, scale = compress(grad, self.grad_compression)
         return Gradient(
             client_id=cid,
             step=msg.step,
@@ -460,8 +466,9 @@ class SplitServer:
             loss=float(out.loss.detach()) if tokens > 0 else 0.0,
             tokens=tokens,
             server_seconds=time.perf_counter() - t0,
-            grad=grad.to(msg.hidden.dtype),
+            grad=values,
             correct=correct,
+            grad_scale=scale,
         )
 
     def _accumulate(self, cid: int, msg: SmashedData) -> None:
