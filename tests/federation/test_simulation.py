@@ -313,3 +313,17 @@ def test_adaptive_may_give_clients_the_whole_model(assets, tmp_path):
     assert r3["eval_loss"] < summary["rounds"][0]["eval_loss"]
     base = AutoModelForCausalLM.from_pretrained(assets / "model")
     peft.PeftModel.from_pretrained(base, sim.run_dir / "adapter")
+
+
+def test_compression_settings_reach_the_clients_and_the_server(assets, tmp_path):
+    def activation_bytes(name, *extra):
+        cfg = config(assets, tmp_path, f"name={name}", "federation.rounds=1", *extra)
+        _, summary = run(cfg, synthetic.costs(num_layers=4))
+        return summary["bytes"]["up_smashed"], summary["bytes"]["down_gradients"]
+
+    up, down = activation_bytes("fp32")
+    up8, down_fp32 = activation_bytes("int8up", "transport.compression=int8")
+    up_fp32, down8 = activation_bytes("int8down", "transport.grad_compression=int8")
+    assert up8 < 0.5 * up and down8 < 0.5 * down
+    assert up_fp32 == pytest.approx(up, rel=0.01)
+    assert down_fp32 == pytest.approx(down, rel=0.01)
