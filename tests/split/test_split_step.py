@@ -67,9 +67,9 @@ def split_step(store, config, k, state, b):
     return out.loss.detach(), out.logits.detach(), grads
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_split_step_matches_unsplit_peft(tiny, k):
-    arch, folder, config, _ = tiny
+def peft_reference(folder, config, k):
+    """The unsplit PEFT model's step on :func:`batch`, with block ``k - 1`` at
+    the cut rank: (adapter state, batch, output, LoRA gradients by key)."""
     spec = lora.spec_for(config.model_type)
     global_state = trained_like_state(config)
     # The client's last block runs at the reduced cut rank: the unsplit
@@ -92,11 +92,21 @@ def test_split_step_matches_unsplit_peft(tiny, k):
         for n, p in ref.named_parameters()
         if "lora_" in n
     }
+    return state, b, ref_out, ref_grads
 
-    loss, logits, grads = split_step(WeightStore(folder), config, k, state, b)
+
+def assert_same_step(loss, logits, grads, ref_out, ref_grads):
     torch.testing.assert_close(loss, ref_out.loss.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(logits, ref_out.logits.detach(), atol=1e-5, rtol=0)
     assert set(grads) == set(ref_grads)
     for key in grads:
         assert grads[key] is not None and grads[key].abs().sum() > 0, key
         torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_split_step_matches_unsplit_peft(tiny, k):
+    arch, folder, config, _ = tiny
+    state, b, ref_out, ref_grads = peft_reference(folder, config, k)
+    loss, logits, grads = split_step(WeightStore(folder), config, k, state, b)
+    assert_same_step(loss, logits, grads, ref_out, ref_grads)

@@ -5,15 +5,11 @@ computes: loss, logits and every LoRA gradient (each architecture, several
 (k, m)). Only activations and their gradients cross; no labels, no token ids.
 """
 
-import peft
 import pytest
 import torch
-from test_split_step import SETTINGS, trained_like_state
-from tiny import batch
-from transformers import AutoModelForCausalLM
+from test_split_step import SETTINGS, assert_same_step, peft_reference
 
 from splitft import lora
-from splitft.federation.aggregate import truncate_to
 from splitft.models.parts import WeightStore, client_part, middle_part, server_part
 from splitft.split.messages import Gradient, decode, encode
 
@@ -56,35 +52,9 @@ def u_step(store, config, k, m, state, b):
 @pytest.mark.parametrize("k,m", [(1, 1), (1, 2), (2, 1)])
 def test_u_shaped_step_matches_unsplit_peft(tiny, k, m):
     arch, folder, config, _ = tiny
-    spec = lora.spec_for(config.model_type)
-    L = config.num_hidden_layers
-    global_state = trained_like_state(config)
-    ranks = lora.layer_ranks(range(L), SETTINGS, cut=False)
-    ranks[k - 1] = SETTINGS.cut_rank  # the client's last block before the server
-    keyed = {key: ranks[lora.layer_of(key, spec)] for key in global_state}
-    state = truncate_to(global_state, keyed)
-
-    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
-    ref = peft.get_peft_model(ref, lora.peft_config(spec, SETTINGS, ranks))
-    peft.set_peft_model_state_dict(
-        ref, {lora.PEFT_PREFIX + key: v for key, v in state.items()}
-    )
-    b = batch()
-    ref_out = ref(**b)
-    ref_out.loss.backward()
-    ref_grads = {
-        n.replace(".default", "").removeprefix(lora.PEFT_PREFIX): p.grad
-        for n, p in ref.named_parameters()
-        if "lora_" in n
-    }
-
+    state, b, ref_out, ref_grads = peft_reference(folder, config, k)
     loss, logits, grads = u_step(WeightStore(folder), config, k, m, state, b)
-    torch.testing.assert_close(loss, ref_out.loss.detach(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits, ref_out.logits.detach(), atol=1e-5, rtol=0)
-    assert set(grads) == set(ref_grads)
-    for key in grads:
-        assert grads[key] is not None and grads[key].abs().sum() > 0, key
-        torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-5, rtol=1e-4)
+    assert_same_step(loss, logits, grads, ref_out, ref_grads)
 
 
 def test_a_u_shaped_split_needs_blocks_on_the_server(tiny):

@@ -263,13 +263,7 @@ class ModelPart:
         position_ids: torch.Tensor,  # (B, T)
     ) -> torch.Tensor:
         """Embeddings and the held blocks: the smashed data ``(B, T, H)``."""
-        out = self.decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        )
-        return out.last_hidden_state
+        return self._blocks_out(attention_mask, position_ids, input_ids=input_ids)
 
     def middle_forward(
         self,
@@ -279,8 +273,11 @@ class ModelPart:
     ) -> torch.Tensor:
         """The held blocks only (no head): the hidden state after the last
         one, ``(B, T, H)``. The server's part of a U-shaped split."""
+        return self._blocks_out(attention_mask, position_ids, inputs_embeds=hidden)
+
+    def _blocks_out(self, attention_mask, position_ids, **inputs) -> torch.Tensor:
         out = self.decoder(
-            inputs_embeds=hidden,
+            **inputs,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
