@@ -208,8 +208,7 @@ def _memory_for(k):
     def need(coordinator):
         while getattr(coordinator, "strategy", None) is None:  # still setting up
             time.sleep(0.01)
-        world = coordinator.strategy.estimator.world
-        return world.costs.client_memory(k, world.workload.worst_slots)
+        return coordinator.strategy.estimator.world.memory(0, k)
 
     return need
 

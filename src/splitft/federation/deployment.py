@@ -192,13 +192,11 @@ class NetworkRounds:
         with self._cond:
             memory = dict(self.memory)
         return {
-            cid: dataclasses.replace(dev, memory=memory[cid])
-            if memory.get(cid)
-            else dev
+            cid: dataclasses.replace(dev, memory=memory[cid]) if cid in memory else dev
             for cid, dev in devices.items()
         }
 
-    def _too_little_memory(self, memory: int) -> str:
+    def _too_little_memory(self, cid: int, memory: int) -> str:
         """Why a declared memory budget cannot hold the shallowest cut, or ""."""
         until = time.monotonic() + 120.0  # a Join may come while the server
         while getattr(self.coordinator, "strategy", None) is None:  # probes costs
@@ -206,8 +204,7 @@ class NetworkRounds:
                 return ""  # the planner will see it; it names the client
             time.sleep(0.05)
         k_min = self.coordinator.cfg.federation.k_min
-        world = self.coordinator.strategy.estimator.world
-        need = world.costs.client_memory(k_min, world.workload.worst_slots)
+        need = self.coordinator.strategy.estimator.world.memory(cid, k_min)
         if memory >= need:
             return ""
         return (
@@ -273,7 +270,7 @@ class NetworkRounds:
         if isinstance(msg, Join):
             reply = self.server.handle(msg, peer)
             if isinstance(reply, Ack) and not reply.code and msg.memory_bytes:
-                short = self._too_little_memory(msg.memory_bytes)
+                short = self._too_little_memory(cid, msg.memory_bytes)
                 if short:
                     return Ack(cid, f"client {cid}: {short}", "FAILED_PRECONDITION")
                 with self._cond:

@@ -120,7 +120,7 @@ class SplitServer:
         # batches each client drew in the rounds aggregated so far (its data
         # order resumes there), and who was handed a plan in this round
         self.batches_drawn: dict[int, int] = {}
-        self._drawing: dict[int, int] = {}
+        self._drawing: set[int] = set()
         self._optim: dict[int, torch.optim.Optimizer] = {}  # per_client
         self._shared_round: int | None = None
         self._shared_grads: dict[int, dict[torch.nn.Parameter, torch.Tensor]] = {}
@@ -346,7 +346,7 @@ class SplitServer:
             for s in range(self.local_steps)
         ]
         self._planned[cid] = _Planned(req.round, k, lrs)
-        self._drawing[cid] = len(lrs) * self.train.grad_accum
+        self._drawing.add(cid)
         adapter = truncate_to(self.global_state, self.client_ranks(k))
         drawn = self.batches_drawn.get(cid, 0)
         return RoundPlan(cid, req.round, k, lrs, adapter, drawn)
@@ -671,8 +671,9 @@ class SplitServer:
         self._client_keys.clear()
         self._optim.clear()
         self._planned.clear()
-        for cid, n in self._drawing.items():  # dropped clients drew them too
-            self.batches_drawn[cid] = self.batches_drawn.get(cid, 0) + n
+        per_round = self.local_steps * self.train.grad_accum
+        for cid in self._drawing:  # dropped clients drew them too
+            self.batches_drawn[cid] = self.batches_drawn.get(cid, 0) + per_round
         self._drawing.clear()
         self._served = {}
         self._shared_round = None
