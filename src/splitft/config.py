@@ -474,6 +474,19 @@ class TransportConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    noise: float = _f(
+        0.0,
+        "std of the Gaussian noise a client adds to each smashed-data value it "
+        "sends, as a multiple of that token's activation RMS (0 = off); a "
+        "defence measured in docs/privacy.md, not differential privacy",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.noise >= 0, "privacy.noise", self.noise, "a number >= 0")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("default", "run name; outputs go to <out_dir>/<name>/")
     out_dir: str = _f("runs", "folder holding the run folders")
@@ -489,6 +502,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         ok = bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name))

@@ -464,6 +464,7 @@ def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
         seed=cfg.seed,
         num_samples=len(partition),
         compression=cfg.transport.compression,
+        noise=cfg.privacy.noise,
     )
     return client, model_config
 

@@ -61,6 +61,7 @@ class SimulatedRounds:
                 seed=cfg.seed,
                 num_samples=len(partitions[cid]),
                 compression=cfg.transport.compression,
+                noise=cfg.privacy.noise,
             )
             for cid in rows
         }

@@ -131,6 +131,7 @@ class SplitClient:
         seed: int = 0,
         num_samples: int | None = None,
         compression: str = "none",
+        noise: float = 0.0,
     ) -> None:
         if len(examples) == 0:
             raise ValueError(f"client {client_id} has no training examples")
@@ -140,6 +141,7 @@ class SplitClient:
         # aggregation weight: examples held, not rows (packing merges rows)
         self.num_samples = num_samples or len(examples)
         self.compression = compression  # of the smashed data it sends
+        self.noise, self._seed = noise, seed  # privacy.noise
         self.part: ModelPart | None = None
         # (kind, amount) of the compute done since the owner last cleared it:
         # "forward", "backward" or "local" token slots, or "load" blocks (the
@@ -243,7 +245,8 @@ class SplitClient:
                 hidden = self.part.client_forward(  # (B, T, H)
                     batch["input_ids"], batch["attention_mask"], batch["position_ids"]
                 )
-                values, scale = compress(hidden.detach(), self.compression)
+                sent = self._noised(hidden.detach(), step, micro)
+                values, scale = compress(sent, self.compression)
                 client_s += time.perf_counter() - t0
                 self.work.append(("forward", slots))
                 reply = yield SmashedData(
@@ -287,6 +290,24 @@ class SplitClient:
             client_seconds=client_s,
             server_seconds=server_s,
         )
+
+    def _noised(self, hidden: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        """The smashed data as sent: with ``privacy.noise`` > 0, plus Gaussian
+        noise of that many times each token's RMS. Seeded by (seed, client,
+        round, step, micro), so a resumed or re-run round sends the same
+        noise. The backward uses the server's gradient at the noisy point."""
+        if self.noise <= 0:
+            return hidden
+        g = torch.Generator().manual_seed(
+            int(
+                np.random.SeedSequence(
+                    [self._seed, self.client_id, self._round, step, micro]
+                ).generate_state(1)[0]
+            )
+        )
+        rms = hidden.float().pow(2).mean(-1, keepdim=True).sqrt()  # (B, T, 1)
+        z = torch.randn(hidden.shape, generator=g).to(hidden.device)
+        return (hidden.float() + self.noise * rms * z).to(hidden.dtype)
 
     def _local_micro(
         self, batch: dict[str, torch.Tensor], step_tokens: int
