@@ -116,6 +116,19 @@ def _expect(reply, cls):
     return reply
 
 
+def add_noise(hidden: torch.Tensor, scale: float, seed: list[int]) -> torch.Tensor:
+    """``hidden`` (B, T, H) plus Gaussian noise of std ``scale`` times each
+    token's RMS over H (``privacy.noise``; 0 returns it unchanged), drawn from
+    a generator seeded by the integers ``seed``."""
+    if scale <= 0:
+        return hidden
+    state = np.random.SeedSequence(seed).generate_state(1)[0]
+    g = torch.Generator().manual_seed(int(state))
+    rms = hidden.float().pow(2).mean(-1, keepdim=True).sqrt()  # (B, T, 1)
+    z = torch.randn(hidden.shape, generator=g).to(hidden.device)
+    return (hidden.float() + scale * rms * z).to(hidden.dtype)
+
+
 class SplitClient:
     """One data owner. Its examples never leave it; only activations do."""
 
@@ -245,7 +258,10 @@ class SplitClient:
                 hidden = self.part.client_forward(  # (B, T, H)
                     batch["input_ids"], batch["attention_mask"], batch["position_ids"]
                 )
-                sent = self._noised(hidden.detach(), step, micro)
+                # privacy.noise: seeded, so a resumed or re-run round sends
+                # the same; the backward uses the gradient at the noisy point
+                key = [self._seed, self.client_id, self._round, step, micro]
+                sent = add_noise(hidden.detach(), self.noise, key)
                 values, scale = compress(sent, self.compression)
                 client_s += time.perf_counter() - t0
                 self.work.append(("forward", slots))
@@ -290,24 +306,6 @@ class SplitClient:
             client_seconds=client_s,
             server_seconds=server_s,
         )
-
-    def _noised(self, hidden: torch.Tensor, step: int, micro: int) -> torch.Tensor:
-        """The smashed data as sent: with ``privacy.noise`` > 0, plus Gaussian
-        noise of that many times each token's RMS. Seeded by (seed, client,
-        round, step, micro), so a resumed or re-run round sends the same
-        noise. The backward uses the server's gradient at the noisy point."""
-        if self.noise <= 0:
-            return hidden
-        g = torch.Generator().manual_seed(
-            int(
-                np.random.SeedSequence(
-                    [self._seed, self.client_id, self._round, step, micro]
-                ).generate_state(1)[0]
-            )
-        )
-        rms = hidden.float().pow(2).mean(-1, keepdim=True).sqrt()  # (B, T, 1)
-        z = torch.randn(hidden.shape, generator=g).to(hidden.device)
-        return (hidden.float() + self.noise * rms * z).to(hidden.dtype)
 
     def _local_micro(
         self, batch: dict[str, torch.Tensor], step_tokens: int
