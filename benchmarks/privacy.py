@@ -239,6 +239,7 @@ def main() -> None:
 
     results = {**prov, "noise": scales, **attack(args, scales, per_task)}
     results["attack_wall_s"] = time.perf_counter() - t0
+    write_json(out / "results.json", results)  # kept if training fails
     training = [] if args.no_train else [train(args, out, s) for s in scales]
     for r in training:
         r["eval_loss_cost"] = r["eval_loss"] / training[0]["eval_loss"] - 1
