@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from splitft.cli import main
@@ -98,3 +100,13 @@ def test_a_folder_or_a_missing_file_as_the_config(tmp_path, capsys):
     assert main(["run", str(tmp_path / "none.yaml")]) == 2
     err = capsys.readouterr().err
     assert "none.yaml: no such file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+)
+def test_each_shipped_config_loads_and_names_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first == f"# splitft run configs/{path.name}"
+    cfg = load_config(path, [])
+    assert cfg.name == path.stem

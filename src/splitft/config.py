@@ -148,6 +148,7 @@ class TrainConfig:
 
 POLICIES = ("fixed", "random", "splitft", "adaptive")
 SERVER_SIDES = ("per_client", "shared")
+TOPOLOGIES = ("vanilla", "u_shaped")
 
 
 @dataclass
@@ -174,6 +175,16 @@ class FederationConfig:
         "server-side LoRA: 'per_client' (one set per client, averaged after the "
         "round: SFL-V1) or 'shared' (one set updated at every step in arrival "
         "order: SFL-V2)",
+    )
+    topology: str = _f(
+        "vanilla",
+        "'vanilla' (the server runs blocks [k, L), the head and the loss: the "
+        "labels travel to it) or 'u_shaped' (the client also runs the last "
+        "tail_layers blocks, the head and the loss: no labels or token ids "
+        "leave it; one more round trip per micro-batch); see docs/privacy.md",
+    )
+    tail_layers: int = _f(
+        1, "u_shaped: blocks [L - tail_layers, L) the client runs after the server"
     )
     k_min: int = _f(1, "smallest cut a policy may choose (a privacy floor)")
     k_max: int = _f(
@@ -214,6 +225,18 @@ class FederationConfig:
         _check(self.policy in POLICIES, "federation.policy", self.policy, POLICIES)
         ok = self.server_side in SERVER_SIDES
         _check(ok, "federation.server_side", self.server_side, SERVER_SIDES)
+        ok = self.topology in TOPOLOGIES
+        _check(ok, "federation.topology", self.topology, TOPOLOGIES)
+        _check(
+            self.tail_layers >= 1, "federation.tail_layers", self.tail_layers, ">= 1"
+        )
+        if self.topology == "u_shaped" and self.server_side != "per_client":
+            raise ConfigError(
+                f"federation.server_side={self.server_side!r} is not allowed with "
+                "federation.topology='u_shaped': 'per_client' (a shared server "
+                "adapter would be stepped between one client's forward and its "
+                "backward)"
+            )
         _check(self.k_min >= 1, "federation.k_min", self.k_min, ">= 1")
         ok = self.k_max == 0 or self.k_max >= self.k_min
         allowed = f"0 (= L - 1) or >= federation.k_min={self.k_min}"

@@ -45,22 +45,38 @@ def layer_ranks(layers: range, settings: LoraSettings, cut: bool) -> dict[int, i
 
 
 def client_layer_ranks(
-    k: int, num_layers: int, settings: LoraSettings
+    k: int, num_layers: int, settings: LoraSettings, tail: int = 0
 ) -> dict[int, int]:
     """Ranks of a client with cut ``k``: its last block at ``cut_rank``.
 
     A client with ``k == num_layers`` holds the whole model and sends no
-    activations, so it has no cut layer and every block keeps rank ``r``.
+    activations, so it has no cut layer and every block keeps rank ``r``. A
+    U-shaped client also holds the last ``tail`` blocks, at rank ``r``.
     """
-    return layer_ranks(range(k), settings, cut=k < num_layers)
+    ranks = layer_ranks(range(k), settings, cut=k < num_layers)
+    if k < num_layers:
+        ranks.update(layer_ranks(tail_layers(num_layers, tail), settings, cut=False))
+    return ranks
+
+
+def tail_layers(num_layers: int, tail: int) -> range:
+    """The blocks a U-shaped client runs after the server (none: ``tail`` 0)."""
+    return range(num_layers - tail, num_layers) if tail else range(0)
 
 
 def client_key_ranks(
-    keys: Iterable[str], spec: ArchSpec, k: int, num_layers: int, settings: LoraSettings
+    keys: Iterable[str],
+    spec: ArchSpec,
+    k: int,
+    num_layers: int,
+    settings: LoraSettings,
+    tail: int = 0,
 ) -> dict[str, int]:
-    """Rank of each adapter key a client with cut ``k`` holds (its layers < k)."""
-    held = client_layer_ranks(k, num_layers, settings)
-    return {key: held[layer_of(key, spec)] for key in keys if layer_of(key, spec) < k}
+    """Rank of each adapter key a client with cut ``k`` (and ``tail``) holds."""
+    held = client_layer_ranks(k, num_layers, settings, tail)
+    return {
+        key: held[layer_of(key, spec)] for key in keys if layer_of(key, spec) in held
+    }
 
 
 def peft_config(

@@ -249,3 +249,25 @@ def test_a_client_trains_on_its_own_file(assets, tmp_path):
     client, _ = build_client(cfg, 2, data=own)
     assert client.client_id == 2
     assert client.num_samples == 9  # all of it: the server holds the eval set
+
+
+def test_a_u_shaped_deployment_trains_the_simulations_adapter(assets, tmp_path):
+    """The extra leg runs over the transport as in the simulation: the same
+    adapter, and no labels in any message (the server refuses them)."""
+    u = settings(
+        "federation.topology=u_shaped",
+        "federation.tail_layers=1",
+        "federation.cut_layers=[1, 2, 2]",
+    )
+    sim = Simulation(config(assets, tmp_path, "name=usim", *u))
+    simulated = sim.run(table=False)
+    dep, summary = deploy(config(assets, tmp_path, "name=udep", *u))
+    a = load_file(tmp_path / "usim" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "udep" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    for x, y in zip(sim.rounds[1:], dep.rounds[1:], strict=True):
+        assert x["counted"] == y["counted"] == [0, 1, 2]
+        assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-5)
+    for key in ("up_smashed", "down_smashed", "up_gradients", "down_gradients"):
+        assert summary["bytes"][key] == simulated["bytes"][key] > 0, key

@@ -327,3 +327,67 @@ def test_compression_settings_reach_the_clients_and_the_server(assets, tmp_path)
     assert up8 < 0.5 * up and down8 < 0.5 * down
     assert up_fp32 == pytest.approx(up, rel=0.01)
     assert down_fp32 == pytest.approx(down, rel=0.01)
+
+
+U_SHAPED = ("federation.topology=u_shaped", "federation.tail_layers=1")
+
+
+def test_u_shaped_prediction_matches_when_the_model_is_the_clock(tmp_path, assets):
+    """The cost model prices the extra leg (TailInput down, TailGradient up,
+    the client's tail) as the real clients and server run it."""
+    same = tmp_path / "same.jsonl"
+    same.write_text(
+        "".join(
+            json.dumps({"instruction": f"What is {a} plus {b}?", "output": str(a + b)})
+            + "\n"
+            for a in range(1, 5)
+            for b in range(1, 5)
+        )
+    )
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=exact_u",
+        f"data.source={same}",
+        "data.eval_size=4",
+        "partition.min_partition_size=2",
+        "sim.timing=predicted",
+        "federation.cut_layers=[1, 2]",
+        "federation.rounds=2",
+        *U_SHAPED,
+    )
+    _, summary = run(cfg)
+    for r in summary["rounds"][1:]:
+        assert r["prediction_error"] < 0.02
+        # both directions carry activations and gradients; no labels go up
+        for key in ("up_smashed", "down_smashed", "up_gradients", "down_gradients"):
+            assert r[key] > 0, key
+
+
+def test_u_shaped_adaptive_run_keeps_a_block_on_the_server(assets, tmp_path):
+    cfg = config(
+        assets, tmp_path, "name=u_adaptive", "federation.policy=adaptive", *U_SHAPED
+    )
+    _, summary = run(cfg, synthetic.costs(num_layers=4))
+    cuts = [k for r in summary["rounds"][1:] for k in r["cuts"].values()]
+    assert cuts and all(1 <= k <= 2 for k in cuts)  # L - 1 - tail_layers = 2
+    assert summary["rounds"][-1]["eval_loss"] < summary["rounds"][0]["eval_loss"]
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["federation.cut_layers=[3]"], r"cut_layers=\[3\].*\[1, 2\].*tail_layers"),
+        (["federation.tail_layers=3"], r"tail_layers=3 is not allowed: in \[1, 2\]"),
+        (
+            ["federation.policy=adaptive", "federation.k_max=3"],
+            r"k_max=3 are not allowed: 1 <= k_min <= k_max <= 2",
+        ),
+    ],
+)
+def test_u_shaped_cuts_the_model_cannot_take_name_the_key(
+    assets, tmp_path, extra, match
+):
+    cfg = config(assets, tmp_path, "name=u_bad", *U_SHAPED, *extra)
+    with pytest.raises(ConfigError, match=match):
+        run(cfg, synthetic.costs(num_layers=4))

@@ -212,3 +212,40 @@ def test_a_deployment_over_tls_trains_the_simulations_adapter(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_a_u_shaped_round_trains_as_the_vanilla_split_on_smollm2(tmp_path):
+    """Labels stay on the clients, and the round computes what the vanilla
+    split does (no clipping: each side clips only its own parameters)."""
+
+    def run(name, *extra):
+        cfg = load_config(
+            None,
+            [
+                f"out_dir={tmp_path}",
+                f"name={name}",
+                "federation.num_clients=2",
+                "federation.rounds=1",
+                "federation.local_steps=1",
+                "federation.cut_layers=[3, 11]",
+                "data.tasks=[arithmetic/2_digit_addition, date_understanding]",
+                "data.eval_size=4",
+                "data.max_train_per_task=16",
+                "train.batch_size=2",
+                "train.max_grad_norm=0",
+                "eval.accuracy=false",
+                *extra,
+            ],
+        )
+        sim = Simulation(cfg)
+        return sim, sim.run(table=False)
+
+    _, vanilla = run("vanilla")
+    _, ushaped = run("u", "federation.topology=u_shaped", "federation.tail_layers=2")
+    a, b = vanilla["rounds"][-1], ushaped["rounds"][-1]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+    assert b["eval_loss"] != vanilla["rounds"][0]["eval_loss"]  # it trained
+    # the extra leg: activations come down, their gradients go up
+    assert b["down_smashed"] > 0 and b["up_gradients"] > 0

@@ -150,8 +150,10 @@ class Coordinator:
         if checkpoint is not None or self.resume:  # the cost model it ran with
             self.costs = self.costs or CostModel.load(self.run_dir / "costs.json")
         L = self.model_config.num_hidden_layers
-        self.k_max = fed.k_max or L - 1
-        _check_cuts(fed, self.k_max, L)
+        # U-shaped: the client's tail blocks; the deepest cut leaves the server one
+        self.tail = tail_layers(fed)
+        self.k_max = fed.k_max or L - 1 - self.tail
+        _check_cuts(fed, self.k_max, L, self.tail)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_token_id(self.tokenizer)
         self.data = load_run_data(cfg, self.tokenizer)
@@ -175,6 +177,8 @@ class Coordinator:
             max_length=cfg.data.max_length,
             upload_norm_bound=fed.upload_norm_bound,
             grad_compression=cfg.transport.grad_compression,
+            tail_layers=self.tail,
+            compression=cfg.transport.compression,
         )
         lengths = self.runner.setup(self)
         self._setup_strategy(lengths)
@@ -310,7 +314,7 @@ class Coordinator:
         )
         self.server_device = server_device(sim)
         devices = devices_at(sim, fed.num_clients, 0)
-        world = World.of(self.costs, devices, self.server_device, workload)
+        world = World.of(self.costs, devices, self.server_device, workload, self.tail)
         estimator = Estimator(world, cfg.planner.ewma, cfg.planner.replan_miss)
         context = PolicyContext(
             num_layers=self.model_config.num_hidden_layers,
@@ -454,7 +458,7 @@ class Coordinator:
             **observed,
             "planner_s": planned.planner_s,
             "memory_mb": {
-                str(c): self.costs.client_memory(k, worst) / 1e6
+                str(c): self.costs.client_memory(k, worst, self.tail) / 1e6
                 for c, k in sorted(planned.cuts.items())
             },
             "timing": timing.record(),
@@ -538,19 +542,39 @@ class Coordinator:
         return summary
 
 
-def _check_cuts(fed, k_max: int, L: int) -> None:
+def tail_layers(fed) -> int:
+    """The blocks a U-shaped client runs after the server (0: vanilla)."""
+    return fed.tail_layers if fed.topology == "u_shaped" else 0
+
+
+def _check_cuts(fed, k_max: int, L: int, tail: int = 0) -> None:
     """Cuts against the model's layer count, which the config does not know."""
-    bad = [k for k in fed.cut_layers if not 1 <= k <= L]
+    if tail:
+        if tail > L - 2:
+            raise ConfigError(
+                f"federation.tail_layers={tail} is not allowed: in [1, {L - 2}] "
+                f"for this {L}-layer model (the client's first block and one on "
+                "the server come before the tail)"
+            )
+        top, why = (
+            L - 1 - tail,
+            (
+                f"{L - 1 - tail} = L - 1 - federation.tail_layers: a U-shaped split "
+                "leaves the server at least one block"
+            ),
+        )
+    else:
+        top, why = L, f"{L} = the whole model on the client"
+    bad = [k for k in fed.cut_layers if not 1 <= k <= top]
     if fed.policy == "fixed" and bad:
         raise ConfigError(
             f"federation.cut_layers={fed.cut_layers} is not allowed: each cut must "
-            f"be in [1, {L}] for this {L}-layer model ({L} = the whole model on "
-            "the client)"
+            f"be in [1, {top}] for this {L}-layer model ({why})"
         )
-    if fed.policy != "fixed" and not fed.k_min <= k_max <= L:
+    if fed.policy != "fixed" and not fed.k_min <= k_max <= top:
         raise ConfigError(
             f"federation.k_min={fed.k_min}, federation.k_max={fed.k_max} are not "
-            f"allowed: 1 <= k_min <= k_max <= {L} for this {L}-layer model"
+            f"allowed: 1 <= k_min <= k_max <= {top} for this {L}-layer model ({why})"
         )
 
 

@@ -31,7 +31,12 @@ from splitft import lora, runs
 from splitft.config import ConfigError, RunConfig, from_dict, to_dict
 from splitft.data.federated import load_run_data
 from splitft.data.format import pad_token_id
-from splitft.federation.coordinator import Coordinator, check_context, resolve_device
+from splitft.federation.coordinator import (
+    Coordinator,
+    check_context,
+    resolve_device,
+    tail_layers,
+)
 from splitft.federation.simulation import client_rows
 from splitft.federation.strategy import RoundConfig, RoundResult
 from splitft.models.default import resolve_model_dir
@@ -45,6 +50,7 @@ from splitft.split.messages import (
     RoundRequest,
     SmashedData,
     Stop,
+    TailGradient,
     Wait,
     report_steps,
 )
@@ -239,7 +245,7 @@ class NetworkRounds:
         (a micro-batch) runs on the coordinator's thread, the process's main
         one: PyTorch on CPU ran the same server step 1.45x slower on another
         thread here (docs/benchmarks.md, the network transport)."""
-        if not isinstance(msg, SmashedData):
+        if not isinstance(msg, (SmashedData, TailGradient)):
             return fn()
         future: Future | None = None
         with self._cond:
@@ -465,6 +471,8 @@ def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
         num_samples=len(partition),
         compression=cfg.transport.compression,
         noise=cfg.privacy.noise,
+        tail_layers=tail_layers(cfg.federation),
+        grad_compression=cfg.transport.grad_compression,
     )
     return client, model_config
 

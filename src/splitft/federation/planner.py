@@ -97,7 +97,9 @@ def _binary_search(world: World, ranges, tol: float = 1e-3) -> dict[int, int]:
     }
     work = {
         cid: {
-            k: n * world.server_factor * world.costs.server_seconds(k, w.slots[cid])
+            k: n
+            * world.server_factor
+            * world.costs.server_seconds(k, w.slots[cid], world.tail)
             for k in range(lo, hi + 1)
         }
         for cid, (lo, hi) in ranges.items()

@@ -271,6 +271,5 @@ def over_budget(estimator_world, cuts: Mapping[int, int], devices) -> list[int]:
     return sorted(
         cid
         for cid, k in cuts.items()
-        if estimator_world.costs.client_memory(k, estimator_world.workload.worst_slots)
-        > devices[cid].memory
+        if estimator_world.memory(cid, k) > devices[cid].memory
     )

@@ -18,6 +18,7 @@ from splitft.federation.coordinator import (
     check_context,
     expected_slots,
     resolve_device,
+    tail_layers,
 )
 from splitft.federation.strategy import RoundConfig, RoundResult
 from splitft.sim.clock import simulate_round
@@ -62,6 +63,8 @@ class SimulatedRounds:
                 num_samples=len(partitions[cid]),
                 compression=cfg.transport.compression,
                 noise=cfg.privacy.noise,
+                tail_layers=tail_layers(cfg.federation),
+                grad_compression=cfg.transport.grad_compression,
             )
             for cid in rows
         }

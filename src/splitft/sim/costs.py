@@ -78,45 +78,64 @@ class CostModel:
     codec_s_per_byte: float  # encoding or decoding a message, per byte
 
     # ------------------------------------------------------------ compute
-    def client_seconds(self, k: int, slots: float) -> float:
+    # ``tail``: a U-shaped split's tail_layers (0: vanilla), whose blocks, final
+    # norm, head and loss run on the client after the server
+    def client_seconds(self, k: int, slots: float, tail: int = 0) -> float:
         """Client compute of one micro-batch at cut ``k`` (k = L: everything)."""
         if k >= self.num_layers:
             per_slot = self.embed_s + self.num_layers * self.block_s
             return slots * (per_slot + self.head_s)
-        return slots * (self.embed_s + k * self.block_s)
+        front = slots * (self.embed_s + k * self.block_s)
+        return front + self.tail_seconds(tail, slots)
 
-    def server_seconds(self, k: int, slots: float) -> float:
+    def tail_seconds(self, tail: int, slots: float) -> float:
+        """A U-shaped client's tail, forward and backward (0 without one)."""
+        return slots * (tail * self.block_s + self.head_s) if tail else 0.0
+
+    def server_seconds(self, k: int, slots: float, tail: int = 0) -> float:
         """Server compute of one micro-batch of a client with cut ``k``."""
         if k >= self.num_layers:
             return 0.0
-        return slots * ((self.num_layers - k) * self.block_s + self.head_s)
+        head = 0.0 if tail else self.head_s
+        return slots * ((self.num_layers - tail - k) * self.block_s + head)
 
-    def client_memory(self, k: int, slots: float) -> float:
-        """Bytes of a client part at cut ``k`` training on ``slots`` token slots."""
+    def client_memory(self, k: int, slots: float, tail: int = 0) -> float:
+        """Bytes of a client part at cut ``k`` training on ``slots`` token
+        slots. A U-shaped tail adds its blocks and the head (for a tied model
+        the embedding the client holds anyway: only the final norm)."""
+        whole = k >= self.num_layers
+        held = k if whole else k + tail  # blocks on the client
         blocks = self.block_bytes + self.lora_block_bytes
         mem = (
             self.embed_bytes
-            + k * blocks
-            + slots * (self.act_embed + k * self.act_block)
+            + held * blocks
+            + slots * (self.act_embed + held * self.act_block)
         )
-        if k >= self.num_layers:
+        if whole or tail:
             mem += self.head_bytes + slots * self.act_head
         return mem
 
     # --------------------------------------------------------------- wire
-    def adapter_bytes(self, k: int) -> float:
+    def adapter_bytes(self, k: int, tail: int = 0) -> float:
         """An encoded RoundPlan / AdapterUpdate of a client with cut ``k``."""
         if k >= self.num_layers:  # no cut layer: every block at rank r
             return self.message_bytes + k * self.adapter_block_bytes
         last = self.adapter_cut_bytes
-        return self.message_bytes + (k - 1) * self.adapter_block_bytes + last
+        blocks = k - 1 + tail
+        return self.message_bytes + blocks * self.adapter_block_bytes + last
 
     def codec_seconds(self, nbytes: float) -> float:
         """Encoding (or decoding) a message of ``nbytes``."""
         return nbytes * self.codec_s_per_byte
 
-    def smashed_bytes(self, slots: float) -> float:
-        return self.message_bytes + slots * self.smashed_slot_bytes
+    def smashed_bytes(self, slots: float, tail: int = 0) -> float:
+        """A SmashedData message; U-shaped, without its labels (int64)."""
+        labels = 8 if tail else 0
+        return self.message_bytes + slots * (self.smashed_slot_bytes - labels)
+
+    def tail_input_bytes(self, slots: float) -> float:
+        """A TailInput: the hidden state alone (no mask, positions or labels)."""
+        return self.message_bytes + slots * (self.smashed_slot_bytes - 3 * 8)
 
     def gradient_bytes(self, slots: float) -> float:
         return self.message_bytes + slots * self.gradient_slot_bytes
@@ -403,6 +422,7 @@ class World:
     workload: Workload
     compute: dict[int, float]  # per client: device seconds per modelled second
     server_factor: float  # server seconds per modelled second
+    tail: int = 0  # federation.tail_layers of a U-shaped split (0: vanilla)
 
     @classmethod
     def of(
@@ -411,13 +431,16 @@ class World:
         devices: Mapping[int, Device],
         server: ServerDevice,
         workload: Workload,
+        tail: int = 0,
     ) -> World:
         """The world as declared: slowdowns and speeds taken at their word."""
         compute = {cid: d.slowdown for cid, d in devices.items()}
-        return cls(costs, dict(devices), server, workload, compute, 1 / server.speed)
+        return cls(
+            costs, dict(devices), server, workload, compute, 1 / server.speed, tail
+        )
 
     def memory(self, cid: int, k: int) -> float:
-        return self.costs.client_memory(k, self.workload.worst_slots)
+        return self.costs.client_memory(k, self.workload.worst_slots, self.tail)
 
     def fits(self, cid: int, k: int) -> bool:
         return self.memory(cid, k) <= self.devices[cid].memory
@@ -443,11 +466,12 @@ class _ModelledClient:
         Each piece of work is priced as the real client does it: decoding the
         reply it got, computing, encoding the request it sends.
         """
-        c, w, f = world.costs, world.workload, world.compute[cid]
+        c, w, f, tail = world.costs, world.workload, world.compute[cid], world.tail
         slots = w.slots[cid]
-        micro_s = f * c.client_seconds(k, slots)
-        adapters = c.adapter_bytes(k)
-        smashed, gradient = c.smashed_bytes(slots), c.gradient_bytes(slots)
+        micro_s = f * c.client_seconds(k, slots)  # without a U-shaped tail
+        adapters = c.adapter_bytes(k, tail)
+        smashed, gradient = c.smashed_bytes(slots, tail), c.gradient_bytes(slots)
+        tail_s, tail_in = f * c.tail_seconds(tail, slots), c.tail_input_bytes(slots)
 
         def codec(nbytes: float) -> float:
             return f * c.codec_seconds(nbytes)
@@ -471,6 +495,11 @@ class _ModelledClient:
                 before + fwd + codec(smashed),
                 Outgoing(("smashed", k, slots), smashed, SMASHED),
             )
+            if tail:  # decode the server's output, run the tail, send its gradient
+                yield (
+                    codec(tail_in) + tail_s + codec(gradient),
+                    Outgoing(("tail", k, slots), gradient, GRADIENTS),
+                )
         yield codec(gradient) + micro_s - fwd + codec(adapters), upload
 
     def resume(self, reply: Any) -> tuple[float, Outgoing | None]:
@@ -482,22 +511,29 @@ class _ModelledClient:
 
 def modelled_serve(world: World):
     """The server of a modelled round: service times from the cost model."""
-    c = world.costs
+    c, tail = world.costs, world.tail
 
     def serve(cid: int, request: tuple[str, int, float]) -> tuple[float, Outgoing]:
         """Decode the request, do the work, encode the reply."""
         kind, k, slots = request
         g = world.server_factor
         if kind == "plan":
-            nbytes = c.adapter_bytes(k)
+            nbytes = c.adapter_bytes(k, tail)
             seconds = c.codec_seconds(c.message_bytes + nbytes)
             return g * seconds, Outgoing(None, nbytes, ADAPTERS)
-        if kind == "smashed":
+        work = c.server_seconds(k, slots, tail)
+        if kind == "smashed" and tail:  # U-shaped: the forward, then the tail's turn
+            nbytes = c.tail_input_bytes(slots)
+            wire = c.codec_seconds(c.smashed_bytes(slots, tail) + nbytes)
+            seconds = c.forward_share * work + wire
+            return g * seconds, Outgoing(None, nbytes, SMASHED)
+        if kind in ("smashed", "tail"):
             nbytes = c.gradient_bytes(slots)
-            wire = c.codec_seconds(c.smashed_bytes(slots) + nbytes)
-            seconds = c.server_seconds(k, slots) + wire
+            received = c.smashed_bytes(slots) if kind == "smashed" else nbytes
+            share = 1.0 if kind == "smashed" else 1 - c.forward_share
+            seconds = share * work + c.codec_seconds(received + nbytes)
             return g * seconds, Outgoing(None, nbytes, GRADIENTS)
-        seconds = c.codec_seconds(c.adapter_bytes(k) + c.message_bytes)
+        seconds = c.codec_seconds(c.adapter_bytes(k, tail) + c.message_bytes)
         return g * seconds, Outgoing(None, c.message_bytes, CONTROL)
 
     return serve
@@ -588,6 +624,7 @@ class Estimator:
             Workload(w.local_steps, w.grad_accum, w.slots, w.worst_slots),
             dict.fromkeys(ok, 1.0),
             1.0,
+            self.world.tail,
         )
         model = predict_round({cid: cuts[cid] for cid in ok}, unit)
         for cid in ok:

@@ -18,7 +18,13 @@ from transformers import PretrainedConfig
 from splitft import lora, runs
 from splitft.config import LoraSettings, TrainConfig
 from splitft.data import collate
-from splitft.models.parts import ModelPart, WeightStore, client_part, count_correct
+from splitft.models.parts import (
+    ModelPart,
+    WeightStore,
+    client_part,
+    count_correct,
+    server_part,
+)
 from splitft.split import optim
 from splitft.split.compress import compress, decompress
 from splitft.split.messages import (
@@ -29,6 +35,8 @@ from splitft.split.messages import (
     RoundRequest,
     SmashedData,
     Stop,
+    TailGradient,
+    TailInput,
     Wait,
     step_report,
 )
@@ -145,6 +153,8 @@ class SplitClient:
         num_samples: int | None = None,
         compression: str = "none",
         noise: float = 0.0,
+        tail_layers: int = 0,
+        grad_compression: str = "none",
     ) -> None:
         if len(examples) == 0:
             raise ValueError(f"client {client_id} has no training examples")
@@ -155,10 +165,17 @@ class SplitClient:
         self.num_samples = num_samples or len(examples)
         self.compression = compression  # of the smashed data it sends
         self.noise, self._seed = noise, seed  # privacy.noise
+        # U-shaped (federation.tail_layers > 0): the client also runs blocks
+        # [L - tail_layers, L), the final norm, the head and the loss (its
+        # ``tail``), so labels never leave it; it compresses the gradient of
+        # the tail's input as the server does its gradients
+        self.tail_layers, self.grad_compression = tail_layers, grad_compression
         self.part: ModelPart | None = None
+        self.tail: ModelPart | None = None
         # (kind, amount) of the compute done since the owner last cleared it:
-        # "forward", "backward" or "local" token slots, or "load" blocks (the
-        # blocks a re-cut added); the cost model prices it
+        # "forward", "backward", "tail" (its forward and backward) or "local"
+        # token slots, or "load" blocks (the blocks a re-cut added); the cost
+        # model prices it
         self.work: list[tuple[str, int]] = []
         self.startup_s = 0.0  # building the first part: start-up, not a round
         self.recut_s = 0.0  # rebuilding the part for a moved cut
@@ -180,8 +197,12 @@ class SplitClient:
         t0, old = time.perf_counter(), self.cut_layer
         self.part = client_part(self.store, self.config, k)
         L = self.config.num_hidden_layers
-        ranks = lora.client_layer_ranks(k, L, self.lora)
+        ranks = lora.layer_ranks(range(k), self.lora, cut=k < L)
         lora.inject(self.part.model, self.part.spec, self.lora, ranks)
+        if self.tail_layers and self.tail is None and k < L:
+            self.tail = server_part(self.store, self.config, L - self.tail_layers)
+            ranks = lora.layer_ranks(self.tail.layers, self.lora, cut=False)
+            lora.inject(self.tail.model, self.tail.spec, self.lora, ranks)
         if old is None:
             self.startup_s += time.perf_counter() - t0
         else:
@@ -227,18 +248,35 @@ class SplitClient:
         if isinstance(reply, (Wait, Stop)):
             return reply
         plan = _expect(reply, RoundPlan)
+        if plan.tail_layers != self.tail_layers:
+            mine = f"tail_layers={self.tail_layers}" if self.tail_layers else "vanilla"
+            theirs = (
+                f"tail_layers={plan.tail_layers}" if plan.tail_layers else "vanilla"
+            )
+            raise ServerRefused(
+                f"the server runs a {theirs} split, this client is configured "
+                f"{mine} (federation.topology and federation.tail_layers must "
+                "match)"
+            )
         self._order.seek(plan.batches_drawn)
         if plan.cut_layer != self.cut_layer:
             self._build(plan.cut_layer)
         device = self.store.device
         adapter = {k: v.to(device) for k, v in plan.adapter.items()}
-        lora.load_adapter_state(self.part.model, adapter)
-        self._opt = optim.make_optimizer(
-            lora.adapter_params(self.part.model), self.train
-        )
+        params = []
+        for part in self._parts():
+            held = lora.select_layers(adapter, part.spec, part.layers)
+            lora.load_adapter_state(part.model, held)
+            params += lora.adapter_params(part.model)
+            part.model.train()
+        self._opt = optim.make_optimizer(params, self.train)
         self._round = plan.round
-        self.part.model.train()
         return plan
+
+    def _parts(self) -> list[ModelPart]:
+        """The parts this client trains: its front, and its tail if U-shaped."""
+        use_tail = self.tail is not None and not self.local
+        return [self.part, self.tail] if use_tail else [self.part]
 
     def _step(self, step: int, lr: float, batches: list[dict]) -> Protocol:
         """One optimizer step over the given micro-batches; returns its metrics."""
@@ -255,36 +293,10 @@ class SplitClient:
                 client_s += time.perf_counter() - t0
                 self.work.append(("local", slots))
             else:
-                hidden = self.part.client_forward(  # (B, T, H)
-                    batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+                n, hits, loss, c_s, s_s = yield from self._split_micro(
+                    step, micro, len(batches), batch, step_tokens
                 )
-                # privacy.noise: seeded, so a resumed or re-run round sends
-                # the same; the backward uses the gradient at the noisy point
-                key = [self._seed, self.client_id, self._round, step, micro]
-                sent = add_noise(hidden.detach(), self.noise, key)
-                values, scale = compress(sent, self.compression)
-                client_s += time.perf_counter() - t0
-                self.work.append(("forward", slots))
-                reply = yield SmashedData(
-                    client_id=self.client_id,
-                    step=step,
-                    micro=micro,
-                    num_micro=len(batches),
-                    hidden=values,
-                    attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"],
-                    labels=batch["labels"],
-                    step_tokens=step_tokens,
-                    hidden_scale=scale,
-                )
-                reply = _expect(reply, Gradient)
-                t0 = time.perf_counter()
-                grad = decompress(reply.grad, reply.grad_scale, hidden.dtype)
-                hidden.backward(grad.to(device))
-                client_s += time.perf_counter() - t0
-                self.work.append(("backward", slots))
-                n, hits, loss = reply.tokens, reply.correct, reply.loss
-                server_s += reply.server_seconds
+                client_s, server_s = client_s + c_s, server_s + s_s
             loss_sum += loss * n
             tokens += n
             correct += hits
@@ -307,6 +319,77 @@ class SplitClient:
             server_seconds=server_s,
         )
 
+    def _split_micro(
+        self, step: int, micro: int, num_micro: int, batch: dict, step_tokens: int
+    ) -> Protocol:
+        """One micro-batch through the server; returns (tokens, correct, loss,
+        client seconds, server seconds)."""
+        device = self.store.device
+        slots = int(batch["input_ids"].numel())
+        mask, pos = batch["attention_mask"], batch["position_ids"]
+        t0 = time.perf_counter()
+        hidden = self.part.client_forward(batch["input_ids"], mask, pos)  # (B, T, H)
+        # privacy.noise: seeded, so a resumed or re-run round sends the same;
+        # the backward uses the gradient at the noisy point
+        key = [self._seed, self.client_id, self._round, step, micro]
+        sent = add_noise(hidden.detach(), self.noise, key)
+        values, scale = compress(sent, self.compression)
+        client_s, server_s = time.perf_counter() - t0, 0.0
+        self.work.append(("forward", slots))
+        reply = yield SmashedData(
+            client_id=self.client_id,
+            step=step,
+            micro=micro,
+            num_micro=num_micro,
+            hidden=values,
+            attention_mask=mask,
+            position_ids=pos,
+            labels=None if self.tail_layers else batch["labels"],
+            step_tokens=step_tokens,
+            hidden_scale=scale,
+        )
+        if self.tail_layers:  # the head and the loss are here: one more leg
+            middle = _expect(reply, TailInput)
+            server_s += middle.server_seconds
+            t0 = time.perf_counter()
+            n, hits, loss, tail_grad = self._tail_micro(
+                middle, batch, step_tokens, num_micro
+            )
+            values, scale = compress(tail_grad, self.grad_compression)
+            client_s += time.perf_counter() - t0
+            self.work.append(("tail", slots))
+            reply = yield TailGradient(self.client_id, step, micro, values, scale)
+        reply = _expect(reply, Gradient)
+        if not self.tail_layers:
+            n, hits, loss = reply.tokens, reply.correct, reply.loss
+        server_s += reply.server_seconds
+        t0 = time.perf_counter()
+        grad = decompress(reply.grad, reply.grad_scale, hidden.dtype)
+        hidden.backward(grad.to(device))
+        client_s += time.perf_counter() - t0
+        self.work.append(("backward", slots))
+        return n, hits, loss, client_s, server_s
+
+    def _tail_micro(
+        self, middle: TailInput, batch: dict, step_tokens: int, num_micro: int
+    ) -> tuple[int, int, float, torch.Tensor]:
+        """U-shaped: the tail's forward and backward on the server's output;
+        (tokens, correct, loss, d loss / d the tail's input)."""
+        device, labels = self.store.device, batch["labels"]
+        dtype = next(self.tail.model.parameters()).dtype
+        h = decompress(middle.hidden, middle.hidden_scale, dtype).to(device)
+        h = h.detach().requires_grad_(True)  # (B, T, H)
+        out = self.tail.server_forward(
+            h, batch["attention_mask"], batch["position_ids"], labels
+        )
+        n, hits = count_correct(out.logits.detach(), labels)
+        if n == 0 or not torch.isfinite(out.loss):  # as the server would: drop it
+            return 0, 0, 0.0, torch.zeros_like(h)
+        # token-weighted over the step, as the server weighs a vanilla step
+        share = n / step_tokens if step_tokens > 0 else 1 / num_micro
+        (out.loss * share).backward()
+        return n, hits, float(out.loss.detach()), h.grad
+
     def _local_micro(
         self, batch: dict[str, torch.Tensor], step_tokens: int
     ) -> tuple[int, int, float]:
@@ -327,7 +410,9 @@ class SplitClient:
     def _finish(self, round: int, steps: Sequence[dict] = ()) -> Protocol:
         """Upload the client-side adapters for aggregation, with the steps'
         metrics (the server logs them: it does not see a local client's)."""
-        state = lora.adapter_state(self.part.model)
+        state = {}
+        for part in self._parts():
+            state.update(lora.adapter_state(part.model))
         report = step_report(list(steps))
         reply = yield AdapterUpdate(
             self.client_id, round, self.num_samples, state, report

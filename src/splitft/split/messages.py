@@ -72,6 +72,9 @@ class RoundPlan:
     adapter: dict[str, torch.Tensor] = field(default_factory=dict)
     # batches the client drew in earlier rounds: where its data order resumes
     batches_drawn: int = 0
+    # federation.tail_layers of a U-shaped split (0: vanilla); the client checks
+    # it against its own configuration
+    tail_layers: int = 0
     kind = ADAPTERS
 
 
@@ -86,7 +89,9 @@ class SmashedData:
     hidden: torch.Tensor  # (B, T, H) float, or int8 with hidden_scale
     attention_mask: torch.Tensor | None  # (B, T) int64; None for packed rows
     position_ids: torch.Tensor  # (B, T) int64
-    labels: torch.Tensor  # (B, T) int64, -100 where no loss
+    # (B, T) int64, -100 where no loss; None in a U-shaped split (the client
+    # computes the loss)
+    labels: torch.Tensor | None
     step_tokens: int = 0  # labelled tokens in the whole step (0 = weigh equally)
     hidden_scale: torch.Tensor | None = None  # (B, T, 1) fp32 for int8 hidden
     kind = SMASHED
@@ -105,6 +110,33 @@ class Gradient:
     grad: torch.Tensor  # (B, T, H) float, or int8 with grad_scale
     correct: int = 0  # labelled tokens the server's logits predicted right
     grad_scale: torch.Tensor | None = None  # (B, T, 1) fp32 for an int8 grad
+    kind = GRADIENTS
+
+
+@dataclass
+class TailInput:
+    """Server -> client, U-shaped split: the hidden state after the server's
+    last block (L - tail_layers), the input of the client's tail."""
+
+    client_id: int
+    step: int
+    micro: int
+    server_seconds: float
+    hidden: torch.Tensor  # (B, T, H) float, or int8 with hidden_scale
+    hidden_scale: torch.Tensor | None = None
+    kind = SMASHED
+
+
+@dataclass
+class TailGradient:
+    """Client -> server, U-shaped split: d loss / d :class:`TailInput`; the
+    server answers with the :class:`Gradient` at the first cut."""
+
+    client_id: int
+    step: int
+    micro: int
+    grad: torch.Tensor  # (B, T, H) float, or int8 with grad_scale
+    grad_scale: torch.Tensor | None = None
     kind = GRADIENTS
 
 
@@ -177,6 +209,8 @@ MESSAGES = {
         Stop,
         SmashedData,
         Gradient,
+        TailInput,
+        TailGradient,
         AdapterUpdate,
         Ack,
     )

@@ -34,7 +34,12 @@ from splitft.federation.aggregate import (
     truncate_to,
 )
 from splitft.models.arch import spec_for
-from splitft.models.parts import WeightStore, count_correct, server_part
+from splitft.models.parts import (
+    WeightStore,
+    count_correct,
+    middle_part,
+    server_part,
+)
 from splitft.split import optim
 from splitft.split.compress import compress, decompress
 from splitft.split.errors import (
@@ -53,6 +58,8 @@ from splitft.split.messages import (
     RoundPlan,
     RoundRequest,
     SmashedData,
+    TailGradient,
+    TailInput,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +77,9 @@ class _Planned:
     lrs: list[float]
     next: tuple[int, int] = (0, 0)
     last: tuple[tuple, object] | None = None  # (request key, reply): retries
+    # U-shaped: the micro-batch whose TailGradient is awaited, as
+    # (step, micro, the smashed data's leaf, the server's output (B, T, H))
+    pending: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
 
 
 class SplitServer:
@@ -90,12 +100,24 @@ class SplitServer:
         num_samples: Mapping[int, int] | None = None,
         upload_norm_bound: float = 0.0,
         grad_compression: str = "none",
+        tail_layers: int = 0,
+        compression: str = "none",
     ) -> None:
         if server_side not in SERVER_SIDES:
             raise ValueError(f"server_side {server_side!r} not in {SERVER_SIDES}")
         self.store, self.config = store, config
         self.lora, self.train, self.server_side = lora_settings, train, server_side
         self.num_layers = config.num_hidden_layers
+        # U-shaped (tail_layers > 0): the server's blocks end at L - tail_layers,
+        # and the clients run the rest, the head and the loss
+        self.tail_layers = tail_layers
+        self.end = self.num_layers - tail_layers
+        if not 0 <= tail_layers < self.num_layers - 1:
+            raise ValueError(
+                f"tail_layers={tail_layers} not in [0, {self.num_layers - 2}]"
+            )
+        if tail_layers and server_side == SHARED:
+            raise ValueError("a U-shaped split needs server_side='per_client'")
         self.cut_layers: dict[int, int] = {}
         self._check_cuts(cut_layers)
         self.cut_layers.update(cut_layers)
@@ -108,6 +130,7 @@ class SplitServer:
         self.declared: dict[int, int] = dict(num_samples or {})
         self.upload_norm_bound = upload_norm_bound
         self.grad_compression = grad_compression  # of the gradients it returns
+        self.compression = compression  # of a U-shaped split's TailInput
         self._round: int | None = None  # the round open_round opened
         self.device = store.device
         self.spec = spec_for(config.model_type)
@@ -139,6 +162,12 @@ class SplitServer:
         for cid, k in cuts.items():
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= L:
                 raise ValueError(f"client {cid}: cut layer {k!r} not in [1, {L}]")
+            if self.tail_layers and k >= self.end:
+                raise ValueError(
+                    f"client {cid}: cut layer {k} not in [1, {self.end - 1}]: a "
+                    f"U-shaped split keeps blocks [{self.end}, {L}) on the client "
+                    f"(tail_layers={self.tail_layers}) and at least one on the server"
+                )
 
     def _build_part(self, lowest: int) -> None:
         """The server part for blocks ``[lowest, L)`` with every adapter on it.
@@ -148,12 +177,15 @@ class SplitServer:
         so a cut that moves needs no new adapter (injecting one takes PEFT a
         noticeable fraction of a second). Only growing the part rebuilds them.
         """
-        lowest = min(lowest, self.num_layers - 1)
-        self.part = server_part(self.store, self.config, lowest)
+        lowest = min(lowest, self.end - 1)
+        if self.tail_layers:
+            self.part = middle_part(self.store, self.config, lowest, self.end)
+        else:
+            self.part = server_part(self.store, self.config, lowest)
         names = (
             [SHARED] if self.server_side == SHARED else map(self._name, self.cut_layers)
         )
-        ranks = lora.layer_ranks(range(lowest, self.num_layers), self.lora, cut=False)
+        ranks = lora.layer_ranks(range(lowest, self.end), self.lora, cut=False)
         with warnings.catch_warnings():  # several adapters on one model is the design
             warnings.filterwarnings("ignore", "Already found a `peft_config`")
             for name in names:
@@ -240,7 +272,10 @@ class SplitServer:
             if isinstance(msg, RoundRequest):
                 return self._plan(msg)
             if isinstance(msg, SmashedData):
-                return self._answer(msg, self._forward)
+                forward = self._middle if self.tail_layers else self._forward
+                return self._answer(msg, forward)
+            if isinstance(msg, TailGradient):
+                return self._answer(msg, self._backward)
             if isinstance(msg, AdapterUpdate):
                 return self._answer(msg, self._receive)
             raise Malformed(f"unexpected message {type(msg).__name__}")
@@ -278,8 +313,10 @@ class SplitServer:
         if opt is not None:
             opt.zero_grad(set_to_none=True)
         planned = self._planned.get(cid)
-        if planned is not None and planned.next[0] < len(planned.lrs):
-            planned.next = (planned.next[0], 0)
+        if planned is not None:
+            planned.pending = None
+            if planned.next[0] < len(planned.lrs):
+                planned.next = (planned.next[0], 0)
 
     def _join(self, msg: Join) -> Ack:
         """A client declares how many examples it holds: the most its uploads
@@ -306,11 +343,16 @@ class SplitServer:
     def client_ranks(self, k: int) -> dict[str, int]:
         """Rank of each adapter key a client with cut ``k`` holds."""
         return lora.client_key_ranks(
-            self.global_state, self.spec, k, self.num_layers, self.lora
+            self.global_state,
+            self.spec,
+            k,
+            self.num_layers,
+            self.lora,
+            self.tail_layers,
         )
 
     def _server_keys(self, k: int) -> dict[str, torch.Tensor]:
-        layers = range(k, self.num_layers)
+        layers = range(k, self.end)
         return lora.select_layers(self.global_state, self.spec, layers)
 
     def _plan(self, req: RoundRequest) -> RoundPlan:
@@ -349,7 +391,7 @@ class SplitServer:
         self._drawing.add(cid)
         adapter = truncate_to(self.global_state, self.client_ranks(k))
         drawn = self.batches_drawn.get(cid, 0)
-        return RoundPlan(cid, req.round, k, lrs, adapter, drawn)
+        return RoundPlan(cid, req.round, k, lrs, adapter, drawn, self.tail_layers)
 
     def _start_shared(self, round: int) -> None:
         """The first plan of a round loads the shared adapter from the global one."""
@@ -398,8 +440,19 @@ class SplitServer:
         if mask is not None and not ((mask == 0) | (mask == 1)).all():
             raise Malformed("attention_mask must be 0 or 1")
         labels, V = msg.labels, self.config.vocab_size
-        if not ((labels == -100) | ((labels >= 0) & (labels < V))).all():
-            raise Malformed(f"labels must be -100 or token ids in [0, {V})")
+        if self.tail_layers and labels is not None:
+            raise Malformed(
+                "labels must stay on the client in a U-shaped split "
+                "(federation.topology='u_shaped'); send labels=None"
+            )
+        if not self.tail_layers:
+            if labels is None:
+                raise Malformed(
+                    "labels are missing: this server computes the loss "
+                    "(federation.topology='vanilla')"
+                )
+            if not ((labels == -100) | ((labels >= 0) & (labels < V))).all():
+                raise Malformed(f"labels must be -100 or token ids in [0, {V})")
         if not 0 <= msg.step < len(planned.lrs):
             raise Malformed(f"step {msg.step} not in [0, {len(planned.lrs)})")
         if msg.num_micro != self.train.grad_accum:
@@ -411,6 +464,12 @@ class SplitServer:
             raise Malformed(f"micro {msg.micro} not in [0, num_micro={msg.num_micro})")
         if not 0 <= msg.step_tokens <= B * T * msg.num_micro:
             raise Malformed(f"step_tokens {msg.step_tokens} not in [0, B*T*num_micro]")
+        if planned.pending is not None:
+            step, micro = planned.pending[:2]
+            raise OutOfOrder(
+                f"expected the TailGradient of step {step} micro {micro}, got "
+                f"SmashedData of step {msg.step} micro {msg.micro}"
+            )
         if (msg.step, msg.micro) != planned.next:
             step, micro = planned.next
             if step >= len(planned.lrs):
@@ -471,6 +530,83 @@ class SplitServer:
             grad_scale=scale,
         )
 
+    def _middle(self, msg: SmashedData) -> TailInput:
+        """U-shaped, first leg: blocks [k, L - tail_layers) forward; the graph
+        waits for the client's :class:`TailGradient`."""
+        t0 = time.perf_counter()
+        self._check_smashed(msg)
+        cid = msg.client_id
+        planned = self._planned[cid]
+        set_adapter(self.part.model, self._adapter_of(cid))
+        self.part.model.train()
+        hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
+        hidden = hidden.detach().requires_grad_(True)  # (B, T, H)
+        with self.part.cut_at(planned.cut):
+            out = self.part.middle_forward(hidden, msg.attention_mask, msg.position_ids)
+        planned.pending = (msg.step, msg.micro, hidden, out)
+        values, scale = compress(out.detach(), self.compression)
+        return TailInput(
+            client_id=cid,
+            step=msg.step,
+            micro=msg.micro,
+            server_seconds=time.perf_counter() - t0,
+            hidden=values,
+            hidden_scale=scale,
+        )
+
+    def _backward(self, msg: TailGradient) -> Gradient:
+        """U-shaped, second leg: the client's gradient back through blocks
+        [k, L - tail_layers); the optimizer steps after a step's last
+        micro-batch; the reply is the gradient at the first cut."""
+        t0 = time.perf_counter()
+        cid = msg.client_id
+        planned = self._planned[cid]
+        if planned.pending is None:
+            step, micro = planned.next
+            raise OutOfOrder(
+                f"client {cid}: no forward awaits a TailGradient; expected "
+                f"SmashedData of step {step} micro {micro}"
+            )
+        step, micro, hidden, out = planned.pending
+        if (msg.step, msg.micro) != (step, micro):
+            raise OutOfOrder(
+                f"expected the TailGradient of step {step} micro {micro}, got "
+                f"step {msg.step} micro {msg.micro}"
+            )
+        if tuple(msg.grad.shape) != tuple(out.shape):
+            raise Malformed(
+                f"grad must be {tuple(out.shape)} like the TailInput, got "
+                f"{tuple(msg.grad.shape)}"
+            )
+        grad = decompress(msg.grad, msg.grad_scale, out.dtype)
+        if not torch.isfinite(grad).all():
+            raise Malformed("grad has non-finite values")
+        # other clients' forwards since this one's switched the active adapter,
+        # and PEFT leaves an inactive adapter's weights requires_grad=False:
+        # autograd would then drop their gradients
+        set_adapter(self.part.model, self._adapter_of(cid))
+        out.backward(grad)
+        planned.pending = None
+        last = micro == self.train.grad_accum - 1
+        if last:
+            optimizer = self._optimizer(cid)
+            assert optimizer is not None  # a split client's plan made it
+            optim.step(optimizer, planned.lrs[step], self.train.max_grad_norm)
+        planned.next = (step + 1, 0) if last else (step, micro + 1)
+        runs.fault("server_step")
+        back = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+        values, scale = compress(back, self.grad_compression)
+        return Gradient(
+            client_id=cid,
+            step=step,
+            micro=micro,
+            loss=0.0,  # the client computed it
+            tokens=0,
+            server_seconds=time.perf_counter() - t0,
+            grad=values,
+            grad_scale=scale,
+        )
+
     def _accumulate(self, cid: int, msg: SmashedData) -> None:
         """Shared adapter: keep each client's micro-batch gradients apart.
 
@@ -512,8 +648,11 @@ class SplitServer:
             set(msg.adapter) - set(expected),
         )
         if missing or extra:
+            held = f"[0, {k})" + (
+                f" and [{self.end}, {L})" if self.tail_layers and k < L else ""
+            )
             raise Malformed(
-                f"client {cid}: adapter keys differ from its layers [0, {k}): "
+                f"client {cid}: adapter keys differ from its layers {held}: "
                 f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
             )
         for key, t in msg.adapter.items():
@@ -538,9 +677,9 @@ class SplitServer:
             )
         state = dict(msg.adapter)
         if self.server_side != SHARED and k < self.num_layers:
-            # this client's server-side copy: exactly its blocks [k, L)
+            # this client's server-side copy: exactly its blocks [k, end)
             server_side = lora.adapter_state(self.part.model, self._name(cid))
-            state.update(lora.select_layers(server_side, self.spec, range(k, L)))
+            state.update(lora.select_layers(server_side, self.spec, range(k, self.end)))
         bad = [key for key, t in state.items() if not torch.isfinite(t).all()]
         if bad:
             raise Malformed(f"client {cid}: non-finite values in {bad[:3]}")
@@ -684,6 +823,8 @@ def _key(msg, round: int) -> tuple:
     """What identifies a request for retries: (kind, round, step, micro)."""
     if isinstance(msg, SmashedData):
         return ("step", round, msg.step, msg.micro)
+    if isinstance(msg, TailGradient):
+        return ("tail", round, msg.step, msg.micro)
     return ("upload", msg.round)
 
 

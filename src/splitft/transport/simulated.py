@@ -30,7 +30,7 @@ from splitft.sim.clock import ClientFailed, Outgoing, RoundTiming, simulate_roun
 from splitft.sim.costs import CostModel
 from splitft.sim.profiles import Device
 from splitft.split.client import ServerRefused, SplitClient
-from splitft.split.messages import SmashedData, decode, encode
+from splitft.split.messages import SmashedData, TailGradient, decode, encode
 from splitft.split.server import SplitServer
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ class ClockedClient:
         for kind, amount in self.client.work:
             if kind == "load":
                 recut += amount * c.load_block_s
+            elif kind == "tail":
+                modelled += c.tail_seconds(self.client.tail_layers, amount)
             else:
                 modelled += share[kind] * c.client_seconds(k, amount)
         s = self.device.slowdown
@@ -141,9 +143,16 @@ class ClockedServer:
             return measured, reply_out
         c = self.costs
         seconds = c.codec_seconds(len(data) + len(out))
-        if isinstance(request, SmashedData):
-            slots = request.hidden.shape[0] * request.hidden.shape[1]
-            seconds += c.server_seconds(self.server.cut_layers[cid], slots)
+        k, tail = self.server.cut_layers[cid], self.server.tail_layers
+        if isinstance(request, (SmashedData, TailGradient)):
+            values = (
+                request.hidden if isinstance(request, SmashedData) else request.grad
+            )
+            work = c.server_seconds(k, values.shape[0] * values.shape[1], tail)
+            if tail:  # U-shaped: the forward on SmashedData, the backward after
+                fs = c.forward_share
+                work *= fs if isinstance(request, SmashedData) else 1 - fs
+            seconds += work
         return seconds / self.speed, reply_out
 
 
