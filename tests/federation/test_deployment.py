@@ -110,14 +110,13 @@ def deploy(
     for cid in range(fed.num_clients):
         threads.append(threading.Thread(target=client, args=(cid,), daemon=True))
         threads[-1].start()
-    original = rounds.setup
+    original = rounds.start
 
-    def setup(c):
-        lengths = original(c)
+    def start():
+        original()
         started.set()
-        return lengths
 
-    rounds.setup = setup
+    rounds.start = start
     summary = coordinator.run(table=False)
     for t in threads:
         t.join(timeout=30)

@@ -16,7 +16,7 @@ from tiny import token_rows
 from splitft import lora
 from splitft.config import ConfigError, TrainConfig, load_config
 from splitft.models.parts import WeightStore, client_part, middle_part, server_part
-from splitft.split.client import ServerRefused, SplitClient
+from splitft.split.client import SplitClient
 from splitft.split.messages import (
     Gradient,
     RoundRequest,
@@ -213,7 +213,7 @@ def test_client_and_server_must_agree_on_the_topology(tiny):
         0, WeightStore(folder), config, SETTINGS, TRAIN, token_rows(), 0
     )
     with pytest.raises(
-        ServerRefused, match="tail_layers=1 split, this client is configured vanilla"
+        ConfigError, match="tail_layers=1 split, this client is configured vanilla"
     ):
         vanilla.run_round(transport, 0)
     L = config.num_hidden_layers

@@ -16,7 +16,7 @@ import torch
 from transformers import PretrainedConfig
 
 from splitft import lora, runs
-from splitft.config import LoraSettings, TrainConfig
+from splitft.config import ConfigError, LoraSettings, TrainConfig
 from splitft.data import collate
 from splitft.models.parts import (
     ModelPart,
@@ -253,7 +253,7 @@ class SplitClient:
             theirs = (
                 f"tail_layers={plan.tail_layers}" if plan.tail_layers else "vanilla"
             )
-            raise ServerRefused(
+            raise ConfigError(  # asking again would not help: stop the client
                 f"the server runs a {theirs} split, this client is configured "
                 f"{mine} (federation.topology and federation.tail_layers must "
                 "match)"
