@@ -228,7 +228,17 @@ def main() -> None:
         "--quick 0,1); 0 is always included as the baseline",
     )
     ap.add_argument("--no-train", action="store_true", help="the attacks only")
+    ap.add_argument("--no-attack", action="store_true", help="the training only")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 on a box shared with "
+        "another job avoids oversubscribing the cores",
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     per_task = args.examples or (25 if args.quick else 100)
     given = [float(s) for s in args.noise.split(",")] if args.noise else None
     scales = sorted({0.0, *(given or (QUICK_NOISE if args.quick else NOISE))})
@@ -237,7 +247,9 @@ def main() -> None:
     prov = provenance()
     t0 = time.perf_counter()
 
-    results = {**prov, "noise": scales, **attack(args, scales, per_task)}
+    results = {**prov, "noise": scales, "rows": [], "examples": {}}
+    if not args.no_attack:
+        results.update(attack(args, scales, per_task))
     results["attack_wall_s"] = time.perf_counter() - t0
     write_json(out / "results.json", results)  # kept if training fails
     training = [] if args.no_train else [train(args, out, s) for s in scales]
@@ -247,14 +259,16 @@ def main() -> None:
     results["wall_s"] = time.perf_counter() - t0
     write_json(out / "results.json", results)
 
-    print(f"\nshare of tokens recovered (victims: {results['victim_tokens']} tokens)")
-    print(f"{'cut':>4} {'noise':>6} {'nearest':>8} {'linear':>8} {'aware':>8}")
+    if results["rows"]:
+        print(f"\nshare of tokens recovered ({results['victim_tokens']} tokens)")
+        print(f"{'cut':>4} {'noise':>6} {'nearest':>8} {'linear':>8} {'aware':>8}")
     for r in results["rows"]:
         print(
             f"{r['cut']:>4} {r['noise']:>6g} {r['nearest']:>8.3f} "
             f"{r['linear']:>8.3f} {r['aware']:>8.3f}"
         )
-    print(f"\nthe client's text:    {results['example_truth']!r}")
+    if results["examples"]:
+        print(f"\nthe client's text:    {results['example_truth']!r}")
     for key, text in results["examples"].items():
         cut, s = key.split("/")
         print(f"cut {cut:>2}, noise {s:<4}: {text!r}  (aware)")
