@@ -28,8 +28,9 @@ The cost side: the demo's federation (configs/demo.yaml, cuts fixed at 8, 6,
 noise scale; final eval loss (of the unsplit global model, no noise at eval),
 next-token, exact-match and multiple-choice accuracy, against noise 0.
 
-About 30 min on 2 CPU cores (``--quick``: fewer examples, noise 0 and 1,
-2 rounds of training; ``--no-train``: the attacks only).
+On 2 CPU cores shared with another job: 27 min for the attacks, 25 for the
+training with ``--threads 1`` (``--quick``: fewer examples, noise 0 and 1,
+2 rounds of training, its attacks 8 min; ``--no-train``: the attacks only).
 """
 
 from __future__ import annotations
