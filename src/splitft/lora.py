@@ -55,11 +55,11 @@ def client_layer_ranks(
     """
     ranks = layer_ranks(range(k), settings, cut=k < num_layers)
     if k < num_layers:
-        ranks.update(layer_ranks(tail_layers(num_layers, tail), settings, cut=False))
+        ranks.update(layer_ranks(tail_range(num_layers, tail), settings, cut=False))
     return ranks
 
 
-def tail_layers(num_layers: int, tail: int) -> range:
+def tail_range(num_layers: int, tail: int) -> range:
     """The blocks a U-shaped client runs after the server (none: ``tail`` 0)."""
     return range(num_layers - tail, num_layers) if tail else range(0)
 

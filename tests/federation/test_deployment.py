@@ -110,13 +110,14 @@ def deploy(
     for cid in range(fed.num_clients):
         threads.append(threading.Thread(target=client, args=(cid,), daemon=True))
         threads[-1].start()
-    original = rounds.start
+    original = rounds.setup
 
-    def start():
-        original()
+    def setup(c):
+        lengths = original(c)
         started.set()
+        return lengths
 
-    rounds.start = start
+    rounds.setup = setup
     summary = coordinator.run(table=False)
     for t in threads:
         t.join(timeout=30)

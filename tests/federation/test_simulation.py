@@ -230,10 +230,8 @@ def test_a_shrinking_memory_budget_moves_the_cut_at_once(assets, tmp_path):
     assert r3["cuts"]["0"] == 1 and not r3["over_budget"]
 
 
-def test_prediction_matches_when_the_model_is_the_clock(tmp_path, assets):
-    """Predicted timing, declared beliefs, rows of one length: the planner's
-    prediction is the round's time up to message headers the linear byte model
-    does not follow exactly."""
+def same_length_data(tmp_path):
+    """Questions whose rows all tokenise to one length."""
     same = tmp_path / "same.jsonl"
     same.write_text(
         "".join(
@@ -243,6 +241,14 @@ def test_prediction_matches_when_the_model_is_the_clock(tmp_path, assets):
             for b in range(1, 5)
         )
     )
+    return same
+
+
+def test_prediction_matches_when_the_model_is_the_clock(tmp_path, assets):
+    """Predicted timing, declared beliefs, rows of one length: the planner's
+    prediction is the round's time up to message headers the linear byte model
+    does not follow exactly."""
+    same = same_length_data(tmp_path)
     cfg = config(
         assets,
         tmp_path,
@@ -335,15 +341,7 @@ U_SHAPED = ("federation.topology=u_shaped", "federation.tail_layers=1")
 def test_u_shaped_prediction_matches_when_the_model_is_the_clock(tmp_path, assets):
     """The cost model prices the extra leg (TailInput down, TailGradient up,
     the client's tail) as the real clients and server run it."""
-    same = tmp_path / "same.jsonl"
-    same.write_text(
-        "".join(
-            json.dumps({"instruction": f"What is {a} plus {b}?", "output": str(a + b)})
-            + "\n"
-            for a in range(1, 5)
-            for b in range(1, 5)
-        )
-    )
+    same = same_length_data(tmp_path)
     cfg = config(
         assets,
         tmp_path,

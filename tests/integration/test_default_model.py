@@ -8,24 +8,22 @@ import torch
 from splitft.config import load_config
 from splitft.federation.simulation import Simulation
 
+# two clients at cuts 3 and 11, one round of one step on two tasks
+ONE_ROUND = [
+    "federation.num_clients=2",
+    "federation.rounds=1",
+    "federation.local_steps=1",
+    "federation.cut_layers=[3, 11]",
+    "data.tasks=[arithmetic/2_digit_addition, date_understanding]",
+    "data.eval_size=4",
+    "data.max_train_per_task=16",
+    "train.batch_size=2",
+]
+
 
 @pytest.mark.integration
 def test_two_clients_different_cuts_one_round(tmp_path):
-    cfg = load_config(
-        None,
-        [
-            f"out_dir={tmp_path}",
-            "name=it",
-            "federation.num_clients=2",
-            "federation.rounds=1",
-            "federation.local_steps=1",
-            "federation.cut_layers=[3, 11]",
-            "data.tasks=[arithmetic/2_digit_addition, date_understanding]",
-            "data.eval_size=4",
-            "data.max_train_per_task=16",
-            "train.batch_size=2",
-        ],
-    )
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=it", *ONE_ROUND])
     summary = Simulation(cfg).run()
     run = tmp_path / "it"
     rounds = [
@@ -225,14 +223,7 @@ def test_a_u_shaped_round_trains_as_the_vanilla_split_on_smollm2(tmp_path):
             [
                 f"out_dir={tmp_path}",
                 f"name={name}",
-                "federation.num_clients=2",
-                "federation.rounds=1",
-                "federation.local_steps=1",
-                "federation.cut_layers=[3, 11]",
-                "data.tasks=[arithmetic/2_digit_addition, date_understanding]",
-                "data.eval_size=4",
-                "data.max_train_per_task=16",
-                "train.batch_size=2",
+                *ONE_ROUND,
                 "train.max_grad_norm=0",
                 "eval.accuracy=false",
                 *extra,

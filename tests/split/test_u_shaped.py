@@ -175,7 +175,8 @@ def test_no_message_of_a_u_shaped_round_carries_labels_or_token_ids(tiny):
     kinds = {type(m).__name__ for m in ushaped.wire}
     assert {"SmashedData", "TailInput", "TailGradient", "Gradient"} <= kinds
     smashed = [m for m in ushaped.wire if isinstance(m, SmashedData)]
-    assert smashed and all(m.labels is None for m in smashed)
+    # nor anything derived from them (step_tokens counts the labelled tokens)
+    assert smashed and all(m.labels is None and m.step_tokens == 0 for m in smashed)
 
 
 def test_the_server_refuses_what_a_u_shaped_split_does_not_allow(tiny):

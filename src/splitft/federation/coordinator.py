@@ -96,11 +96,6 @@ class Rounds(Protocol):
         as known (the planner's expected batch sizes; others get the worst)."""
         ...
 
-    def start(self) -> None:
-        """Take clients' requests from now on: the coordinator is set up (its
-        strategy built, a checkpoint restored)."""
-        ...
-
     def run_round(
         self, planned: RoundConfig, devices: dict[int, Device]
     ) -> RoundResult: ...
@@ -211,7 +206,6 @@ class Coordinator:
         else:
             self._restore(checkpoint)
         runs.write_status(self.run_dir, "running", round=self.start_round)
-        self.runner.start()
 
     def _open_run_dir(self) -> Path | None:
         """Lock the run folder (fresh, or as left for a resume); the checkpoint

@@ -108,11 +108,8 @@ class NetworkRounds:
         self.coordinator = coordinator
         self.server = coordinator.server
         self.device = self.server.device
-        return {}  # the clients' data lengths are theirs: the planner learns them
-
-    def start(self) -> None:
-        """Serve: every request from now on meets a set-up coordinator."""
         self.transport = self._serve(self)
+        return {}  # the clients' data lengths are theirs: the planner learns them
 
     def run_round(
         self, planned: RoundConfig, devices: Mapping[int, Any]
@@ -207,6 +204,13 @@ class NetworkRounds:
 
     def _too_little_memory(self, cid: int, memory: int) -> str:
         """Why a declared memory budget cannot hold the shallowest cut, or ""."""
+        # the port opens before the cost probe so that clients join while it
+        # runs and the first plan knows their budgets: a Join may come first
+        until = time.monotonic() + 120.0  # a Join may come while the server
+        while getattr(self.coordinator, "strategy", None) is None:  # probes costs
+            if time.monotonic() > until:
+                return ""  # the planner will see it; it names the client
+            time.sleep(0.05)
         k_min = self.coordinator.cfg.federation.k_min
         need = self.coordinator.strategy.estimator.world.memory(cid, k_min)
         if memory >= need:

@@ -90,9 +90,6 @@ class SimulatedRounds:
         recut = {cid: p.recut for cid, p in processes.items()}
         return RoundResult(timing, steps, recut)
 
-    def start(self) -> None:
-        pass  # the clients are in this process: nothing to serve
-
     def declared(self, devices):
         return devices  # the simulated devices are what they are
 

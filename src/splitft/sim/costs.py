@@ -80,13 +80,13 @@ class CostModel:
     # ------------------------------------------------------------ compute
     # ``tail``: a U-shaped split's tail_layers (0: vanilla), whose blocks, final
     # norm, head and loss run on the client after the server
-    def client_seconds(self, k: int, slots: float, tail: int = 0) -> float:
-        """Client compute of one micro-batch at cut ``k`` (k = L: everything)."""
+    def client_seconds(self, k: int, slots: float) -> float:
+        """Client compute of one micro-batch at cut ``k`` (k = L: everything),
+        without a U-shaped tail (:meth:`tail_seconds`)."""
         if k >= self.num_layers:
             per_slot = self.embed_s + self.num_layers * self.block_s
             return slots * (per_slot + self.head_s)
-        front = slots * (self.embed_s + k * self.block_s)
-        return front + self.tail_seconds(tail, slots)
+        return slots * (self.embed_s + k * self.block_s)
 
     def tail_seconds(self, tail: int, slots: float) -> float:
         """A U-shaped client's tail, forward and backward (0 without one)."""
@@ -468,7 +468,7 @@ class _ModelledClient:
         """
         c, w, f, tail = world.costs, world.workload, world.compute[cid], world.tail
         slots = w.slots[cid]
-        micro_s = f * c.client_seconds(k, slots)  # without a U-shaped tail
+        micro_s = f * c.client_seconds(k, slots)
         adapters = c.adapter_bytes(k, tail)
         smashed, gradient = c.smashed_bytes(slots, tail), c.gradient_bytes(slots)
         tail_s, tail_in = f * c.tail_seconds(tail, slots), c.tail_input_bytes(slots)

@@ -197,12 +197,13 @@ class SplitClient:
         t0, old = time.perf_counter(), self.cut_layer
         self.part = client_part(self.store, self.config, k)
         L = self.config.num_hidden_layers
-        ranks = lora.layer_ranks(range(k), self.lora, cut=k < L)
-        lora.inject(self.part.model, self.part.spec, self.lora, ranks)
+        ranks = lora.client_layer_ranks(k, L, self.lora, self.tail_layers)
+        front = {i: r for i, r in ranks.items() if i < k}
+        lora.inject(self.part.model, self.part.spec, self.lora, front)
         if self.tail_layers and self.tail is None and k < L:
             self.tail = server_part(self.store, self.config, L - self.tail_layers)
-            ranks = lora.layer_ranks(self.tail.layers, self.lora, cut=False)
-            lora.inject(self.tail.model, self.tail.spec, self.lora, ranks)
+            back = {i: r for i, r in ranks.items() if i in self.tail.layers}
+            lora.inject(self.tail.model, self.tail.spec, self.lora, back)
         if old is None:
             self.startup_s += time.perf_counter() - t0
         else:
@@ -344,12 +345,21 @@ class SplitClient:
             hidden=values,
             attention_mask=mask,
             position_ids=pos,
+            # U-shaped: nothing label-derived, not even how many there are
             labels=None if self.tail_layers else batch["labels"],
-            step_tokens=step_tokens,
+            step_tokens=0 if self.tail_layers else step_tokens,
             hidden_scale=scale,
         )
         if self.tail_layers:  # the head and the loss are here: one more leg
             middle = _expect(reply, TailInput)
+            if (middle.step, middle.micro) != (step, micro) or tuple(
+                middle.hidden.shape
+            ) != tuple(hidden.shape):
+                raise ServerRefused(
+                    f"expected the TailInput of step {step} micro {micro} shaped "
+                    f"{tuple(hidden.shape)}, got step {middle.step} micro "
+                    f"{middle.micro} shaped {tuple(middle.hidden.shape)}"
+                )
             server_s += middle.server_seconds
             t0 = time.perf_counter()
             n, hits, loss, tail_grad = self._tail_micro(
@@ -383,7 +393,9 @@ class SplitClient:
             h, batch["attention_mask"], batch["position_ids"], labels
         )
         n, hits = count_correct(out.logits.detach(), labels)
-        if n == 0 or not torch.isfinite(out.loss):  # as the server would: drop it
+        # no labelled token, or a non-finite loss: the micro-batch adds nothing
+        # (a zero gradient, which the server does not backpropagate)
+        if n == 0 or not torch.isfinite(out.loss):
             return 0, 0, 0.0, torch.zeros_like(h)
         # token-weighted over the step, as the server weighs a vanilla step
         share = n / step_tokens if step_tokens > 0 else 1 / num_micro

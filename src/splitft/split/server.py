@@ -585,7 +585,8 @@ class SplitServer:
         # and PEFT leaves an inactive adapter's weights requires_grad=False:
         # autograd would then drop their gradients
         set_adapter(self.part.model, self._adapter_of(cid))
-        out.backward(grad)
+        if grad.any():  # a micro-batch without loss: no gradient, as in vanilla
+            out.backward(grad)
         planned.pending = None
         last = micro == self.train.grad_accum - 1
         if last:
