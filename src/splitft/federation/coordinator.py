@@ -547,6 +547,17 @@ def tail_layers(fed) -> int:
     return fed.tail_layers if fed.topology == "u_shaped" else 0
 
 
+def client_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The run's settings a :class:`SplitClient` takes, simulated or deployed."""
+    return dict(
+        seed=cfg.seed,
+        compression=cfg.transport.compression,
+        grad_compression=cfg.transport.grad_compression,
+        noise=cfg.privacy.noise,
+        tail_layers=tail_layers(cfg.federation),
+    )
+
+
 def _check_cuts(fed, k_max: int, L: int, tail: int = 0) -> None:
     """Cuts against the model's layer count, which the config does not know."""
     if tail:
@@ -556,12 +567,10 @@ def _check_cuts(fed, k_max: int, L: int, tail: int = 0) -> None:
                 f"for this {L}-layer model (the client's first block and one on "
                 "the server come before the tail)"
             )
-        top, why = (
-            L - 1 - tail,
-            (
-                f"{L - 1 - tail} = L - 1 - federation.tail_layers: a U-shaped split "
-                "leaves the server at least one block"
-            ),
+        top = L - 1 - tail
+        why = (
+            f"{top} = L - 1 - federation.tail_layers: a U-shaped split leaves "
+            "the server at least one block"
         )
     else:
         top, why = L, f"{L} = the whole model on the client"

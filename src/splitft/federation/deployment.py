@@ -34,8 +34,8 @@ from splitft.data.format import pad_token_id
 from splitft.federation.coordinator import (
     Coordinator,
     check_context,
+    client_settings,
     resolve_device,
-    tail_layers,
 )
 from splitft.federation.simulation import client_rows
 from splitft.federation.strategy import RoundConfig, RoundResult
@@ -469,12 +469,8 @@ def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
         cfg.train,
         client_rows(cfg, partition),
         pad_token_id(tokenizer),
-        seed=cfg.seed,
         num_samples=len(partition),
-        compression=cfg.transport.compression,
-        noise=cfg.privacy.noise,
-        tail_layers=tail_layers(cfg.federation),
-        grad_compression=cfg.transport.grad_compression,
+        **client_settings(cfg),
     )
     return client, model_config
 

@@ -16,9 +16,9 @@ from splitft.federation.coordinator import (
     TOKENS,
     Coordinator,
     check_context,
+    client_settings,
     expected_slots,
     resolve_device,
-    tail_layers,
 )
 from splitft.federation.strategy import RoundConfig, RoundResult
 from splitft.sim.clock import simulate_round
@@ -59,12 +59,8 @@ class SimulatedRounds:
                 cfg.train,
                 rows[cid],
                 c.pad_id,
-                seed=cfg.seed,
                 num_samples=len(partitions[cid]),
-                compression=cfg.transport.compression,
-                noise=cfg.privacy.noise,
-                tail_layers=tail_layers(cfg.federation),
-                grad_compression=cfg.transport.grad_compression,
+                **client_settings(cfg),
             )
             for cid in rows
         }

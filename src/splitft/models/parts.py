@@ -327,6 +327,13 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]
     return int(mask.sum()), int(hits.sum())
 
 
+def loss_share(tokens: int, step_tokens: int, num_micro: int) -> float:
+    """What a micro-batch's mean loss weighs in its step: its share of the
+    step's labelled tokens, as unsplit training on the whole batch weighs it
+    (``step_tokens`` 0: each micro-batch equally)."""
+    return tokens / step_tokens if step_tokens > 0 else 1 / num_micro
+
+
 def server_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPart:
     """Blocks ``[k, L)``, final norm and LM head."""
     L = config.num_hidden_layers

@@ -99,6 +99,17 @@ class CostModel:
         head = 0.0 if tail else self.head_s
         return slots * ((self.num_layers - tail - k) * self.block_s + head)
 
+    def server_leg_seconds(self, leg: str, k: int, slots: float, tail: int) -> float:
+        """Server compute on one request of a micro-batch: a vanilla split
+        does all of it on the smashed data (``leg`` "smashed"); a U-shaped one
+        its forward there and its backward on the tail's gradient ("tail")."""
+        work = self.server_seconds(k, slots, tail)
+        if not tail:
+            return work if leg == "smashed" else 0.0
+        return work * (
+            self.forward_share if leg == "smashed" else 1 - self.forward_share
+        )
+
     def client_memory(self, k: int, slots: float, tail: int = 0) -> float:
         """Bytes of a client part at cut ``k`` training on ``slots`` token
         slots. A U-shaped tail adds its blocks and the head (for a tied model
@@ -521,17 +532,15 @@ def modelled_serve(world: World):
             nbytes = c.adapter_bytes(k, tail)
             seconds = c.codec_seconds(c.message_bytes + nbytes)
             return g * seconds, Outgoing(None, nbytes, ADAPTERS)
-        work = c.server_seconds(k, slots, tail)
-        if kind == "smashed" and tail:  # U-shaped: the forward, then the tail's turn
-            nbytes = c.tail_input_bytes(slots)
-            wire = c.codec_seconds(c.smashed_bytes(slots, tail) + nbytes)
-            seconds = c.forward_share * work + wire
-            return g * seconds, Outgoing(None, nbytes, SMASHED)
         if kind in ("smashed", "tail"):
+            work = c.server_leg_seconds(kind, k, slots, tail)
+            if kind == "smashed" and tail:  # U-shaped: the forward, then the tail's
+                nbytes = c.tail_input_bytes(slots)
+                wire = c.codec_seconds(c.smashed_bytes(slots, tail) + nbytes)
+                return g * (work + wire), Outgoing(None, nbytes, SMASHED)
             nbytes = c.gradient_bytes(slots)
             received = c.smashed_bytes(slots) if kind == "smashed" else nbytes
-            share = 1.0 if kind == "smashed" else 1 - c.forward_share
-            seconds = share * work + c.codec_seconds(received + nbytes)
+            seconds = work + c.codec_seconds(received + nbytes)
             return g * seconds, Outgoing(None, nbytes, GRADIENTS)
         seconds = c.codec_seconds(c.adapter_bytes(k, tail) + c.message_bytes)
         return g * seconds, Outgoing(None, c.message_bytes, CONTROL)

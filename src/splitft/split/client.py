@@ -23,6 +23,7 @@ from splitft.models.parts import (
     WeightStore,
     client_part,
     count_correct,
+    loss_share,
     server_part,
 )
 from splitft.split import optim
@@ -386,8 +387,8 @@ class SplitClient:
         """U-shaped: the tail's forward and backward on the server's output;
         (tokens, correct, loss, d loss / d the tail's input)."""
         device, labels = self.store.device, batch["labels"]
-        dtype = next(self.tail.model.parameters()).dtype
-        h = decompress(middle.hidden, middle.hidden_scale, dtype).to(device)
+        h = decompress(middle.hidden, middle.hidden_scale, self.store.dtype)
+        h = h.to(device)
         h = h.detach().requires_grad_(True)  # (B, T, H)
         out = self.tail.server_forward(
             h, batch["attention_mask"], batch["position_ids"], labels
@@ -397,9 +398,7 @@ class SplitClient:
         # (a zero gradient, which the server does not backpropagate)
         if n == 0 or not torch.isfinite(out.loss):
             return 0, 0, 0.0, torch.zeros_like(h)
-        # token-weighted over the step, as the server weighs a vanilla step
-        share = n / step_tokens if step_tokens > 0 else 1 / num_micro
-        (out.loss * share).backward()
+        (out.loss * loss_share(n, step_tokens, num_micro)).backward()
         return n, hits, float(out.loss.detach()), h.grad
 
     def _local_micro(

@@ -37,6 +37,7 @@ from splitft.models.arch import spec_for
 from splitft.models.parts import (
     WeightStore,
     count_correct,
+    loss_share,
     middle_part,
     server_part,
 )
@@ -481,43 +482,50 @@ class SplitServer:
         if not torch.isfinite(msg.hidden).all():
             raise Malformed("hidden has non-finite values")
 
+    def _received(self, msg: SmashedData) -> torch.Tensor:
+        """Check a micro-batch, switch to its client's adapter and return its
+        smashed data as a leaf ``(B, T, H)`` in the server's precision (a
+        client may compute in another)."""
+        self._check_smashed(msg)
+        set_adapter(self.part.model, self._adapter_of(msg.client_id))
+        self.part.model.train()
+        hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
+        return hidden.detach().requires_grad_(True)
+
+    def _stepped(self, cid: int, step: int, micro: int, hidden: torch.Tensor):
+        """After a micro-batch's backward: the optimizer step after the step's
+        last micro-batch, the (step, micro) the client sends next, and the
+        gradient of its smashed data as the reply carries it (in the server's
+        precision unless compressed; the client casts it to its own)."""
+        planned = self._planned[cid]
+        last = micro == self.train.grad_accum - 1  # = num_micro (_check_smashed)
+        if last:
+            optimizer = self._optimizer(cid)
+            assert optimizer is not None  # a split client's plan made it
+            optim.step(optimizer, planned.lrs[step], self.train.max_grad_norm)
+            if self.server_side == SHARED:
+                self._served[cid] = planned.cut
+        planned.next = (step + 1, 0) if last else (step, micro + 1)
+        runs.fault("server_step")
+        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+        return compress(grad, self.grad_compression)
+
     def _forward(self, msg: SmashedData) -> Gradient:
         t0 = time.perf_counter()
-        self._check_smashed(msg)
+        hidden = self._received(msg)  # (B, T, H)
         cid = msg.client_id
-        k = self._planned[cid].cut
-        set_adapter(self.part.model, self._adapter_of(cid))
-        self.part.model.train()
-        dtype = self.store.dtype  # a client may compute in another precision
-        hidden = decompress(msg.hidden, msg.hidden_scale, dtype)
-        hidden = hidden.detach().requires_grad_(True)  # (B, T, H)
-        with self.part.cut_at(k):
+        with self.part.cut_at(self._planned[cid].cut):
             out = self.part.server_forward(
                 hidden, msg.attention_mask, msg.position_ids, msg.labels
             )
         tokens, correct = count_correct(out.logits.detach(), msg.labels)
-        # Token-weighted over the step, as unsplit training on the whole batch:
-        # this micro-batch's mean loss counts by its share of the step's tokens.
-        share = tokens / msg.step_tokens if msg.step_tokens > 0 else 1 / msg.num_micro
         if tokens > 0:
             if not torch.isfinite(out.loss):
                 raise Malformed("the loss is not finite; step dropped")
+            share = loss_share(tokens, msg.step_tokens, msg.num_micro)
             (out.loss * share).backward()
         self._accumulate(cid, msg)
-        if msg.micro == msg.num_micro - 1:
-            lr = self._planned[cid].lrs[msg.step]
-            optimizer = self._optimizer(cid)
-            assert optimizer is not None  # a split client's plan made it
-            optim.step(optimizer, lr, self.train.max_grad_norm)
-            if self.server_side == SHARED:
-                self._served[cid] = k
-        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
-        planned = self._planned[cid]
-        last = msg.micro == msg.num_micro - 1
-        planned.next = (msg.step + 1, 0) if last else (msg.step, msg.micro + 1)
-        runs.fault("server_step")
-        # in the server's precision unless compressed; the client casts it to its own
-        values, scale = compress(grad, self.grad_compression)
+        values, scale = self._stepped(cid, msg.step, msg.micro, hidden)
         return Gradient(
             client_id=cid,
             step=msg.step,
@@ -534,19 +542,14 @@ class SplitServer:
         """U-shaped, first leg: blocks [k, L - tail_layers) forward; the graph
         waits for the client's :class:`TailGradient`."""
         t0 = time.perf_counter()
-        self._check_smashed(msg)
-        cid = msg.client_id
-        planned = self._planned[cid]
-        set_adapter(self.part.model, self._adapter_of(cid))
-        self.part.model.train()
-        hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
-        hidden = hidden.detach().requires_grad_(True)  # (B, T, H)
+        hidden = self._received(msg)  # (B, T, H)
+        planned = self._planned[msg.client_id]
         with self.part.cut_at(planned.cut):
             out = self.part.middle_forward(hidden, msg.attention_mask, msg.position_ids)
         planned.pending = (msg.step, msg.micro, hidden, out)
         values, scale = compress(out.detach(), self.compression)
         return TailInput(
-            client_id=cid,
+            client_id=msg.client_id,
             step=msg.step,
             micro=msg.micro,
             server_seconds=time.perf_counter() - t0,
@@ -556,8 +559,7 @@ class SplitServer:
 
     def _backward(self, msg: TailGradient) -> Gradient:
         """U-shaped, second leg: the client's gradient back through blocks
-        [k, L - tail_layers); the optimizer steps after a step's last
-        micro-batch; the reply is the gradient at the first cut."""
+        [k, L - tail_layers); the reply is the gradient at the first cut."""
         t0 = time.perf_counter()
         cid = msg.client_id
         planned = self._planned[cid]
@@ -588,15 +590,7 @@ class SplitServer:
         if grad.any():  # a micro-batch without loss: no gradient, as in vanilla
             out.backward(grad)
         planned.pending = None
-        last = micro == self.train.grad_accum - 1
-        if last:
-            optimizer = self._optimizer(cid)
-            assert optimizer is not None  # a split client's plan made it
-            optim.step(optimizer, planned.lrs[step], self.train.max_grad_norm)
-        planned.next = (step + 1, 0) if last else (step, micro + 1)
-        runs.fault("server_step")
-        back = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
-        values, scale = compress(back, self.grad_compression)
+        values, scale = self._stepped(cid, step, micro, hidden)
         return Gradient(
             client_id=cid,
             step=step,

@@ -143,16 +143,15 @@ class ClockedServer:
             return measured, reply_out
         c = self.costs
         seconds = c.codec_seconds(len(data) + len(out))
-        k, tail = self.server.cut_layers[cid], self.server.tail_layers
         if isinstance(request, (SmashedData, TailGradient)):
-            values = (
-                request.hidden if isinstance(request, SmashedData) else request.grad
+            smashed = isinstance(request, SmashedData)
+            values = request.hidden if smashed else request.grad
+            seconds += c.server_leg_seconds(
+                "smashed" if smashed else "tail",
+                self.server.cut_layers[cid],
+                values.shape[0] * values.shape[1],
+                self.server.tail_layers,
             )
-            work = c.server_seconds(k, values.shape[0] * values.shape[1], tail)
-            if tail:  # U-shaped: the forward on SmashedData, the backward after
-                fs = c.forward_share
-                work *= fs if isinstance(request, SmashedData) else 1 - fs
-            seconds += work
         return seconds / self.speed, reply_out
 
 
