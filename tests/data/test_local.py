@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ from tiny import COLUMNS
 from transformers import PreTrainedTokenizerFast
 
 from splitft.config import ConfigError
-from splitft.data import Conversation, Example, build_datasets, load_local
+from splitft.data import Conversation, Example, build_datasets, load_local, local
 from splitft.data.local import detect_format
 
 ALPACA = [
@@ -91,6 +92,23 @@ def test_alpaca_in_every_file_type(tmp_path, suffix):
 def test_chat_in_every_file_type(tmp_path, suffix):
     records = load(write(tmp_path / f"talk{suffix}", CHAT))
     assert records == [Conversation("talk", tuple(row["messages"])) for row in CHAT]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_loads_where_datasets_has_no_json_type(tmp_path, monkeypatch, suffix):
+    """datasets < 4.7 has no ``datasets.Json`` (issue 18): loading must not need it.
+
+    With the type gone, any use of ``datasets.Json`` raises AttributeError.
+    """
+    monkeypatch.delattr(datasets, "Json", raising=False)
+    monkeypatch.setattr(local, "_JSON_FEATURE", None)  # as imported from such a release
+    sums = load(write(tmp_path / f"sums{suffix}", ALPACA))
+    assert [(r.prompt, r.answer) for r in sums][::2] == [
+        ("Add the numbers.\n\n12 and 7", "19"),
+        ("Name a prime.", "007"),
+    ]
+    talk = load(write(tmp_path / f"talk{suffix}", CHAT))
+    assert talk == [Conversation("talk", tuple(row["messages"])) for row in CHAT]
 
 
 def test_chat_keeps_only_role_and_content(tmp_path):

@@ -251,8 +251,14 @@ def _not_utf8(path: Path) -> ConfigError:
     return ConfigError(f"{path}: not UTF-8 text")
 
 
+# datasets >= 4.7 reads a column of mixed types as a Json feature; older
+# releases have no such type and fail to read the file instead, which takes the
+# exact standard-library path too. So look the type up rather than assume it.
+_JSON_FEATURE: type | None = getattr(datasets, "Json", None)
+
+
 def _has_json_feature(feature: Any) -> bool:
-    if isinstance(feature, datasets.Json):
+    if _JSON_FEATURE is not None and isinstance(feature, _JSON_FEATURE):
         return True
     if isinstance(feature, dict):
         return any(_has_json_feature(f) for f in feature.values())
