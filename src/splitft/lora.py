@@ -80,18 +80,20 @@ def client_key_ranks(
 
 
 def peft_config(
-    spec: ArchSpec, settings: LoraSettings, ranks: Mapping[int, int]
+    spec: ArchSpec, settings: LoraSettings, ranks: Mapping[int, int] | None = None
 ) -> peft.LoraConfig:
-    """A PEFT config adapting exactly the layers in ``ranks`` at those ranks."""
-    odd = {i: rk for i, rk in ranks.items() if rk != settings.r}
+    """A PEFT config adapting exactly the layers in ``ranks`` at those ranks, or
+    every layer at rank ``settings.r`` when ``ranks`` is None."""
+    odd = {i: rk for i, rk in (ranks or {}).items() if rk != settings.r}
     pattern = {rf"{spec.blocks}\.{i}\..*": rk for i, rk in odd.items()}
     return peft.LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=target_modules(spec, settings),
-        layers_to_transform=sorted(ranks),
-        layers_pattern=spec.blocks,
+        # PEFT 0.18 refuses a layers_pattern with no layers to transform
+        layers_to_transform=None if ranks is None else sorted(ranks),
+        layers_pattern=None if ranks is None else spec.blocks,
         rank_pattern=pattern,
         alpha_pattern={
             p: settings.alpha * rk / settings.r for p, rk in pattern.items()
@@ -208,8 +210,7 @@ def export_peft(
     spec = spec_for(config.model_type)
     folder.mkdir(parents=True, exist_ok=True)
     # one rank everywhere: the global adapter holds every layer at rank r
-    cfg = peft_config(spec, settings, {})
-    cfg.layers_to_transform = cfg.layers_pattern = None
+    cfg = peft_config(spec, settings)
     cfg.task_type, cfg.base_model_name_or_path = "CAUSAL_LM", base_model
     cfg.save_pretrained(str(folder))
     tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
