@@ -2,6 +2,8 @@ import pytest
 import torch
 from tiny import batch
 
+from splitft import lora
+from splitft.config import LoraSettings
 from splitft.models.arch import UnsupportedArchitecture, spec_for
 from splitft.models.parts import WeightStore, client_part, server_part
 
@@ -65,3 +67,87 @@ def test_server_cut_view_skips_lower_blocks(tiny):
 def test_unsupported_architecture_lists_supported():
     with pytest.raises(UnsupportedArchitecture, match="gpt2, llama, mistral, qwen2"):
         spec_for("bert")
+
+
+def _labels(b: dict, which: str) -> torch.Tensor:
+    """The batch's labels: as made (prompt and padding masked), every real
+    token, only one, or none."""
+    labels = b["labels"].clone()
+    if which == "all":
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    elif which == "one":
+        labels.fill_(-100)
+        labels[0, 5] = b["input_ids"][0, 5]
+    elif which == "none":
+        labels.fill_(-100)
+    return labels
+
+
+def _lora_server(store, config, k):
+    """A server part with LoRA whose B is not zero (so A has gradients too)."""
+    server = server_part(store, config, k)
+    settings = LoraSettings(r=4, cut_rank=2, alpha=8.0)
+    ranks = lora.layer_ranks(range(k, config.num_hidden_layers), settings, False)
+    lora.inject(server.model, server.spec, settings, ranks)
+    g = torch.Generator().manual_seed(3)
+    params = lora.adapter_params(server.model)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return server, params
+
+
+@pytest.mark.parametrize("which", ["as_made", "all", "one", "none"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_train_loss_equals_the_full_head(tiny, k, which):
+    """The head and loss at the labelled positions only (issue 19) give the HF
+    loss, the same LoRA and smashed-data gradients and the same accuracy."""
+    _, folder, config, _ = tiny
+    store = WeightStore(folder)
+    b = batch()
+    labels = _labels(b, which)
+    with torch.no_grad():
+        h = client_part(store, config, k).client_forward(
+            b["input_ids"], b["attention_mask"], b["position_ids"]
+        )
+    server, params = _lora_server(store, config, k)
+    server.model.train()
+
+    def grads(run):
+        hidden = h.clone().requires_grad_(True)
+        loss, tokens, correct = run(hidden)
+        if loss is not None:
+            loss.backward()
+        out = [hidden.grad] + [p.grad for p in params]
+        out = [torch.zeros(1) if g is None else g.clone() for g in out]
+        for p in params:
+            p.grad = None
+        return loss, tokens, correct, out
+
+    def full(hidden):
+        out = server.server_forward(
+            hidden, b["attention_mask"], b["position_ids"], labels
+        )
+        target = labels[:, 1:]
+        mask = target != -100
+        hits = (out.logits[:, :-1].argmax(-1) == target) & mask
+        n = int(mask.sum())
+        return (out.loss if n else None), n, int(hits.sum())
+
+    def at_labels(hidden):
+        out = server.train_loss(
+            labels, b["attention_mask"], b["position_ids"], hidden=hidden
+        )
+        return out.loss, out.tokens, out.correct
+
+    ref_loss, ref_n, ref_hits, ref_grads = grads(full)
+    loss, n, hits, got = grads(at_labels)
+    assert (n, hits) == (ref_n, ref_hits)
+    assert n == {"none": 0, "one": 1}.get(which, n)
+    if which == "none":
+        assert loss is None
+    else:
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    assert len(got) == len(ref_grads) > 1
+    for g, ref in zip(got, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=0)

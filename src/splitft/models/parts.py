@@ -14,10 +14,12 @@ import contextlib
 import copy
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
@@ -161,6 +163,22 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
         ) from None
 
 
+@dataclass
+class TrainLoss:
+    """What a training forward through the head gives.
+
+    Attributes:
+        loss: the mean cross-entropy over the labelled tokens (the HF loss),
+            None when no token is labelled.
+        tokens: how many tokens are labelled.
+        correct: how many of them the head's argmax predicts.
+    """
+
+    loss: torch.Tensor | None
+    tokens: int
+    correct: int
+
+
 class ModelPart:
     """One side of the cut: the HF model with only this side's pieces real.
 
@@ -284,6 +302,38 @@ class ModelPart:
         )
         return out.last_hidden_state
 
+    def train_loss(
+        self,
+        labels: torch.Tensor,  # (B, T), -100 where there is no loss
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        *,
+        hidden: torch.Tensor | None = None,  # (B, T, H) at this part's first block
+        input_ids: torch.Tensor | None = None,  # (B, T), a part with embeddings
+    ) -> TrainLoss:
+        """The held blocks and the final norm at every position, then the head
+        and the cross-entropy at the labelled positions only.
+
+        Position t predicts the label at t + 1, as in the HF loss; only the
+        positions whose next label is not -100 reach the head, so the
+        ``(B, T, V)`` logits of the full head are never made. The loss, its
+        gradients and the accuracy are those of the HF model's own loss.
+        """
+        inputs = (
+            {"input_ids": input_ids} if hidden is None else {"inputs_embeds": hidden}
+        )
+        final = self._blocks_out(attention_mask, position_ids, **inputs)  # (B, T, H)
+        target = labels[:, 1:]  # (B, T-1)
+        keep = target != -100
+        tokens = int(keep.sum())
+        if tokens == 0:
+            return TrainLoss(None, 0, 0)
+        head = getattr(self.model, self.spec.head)
+        logits = head(final[:, :-1][keep]).float()  # (N, V), N = tokens
+        wanted = target[keep]  # (N,)
+        correct = int((logits.detach().argmax(-1) == wanted).sum())
+        return TrainLoss(F.cross_entropy(logits, wanted), tokens, correct)
+
     def server_forward(
         self,
         hidden: torch.Tensor,  # (B, T, H) smashed data
@@ -291,7 +341,9 @@ class ModelPart:
         position_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
     ):
-        """Remaining blocks, final norm and head; the HF loss when labels given."""
+        """Remaining blocks, final norm and head at every position (the logits
+        ``(B, T, V)``); the HF loss when labels are given. Training uses
+        :meth:`train_loss`, which runs the head only where labels are."""
         return self.model(
             inputs_embeds=hidden,
             attention_mask=attention_mask,
@@ -312,19 +364,6 @@ def client_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPa
     """
     L = config.num_hidden_layers
     return ModelPart(store, config, range(0, k), embed=True, head=k == L)
-
-
-def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """Labelled tokens and how many the logits predict, shifted as the loss is.
-
-    Args:
-        logits: ``(B, T, V)``; position t predicts the label at t + 1.
-        labels: ``(B, T)``, -100 where there is no loss.
-    """
-    target = labels[:, 1:]  # (B, T-1)
-    mask = target != -100
-    hits = (logits[:, :-1].argmax(-1) == target) & mask
-    return int(mask.sum()), int(hits.sum())
 
 
 def loss_share(tokens: int, step_tokens: int, num_micro: int) -> float:

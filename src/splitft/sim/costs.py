@@ -279,8 +279,8 @@ def _server_sizes(server: SplitServer, smashed: SmashedData) -> dict[str, float]
     part = server.part
     hidden = smashed.hidden.detach().requires_grad_(True)
     with _SavedBytes(part.model) as saved:
-        part.server_forward(
-            hidden, smashed.attention_mask, smashed.position_ids, smashed.labels
+        part.train_loss(
+            smashed.labels, smashed.attention_mask, smashed.position_ids, hidden=hidden
         )
     return dict(saved=saved.total, params=_param_bytes(part.model))
 

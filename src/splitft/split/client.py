@@ -22,7 +22,6 @@ from splitft.models.parts import (
     ModelPart,
     WeightStore,
     client_part,
-    count_correct,
     loss_share,
     server_part,
 )
@@ -390,33 +389,30 @@ class SplitClient:
         h = decompress(middle.hidden, middle.hidden_scale, self.store.dtype)
         h = h.to(device)
         h = h.detach().requires_grad_(True)  # (B, T, H)
-        out = self.tail.server_forward(
-            h, batch["attention_mask"], batch["position_ids"], labels
+        out = self.tail.train_loss(
+            labels, batch["attention_mask"], batch["position_ids"], hidden=h
         )
-        n, hits = count_correct(out.logits.detach(), labels)
         # no labelled token, or a non-finite loss: the micro-batch adds nothing
         # (a zero gradient, which the server does not backpropagate)
-        if n == 0 or not torch.isfinite(out.loss):
+        if out.loss is None or not torch.isfinite(out.loss):
             return 0, 0, 0.0, torch.zeros_like(h)
-        (out.loss * loss_share(n, step_tokens, num_micro)).backward()
-        return n, hits, float(out.loss.detach()), h.grad
+        (out.loss * loss_share(out.tokens, step_tokens, num_micro)).backward()
+        return out.tokens, out.correct, float(out.loss.detach()), h.grad
 
     def _local_micro(
         self, batch: dict[str, torch.Tensor], step_tokens: int
     ) -> tuple[int, int, float]:
         """Forward and backward of the whole model here: (tokens, correct, loss)."""
-        out = self.part.model(
+        out = self.part.train_loss(
+            batch["labels"],
+            batch["attention_mask"],
+            batch["position_ids"],
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            labels=batch["labels"],
-            use_cache=False,
         )
-        n, hits = count_correct(out.logits.detach(), batch["labels"])
-        if n == 0 or not torch.isfinite(out.loss):  # as the server: drop it
+        if out.loss is None or not torch.isfinite(out.loss):  # as the server
             return 0, 0, 0.0
-        (out.loss * (n / max(step_tokens, 1))).backward()
-        return n, hits, float(out.loss.detach())
+        (out.loss * (out.tokens / max(step_tokens, 1))).backward()
+        return out.tokens, out.correct, float(out.loss.detach())
 
     def _finish(self, round: int, steps: Sequence[dict] = ()) -> Protocol:
         """Upload the client-side adapters for aggregation, with the steps'

@@ -36,7 +36,6 @@ from splitft.federation.aggregate import (
 from splitft.models.arch import spec_for
 from splitft.models.parts import (
     WeightStore,
-    count_correct,
     loss_share,
     middle_part,
     server_part,
@@ -515,11 +514,11 @@ class SplitServer:
         hidden = self._received(msg)  # (B, T, H)
         cid = msg.client_id
         with self.part.cut_at(self._planned[cid].cut):
-            out = self.part.server_forward(
-                hidden, msg.attention_mask, msg.position_ids, msg.labels
+            out = self.part.train_loss(
+                msg.labels, msg.attention_mask, msg.position_ids, hidden=hidden
             )
-        tokens, correct = count_correct(out.logits.detach(), msg.labels)
-        if tokens > 0:
+        tokens, correct = out.tokens, out.correct
+        if out.loss is not None:
             if not torch.isfinite(out.loss):
                 raise Malformed("the loss is not finite; step dropped")
             share = loss_share(tokens, msg.step_tokens, msg.num_micro)
@@ -530,7 +529,7 @@ class SplitServer:
             client_id=cid,
             step=msg.step,
             micro=msg.micro,
-            loss=float(out.loss.detach()) if tokens > 0 else 0.0,
+            loss=float(out.loss.detach()) if out.loss is not None else 0.0,
             tokens=tokens,
             server_seconds=time.perf_counter() - t0,
             grad=values,
