@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 from splitft import runs
 from splitft.config import DEFAULT_TASKS, LoraSettings, RunConfig, cache_dir, from_dict
 from splitft.data import build_datasets
+from splitft.federation.coordinator import TOKENS, row_size
 from splitft.federation.simulation import Simulation
 from splitft.models.default import default_model_dir
 from splitft.models.parts import WeightStore, load_model_config
@@ -38,10 +39,10 @@ def config(tree: dict) -> RunConfig:
     return from_dict(RunConfig, tree)
 
 
-def train_lengths(
+def train_rows(
     max_length: int, eval_size: int, train_per_task: int, seed: int = 0
-) -> list[int]:
-    """Token lengths of the default data's training examples."""
+) -> list[dict]:
+    """The default data's training examples, encoded (``input_ids``, ``labels``)."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     train, _ = build_datasets(
         DEFAULT_TASKS,
@@ -52,24 +53,32 @@ def train_lengths(
         seed,
         train_per_task,
     )
-    return list(train["length"])
+    return train.select_columns(TOKENS).to_list()
+
+
+def train_sizes(
+    max_length: int, eval_size: int, train_per_task: int, seed: int = 0
+) -> list[tuple[int, int]]:
+    """(tokens, labelled tokens) of each of the default data's training examples."""
+    rows = train_rows(max_length, eval_size, train_per_task, seed)
+    return [row_size(row) for row in rows]
 
 
 def probe_default(
     batch_size: int, max_length: int, eval_size: int, train_per_task: int, seed: int = 0
-) -> tuple[CostModel, list[int]]:
+) -> tuple[CostModel, list[tuple[int, int]]]:
     """Probe the default model at the default data's mean length, once for a
     whole benchmark (every method then starts from the same beliefs)."""
-    lengths = train_lengths(max_length, eval_size, train_per_task, seed)
+    sizes = train_sizes(max_length, eval_size, train_per_task, seed)
     folder = default_model_dir()
     costs = probe(
         WeightStore(folder),
         load_model_config(folder),
         LoraSettings(),
         batch_size,
-        int(np.mean(lengths)),
+        int(np.mean([n for n, _ in sizes])),
     )
-    return costs, lengths
+    return costs, sizes
 
 
 def time_to_target(rounds: list[dict], target: float) -> float | None:

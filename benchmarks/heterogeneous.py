@@ -64,13 +64,16 @@ from common import (  # noqa: E402
     provenance,
     run_method,
     time_to_target,
-    train_lengths,
+    train_sizes,
     write_json,
 )
 
 from splitft.config import DEFAULT_TASKS, SimConfig  # noqa: E402
 from splitft.federation import planner  # noqa: E402
-from splitft.federation.simulation import expected_slots  # noqa: E402
+from splitft.federation.coordinator import (  # noqa: E402
+    expected_labelled,
+    expected_slots,
+)
 from splitft.sim.costs import (  # noqa: E402
     CostModel,
     Workload,
@@ -88,7 +91,7 @@ def fleet(costs: CostModel) -> dict[str, dict]:
     worst = BATCH * MAX_LENGTH
 
     def fits(k: int) -> float:
-        return round(costs.client_memory(k, worst) / MB + 1.0, 1)
+        return round(costs.client_memory(k, worst, worst) / MB + 1.0, 1)
 
     return {
         "ws": dict(
@@ -106,11 +109,21 @@ def fleet(costs: CostModel) -> dict[str, dict]:
     }
 
 
-def world(costs: CostModel, n: int, speed: float, slots: float, steps: int) -> World:
-    """n clients of the mix on one server, as the planner would see them."""
+def world(
+    costs: CostModel, n: int, speed: float, size: tuple[float, float], steps: int
+) -> World:
+    """n clients of the mix on one server, as the planner would see them;
+    ``size``: a batch's token slots and labelled tokens."""
     sim = SimConfig(mix=MIX, profiles=fleet(costs))
     devices = devices_at(sim, n, 0)
-    workload = Workload(steps, 1, dict.fromkeys(devices, slots), BATCH * MAX_LENGTH)
+    slots, labelled = size
+    workload = Workload(
+        steps,
+        1,
+        dict.fromkeys(devices, slots),
+        dict.fromkeys(devices, labelled),
+        BATCH * MAX_LENGTH,
+    )
     return World.of(costs, devices, ServerDevice(speed, 1), workload)
 
 
@@ -167,13 +180,15 @@ def anneal(w: World, ranges, start: dict[int, int], seed: int = 0) -> float:
 
 
 # ---------------------------------------------------------------- part A
-def part_a(costs: CostModel, slots: float, steps: int, check: bool) -> list[dict]:
+def part_a(
+    costs: CostModel, size: tuple[float, float], steps: int, check: bool
+) -> list[dict]:
     """Predicted round time of fixed k=2, the best fitting uniform cut, adaptive
     and adaptive with k_max = L, and (``check``) an annealing search's best."""
     rows = []
     for n in (8, 16, 32):
         for speed in (1, 2, 4, 8, 16, 32):
-            w = world(costs, n, speed, slots, steps)
+            w = world(costs, n, speed, size, steps)
             clients = list(w.devices)
             fixed2 = predict_round(dict.fromkeys(clients, 2), w).makespan
             uniform = uniform_times(w)
@@ -438,9 +453,11 @@ def compare(result: dict) -> None:
         r["round_time_vs_fixed2"] = r["mean_round_s"] / ref["mean_round_s"]
 
 
-def best_uniform(costs: CostModel, n: int, speed: float, slots: float, steps: int):
+def best_uniform(
+    costs: CostModel, n: int, speed: float, size: tuple[float, float], steps: int
+):
     """The uniform cut every client can hold with the shortest predicted round."""
-    times = uniform_times(world(costs, n, speed, slots, steps))
+    times = uniform_times(world(costs, n, speed, size, steps))
     return min(times, key=times.get)
 
 
@@ -735,23 +752,25 @@ def main() -> None:
     earlier = previous(out / "results.json", args) if args.resume else None
     data = (MAX_LENGTH, args.eval_size, args.train_per_task, args.seed)
     if earlier:  # the yardstick the kept rows were measured with
-        costs, lengths = CostModel(**earlier["costs"]), train_lengths(*data)
+        costs, sizes = CostModel(**earlier["costs"]), train_sizes(*data)
     elif args.costs:  # another run's probe: the same yardstick across runs
-        costs, lengths = CostModel.load(args.costs), train_lengths(*data)
+        costs, sizes = CostModel.load(args.costs), train_sizes(*data)
     else:
-        costs, lengths = probe_default(BATCH, *data)
+        costs, sizes = probe_default(BATCH, *data)
     args.num_layers = costs.num_layers
-    slots = expected_slots(lengths, BATCH)
+    slots = expected_slots([n for n, _ in sizes], BATCH)
+    size = (slots, expected_labelled([n for _, n in sizes], BATCH))
     bests = {
         p: best_uniform(
-            costs, 16 if p == "P3" else 8, args.speed, slots, args.local_steps
+            costs, 16 if p == "P3" else 8, args.speed, size, args.local_steps
         )
         for p in args.profiles
     }
     check_methods(args, bests)
     print(
         f"cost model: {costs.block_s * 1e6:.1f} us per block and token slot, "
-        f"head {costs.head_s * 1e6:.0f} us; {slots:.0f} token slots per batch"
+        f"head {costs.head_s * 1e6:.0f} us per labelled token; {slots:.0f} token "
+        f"slots per batch, {size[1]:.0f} labelled"
     )
     results = {
         **prov,
@@ -759,7 +778,8 @@ def main() -> None:
         "fleet": fleet(costs),
         "costs": costs.__dict__,
         "slots": slots,
-        "part_a": part_a(costs, slots, args.local_steps, check=not args.quick),
+        "labelled": size[1],
+        "part_a": part_a(costs, size, args.local_steps, check=not args.quick),
         "profiles": {},
     }
     if earlier:  # its provenance stays; this run's is recorded beside it

@@ -19,6 +19,7 @@ def costs(
         hidden_size=576,
         embed_s=0.0,
         block_s=block_s,
+        norm_s=0.0,
         head_s=head_blocks * block_s,
         forward_share=0.5,
         embed_bytes=113 * MB,
@@ -27,6 +28,7 @@ def costs(
         lora_block_bytes=1.3 * MB,
         act_embed=0.0,
         act_block=40e3,
+        act_norm=0.0,
         act_head=200e3,
         message_bytes=100,
         smashed_slot_bytes=2330,
@@ -58,5 +60,8 @@ def world(
     worst: int = 768,
     num_layers: int = 30,
 ) -> World:
-    workload = Workload(steps, 1, dict.fromkeys(devices, slots), worst)
+    # every slot labelled: the head costs head_blocks blocks a slot
+    workload = Workload(
+        steps, 1, dict.fromkeys(devices, slots), dict.fromkeys(devices, slots), worst
+    )
     return World.of(costs(num_layers), devices, ServerDevice(speed, workers), workload)

@@ -51,7 +51,8 @@ def test_plan_respects_budgets_bounds_and_beats_every_uniform_cut(
     plan = planner.fastest(w, list(devices), k_min, k_max)
     for cid, k in plan.cuts.items():
         assert k_min <= k <= k_max
-        assert w.costs.client_memory(k, w.workload.worst_slots) <= devices[cid].memory
+        worst = w.workload.worst_slots
+        assert w.costs.client_memory(k, worst, worst) <= devices[cid].memory
     assert plan.makespan == pytest.approx(makespan(plan.cuts, w))
     for k in range(k_min, k_max + 1):
         if all(w.fits(cid, k) for cid in devices):  # a uniform cut that can run

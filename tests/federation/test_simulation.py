@@ -305,7 +305,7 @@ def test_adaptive_may_give_clients_the_whole_model(assets, tmp_path):
         "federation.k_max=4",
         "sim.timing=predicted",
         "sim.mix=[laptop]",
-        "sim.server_speed=0.5",  # a slow server: clients that need none pay
+        "sim.server_speed=0.25",  # a slow server: clients that need none pay
         "planner.replan_every=0",
         "sim.changes=[{round: 1, client: 0, slowdown: 40}]",
         "federation.rounds=3",

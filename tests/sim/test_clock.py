@@ -106,5 +106,5 @@ def test_modelled_local_client_uses_no_server():
     w = world(devices, num_layers=30)
     t = predict_round({0: 30}, w).clients[0]
     assert t.bytes_up.get("smashed", 0) == 0 and t.served == 0.0
-    expected = 4 * 2.0 * w.costs.client_seconds(30, 256)
+    expected = 4 * 2.0 * w.costs.client_seconds(30, 256, 256)
     assert t.compute == pytest.approx(expected)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -87,13 +87,24 @@ def expected_slots(lengths: list[int], batch_size: int, seed: int = 0) -> float:
     return float(bs * np.mean(draws))
 
 
+def expected_labelled(labelled: list[int], batch_size: int) -> float:
+    """Mean labelled tokens of a batch: B x the mean labelled tokens a row."""
+    return min(batch_size, len(labelled)) * float(np.mean(labelled))
+
+
+def row_size(row: Mapping[str, list[int]]) -> tuple[int, int]:
+    """A training row's tokens and labelled tokens (a label at the next one)."""
+    return len(row["input_ids"]), sum(t != -100 for t in row["labels"][1:])
+
+
 class Rounds(Protocol):
     """How the selected clients run a round: the part that differs between the
     simulation and the deployment."""
 
-    def setup(self, coordinator: Coordinator) -> dict[int, list[int]]:
-        """Build what it needs; return each client's training row lengths as far
-        as known (the planner's expected batch sizes; others get the worst)."""
+    def setup(self, coordinator: Coordinator) -> dict[int, list[tuple[int, int]]]:
+        """Build what it needs; return each client's training rows' sizes as
+        far as known, (tokens, labelled tokens) a row (the planner's expected
+        batch sizes; others get the worst)."""
         ...
 
     def run_round(
@@ -180,8 +191,8 @@ class Coordinator:
             tail_layers=self.tail,
             compression=cfg.transport.compression,
         )
-        lengths = self.runner.setup(self)
-        self._setup_strategy(lengths)
+        sizes = self.runner.setup(self)
+        self._setup_strategy(sizes)
         self.traffic = {cid: Traffic() for cid in range(fed.num_clients)}
         self.eval_examples = self.data.held_out.select_columns(TOKENS).to_list()
         self.accuracy_examples = _per_task(
@@ -283,7 +294,7 @@ class Coordinator:
             self.run_dir / "metrics.jsonl", truncate_to=state["metrics_bytes"]
         )
 
-    def _setup_strategy(self, lengths: dict[int, list[int]]) -> None:
+    def _setup_strategy(self, sizes: dict[int, list[tuple[int, int]]]) -> None:
         """The cost model, the planner's beliefs, the policy and the strategy."""
         cfg, fed, sim = self.cfg, self.cfg.federation, self.cfg.sim
         bs = cfg.train.batch_size
@@ -291,7 +302,7 @@ class Coordinator:
         if self.costs is None and sim.cost_model:
             self.costs = CostModel.load(sim.cost_model)
         if self.costs is None:
-            known = [n for ls in lengths.values() for n in ls]
+            known = [n for rows in sizes.values() for n, _ in rows]
             typical = int(np.mean(known)) if known else cfg.data.max_length
             self.costs = probe(
                 self.store,
@@ -305,8 +316,14 @@ class Coordinator:
             local_steps=fed.local_steps,
             grad_accum=cfg.train.grad_accum,
             slots={
-                cid: expected_slots(lengths[cid], bs, cfg.seed)
-                if lengths.get(cid)
+                cid: expected_slots([n for n, _ in sizes[cid]], bs, cfg.seed)
+                if sizes.get(cid)
+                else float(worst)
+                for cid in range(fed.num_clients)
+            },
+            labelled={
+                cid: expected_labelled([n for _, n in sizes[cid]], bs)
+                if sizes.get(cid)
                 else float(worst)
                 for cid in range(fed.num_clients)
             },
@@ -458,7 +475,7 @@ class Coordinator:
             **observed,
             "planner_s": planned.planner_s,
             "memory_mb": {
-                str(c): self.costs.client_memory(k, worst, self.tail) / 1e6
+                str(c): self.costs.client_memory(k, worst, worst, self.tail) / 1e6
                 for c, k in sorted(planned.cuts.items())
             },
             "timing": timing.record(),

@@ -99,7 +99,7 @@ def _binary_search(world: World, ranges, tol: float = 1e-3) -> dict[int, int]:
         cid: {
             k: n
             * world.server_factor
-            * world.costs.server_seconds(k, w.slots[cid], world.tail)
+            * world.costs.server_seconds(k, w.slots[cid], w.labelled[cid], world.tail)
             for k in range(lo, hi + 1)
         }
         for cid, (lo, hi) in ranges.items()

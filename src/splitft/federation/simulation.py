@@ -19,6 +19,7 @@ from splitft.federation.coordinator import (
     client_settings,
     expected_slots,
     resolve_device,
+    row_size,
 )
 from splitft.federation.strategy import RoundConfig, RoundResult
 from splitft.sim.clock import simulate_round
@@ -64,7 +65,7 @@ class SimulatedRounds:
             )
             for cid in rows
         }
-        return {cid: [len(r["input_ids"]) for r in rs] for cid, rs in rows.items()}
+        return {cid: [row_size(r) for r in rs] for cid, rs in rows.items()}
 
     def run_round(self, planned: RoundConfig, devices) -> RoundResult:
         """The selected clients train through the server on the simulated clock."""

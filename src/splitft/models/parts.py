@@ -325,7 +325,7 @@ class ModelPart:
         final = self._blocks_out(attention_mask, position_ids, **inputs)  # (B, T, H)
         target = labels[:, 1:]  # (B, T-1)
         keep = target != -100
-        tokens = int(keep.sum())
+        tokens = labelled_tokens(labels)
         if tokens == 0:
             return TrainLoss(None, 0, 0)
         head = getattr(self.model, self.spec.head)
@@ -364,6 +364,12 @@ def client_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPa
     """
     L = config.num_hidden_layers
     return ModelPart(store, config, range(0, k), embed=True, head=k == L)
+
+
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """The positions whose next token has a label (``labels`` ``(B, T)``,
+    -100 where none): where the head and the loss run in training."""
+    return int((labels[:, 1:] != -100).sum())
 
 
 def loss_share(tokens: int, step_tokens: int, num_micro: int) -> float:

@@ -4,8 +4,10 @@
 forward/backward against the cut layer, saved activations per block, and the
 exact wire size of each message kind. :class:`CostModel` turns that into
 seconds and bytes for any cut (linear in the token slots a batch holds,
-padding included, and in the number of blocks). :func:`predict_round` runs the
-simulated clock on modelled clients to predict a round, and
+padding included, in the number of blocks, and for the head and the loss in
+the labelled tokens: the head runs only where labels are).
+:func:`predict_round` runs the simulated clock on modelled clients to predict
+a round, and
 :class:`Estimator` keeps the planner's beliefs (each client's speed and
 links, the server's speed), corrected by every round's observations with an
 exponentially weighted moving average.
@@ -25,11 +27,11 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from splitft import lora
+from splitft import lora, runs
 from splitft.config import LoraSettings, TrainConfig
 from splitft.federation.aggregate import truncate_to
 from splitft.models.arch import spec_for
-from splitft.models.parts import WeightStore, client_part
+from splitft.models.parts import WeightStore, client_part, labelled_tokens
 from splitft.sim.clock import Outgoing, RoundTiming, simulate_round
 from splitft.sim.profiles import Device, ServerDevice
 from splitft.split.compress import compress
@@ -53,14 +55,17 @@ class CostModel:
     """Seconds (on the probed machine) and bytes of the split workload.
 
     Times are forward + backward per token slot (a batch of B rows padded to
-    T tokens has B*T slots); memory is bytes; wire sizes are encoded bytes.
+    T tokens has B*T slots), or for the head and the loss per labelled token
+    (a position whose next token has a label); memory is bytes; wire sizes
+    are encoded bytes.
     """
 
     num_layers: int
     hidden_size: int
     embed_s: float  # client: embeddings, per slot
     block_s: float  # one block, per slot (the same code on either side)
-    head_s: float  # final norm, head and loss, per slot
+    norm_s: float  # final norm (and a request's fixed server work), per slot
+    head_s: float  # head and loss, per labelled token
     forward_share: float  # share of a client's step compute in its forward
     embed_bytes: float  # embedding parameters
     block_bytes: float  # one block's parameters
@@ -68,7 +73,8 @@ class CostModel:
     lora_block_bytes: float  # one block's LoRA weights, gradients, AdamW moments
     act_embed: float  # activations saved for backward per slot: embeddings
     act_block: float  # ... per block
-    act_head: float  # ... head and loss
+    act_norm: float  # ... final norm, per slot
+    act_head: float  # ... head and loss, per labelled token
     message_bytes: float  # an encoded message's fixed part
     smashed_slot_bytes: float  # a SmashedData message per slot
     gradient_slot_bytes: float
@@ -78,42 +84,56 @@ class CostModel:
     codec_s_per_byte: float  # encoding or decoding a message, per byte
 
     # ------------------------------------------------------------ compute
-    # ``tail``: a U-shaped split's tail_layers (0: vanilla), whose blocks, final
-    # norm, head and loss run on the client after the server
-    def client_seconds(self, k: int, slots: float) -> float:
+    # A micro-batch is ``slots`` token slots of which ``labelled`` carry a
+    # label. ``tail``: a U-shaped split's tail_layers (0: vanilla), whose
+    # blocks, final norm, head and loss run on the client after the server
+    def head_seconds(self, slots: float, labelled: float) -> float:
+        """The final norm, the head and the loss, forward and backward."""
+        return slots * self.norm_s + labelled * self.head_s
+
+    def client_seconds(self, k: int, slots: float, labelled: float) -> float:
         """Client compute of one micro-batch at cut ``k`` (k = L: everything),
         without a U-shaped tail (:meth:`tail_seconds`)."""
         if k >= self.num_layers:
-            per_slot = self.embed_s + self.num_layers * self.block_s
-            return slots * (per_slot + self.head_s)
+            blocks = slots * (self.embed_s + self.num_layers * self.block_s)
+            return blocks + self.head_seconds(slots, labelled)
         return slots * (self.embed_s + k * self.block_s)
 
-    def tail_seconds(self, tail: int, slots: float) -> float:
+    def tail_seconds(self, tail: int, slots: float, labelled: float) -> float:
         """A U-shaped client's tail, forward and backward (0 without one)."""
-        return slots * (tail * self.block_s + self.head_s) if tail else 0.0
+        if not tail:
+            return 0.0
+        return slots * tail * self.block_s + self.head_seconds(slots, labelled)
 
-    def server_seconds(self, k: int, slots: float, tail: int = 0) -> float:
+    def server_seconds(
+        self, k: int, slots: float, labelled: float, tail: int = 0
+    ) -> float:
         """Server compute of one micro-batch of a client with cut ``k``."""
         if k >= self.num_layers:
             return 0.0
-        head = 0.0 if tail else self.head_s
-        return slots * ((self.num_layers - tail - k) * self.block_s + head)
+        head = 0.0 if tail else self.head_seconds(slots, labelled)
+        return slots * (self.num_layers - tail - k) * self.block_s + head
 
-    def server_leg_seconds(self, leg: str, k: int, slots: float, tail: int) -> float:
+    def server_leg_seconds(
+        self, leg: str, k: int, slots: float, labelled: float, tail: int
+    ) -> float:
         """Server compute on one request of a micro-batch: a vanilla split
         does all of it on the smashed data (``leg`` "smashed"); a U-shaped one
         its forward there and its backward on the tail's gradient ("tail")."""
-        work = self.server_seconds(k, slots, tail)
+        work = self.server_seconds(k, slots, labelled, tail)
         if not tail:
             return work if leg == "smashed" else 0.0
         return work * (
             self.forward_share if leg == "smashed" else 1 - self.forward_share
         )
 
-    def client_memory(self, k: int, slots: float, tail: int = 0) -> float:
+    def client_memory(
+        self, k: int, slots: float, labelled: float, tail: int = 0
+    ) -> float:
         """Bytes of a client part at cut ``k`` training on ``slots`` token
-        slots. A U-shaped tail adds its blocks and the head (for a tied model
-        the embedding the client holds anyway: only the final norm)."""
+        slots, ``labelled`` of them with a label. A U-shaped tail adds its
+        blocks and the head (for a tied model the embedding the client holds
+        anyway: only the final norm)."""
         whole = k >= self.num_layers
         held = k if whole else k + tail  # blocks on the client
         blocks = self.block_bytes + self.lora_block_bytes
@@ -123,7 +143,7 @@ class CostModel:
             + slots * (self.act_embed + held * self.act_block)
         )
         if whole or tail:
-            mem += self.head_bytes + slots * self.act_head
+            mem += self.head_bytes + slots * self.act_norm + labelled * self.act_head
         return mem
 
     # --------------------------------------------------------------- wire
@@ -153,9 +173,7 @@ class CostModel:
 
     # ---------------------------------------------------------- persistence
     def save(self, path: Path) -> None:
-        from splitft.runs import write_json  # atomic
-
-        write_json(path, dataclasses.asdict(self))
+        runs.write_json(path, dataclasses.asdict(self))  # atomic
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
@@ -163,8 +181,10 @@ class CostModel:
         names = {f.name for f in dataclasses.fields(cls)}
         if set(data) != names:
             raise ValueError(
-                f"{path}: not a cost model (fields differ: "
-                f"{sorted(set(data) ^ names)[:4]})"
+                f"{path}: not a cost model of this SplitFT (fields differ: "
+                f"{sorted(set(data) ^ names)[:4]}); one saved before the head "
+                "was priced per labelled token cannot be reused: drop "
+                "sim.cost_model to measure it afresh"
             )
         return cls(**data)
 
@@ -250,29 +270,33 @@ def _server_at_last_block(
     store: WeightStore,
     model_config: PretrainedConfig,
     settings: LoraSettings,
-    smashed: SmashedData,
+    smashed: Mapping[str, SmashedData],
     repeats: int,
-) -> tuple[SplitServer, Callable[[], None]]:
-    """The real server at a one-block cut, and one micro-batch's handling.
+) -> tuple[SplitServer, dict[str, Callable[[], None]]]:
+    """The real server at a one-block cut, and the handling of each of the
+    ``smashed`` micro-batches (one step each, all from one plan).
 
     Through :meth:`SplitServer.handle`, so the time includes what the server
     does around the forward and backward: checks, switching adapters, the
     accuracy count and the optimizer step.
     """
     L = model_config.num_hidden_layers
-    steps = repeats + 1
+    steps = len(smashed) * (repeats + 1)
     server = SplitServer(
         store, model_config, settings, TrainConfig(), {0: L - 1}, steps, steps
     )
     server.handle(RoundRequest(0, 0))
     count = iter(range(steps))
 
-    def serve() -> None:
-        reply = server.handle(dataclasses.replace(smashed, step=next(count)))
-        if not isinstance(reply, Gradient):
-            raise RuntimeError(f"the cost probe's step was refused: {reply.error}")
+    def serving(msg: SmashedData) -> Callable[[], None]:
+        def serve() -> None:
+            reply = server.handle(dataclasses.replace(msg, step=next(count)))
+            if not isinstance(reply, Gradient):
+                raise RuntimeError(f"the cost probe's step was refused: {reply.error}")
 
-    return server, serve
+        return serve
+
+    return server, {name: serving(msg) for name, msg in smashed.items()}
 
 
 def _server_sizes(server: SplitServer, smashed: SmashedData) -> dict[str, float]:
@@ -302,8 +326,10 @@ def probe(
     server's whole handling of a micro-batch), counts the activations autograd
     saves and encodes one message of each kind. A block costs the same on
     either side (the same code on the same machine), so the block time comes
-    from the client's parts, and the server's one-block time gives the head's
-    (with the server's overheads, which do not grow with the cut).
+    from the client's parts, and the server's one-block time gives the final
+    norm's and the head's (with the server's overheads, which do not grow
+    with the cut). The server runs twice, with every token labelled and with
+    half of them: the difference is the head and the loss per labelled token.
     ``compression`` (smashed data, gradients) sizes their messages.
     """
     L = model_config.num_hidden_layers
@@ -328,11 +354,20 @@ def probe(
         for name, fn in _client_work(part, ids, mask, pos).items():
             work[f"{k}/{name}"] = fn
     hidden = torch.randn(batch_size, seq_len, model_config.hidden_size, generator=g)
-    smashed = SmashedData(0, 0, 0, 1, hidden.to(device), mask, pos, ids, slots)
-    server, work["server"] = _server_at_last_block(
+    # every token labelled, and the second half of each row: the head's cost
+    # per labelled token is the difference, the rest is paid per slot
+    half = ids.masked_fill(pos < seq_len // 2, -100)
+    smashed = {
+        name: SmashedData(0, 0, 0, 1, hidden.to(device), mask, pos, labels, 0)
+        for name, labels in (("all", ids), ("half", half))
+    }
+    labelled = {name: labelled_tokens(m.labels) for name, m in smashed.items()}
+    server, serve = _server_at_last_block(
         store, model_config, settings, smashed, repeats
     )
-    seconds = _typical_times(work, repeats)  # in turns: load hits all alike
+    work.update({f"server/{name}": fn for name, fn in serve.items()})
+    with runs.faults_off():  # the probe's server steps are not the run's
+        seconds = _typical_times(work, repeats)  # in turns: load hits all alike
     client = {
         k: {
             "fwd": seconds[f"{k}/fwd"],
@@ -341,21 +376,33 @@ def probe(
         }
         for k in (ka, kb)
     }
-    last = {"total": seconds["server"], **_server_sizes(server, smashed)}
+    last = {
+        name: {"total": seconds[f"server/{name}"], **_server_sizes(server, msg)}
+        for name, msg in smashed.items()
+    }
+    extra = labelled["all"] - labelled["half"]  # labelled tokens
 
     dk = kb - ka
     a, b = client[ka], client[kb]
     block_s = max(b["total"] - a["total"], 0.0) / dk / slots
     embed_s = max(a["total"] / slots - ka * block_s, 0.0)
     forward_share = (a["fwd"] + b["fwd"]) / (a["total"] + b["total"])
-    head_s = max(last["total"] / slots - block_s, 0.0)
+    head_s = max(last["all"]["total"] - last["half"]["total"], 0.0) / extra
+    norm_s = max(
+        (last["all"]["total"] - labelled["all"] * head_s) / slots - block_s, 0.0
+    )
     block_bytes = (b["params"] - a["params"]) / dk
     embed_bytes = a["params"] - ka * block_bytes
     act_block = (b["saved"] - a["saved"]) / dk / slots
     act_embed = max(a["saved"] / slots - ka * act_block, 0.0)
-    act_head = max(last["saved"] / slots - act_block, 0.0)
+    act_head = max(last["all"]["saved"] - last["half"]["saved"], 0.0) / extra
+    act_norm = max(
+        (last["all"]["saved"] - labelled["all"] * act_head) / slots - act_block, 0.0
+    )
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
-    head_bytes = max(last["params"] - block_bytes - (embed_bytes if tied else 0), 0.0)
+    head_bytes = max(
+        last["all"]["params"] - block_bytes - (embed_bytes if tied else 0), 0.0
+    )
     # LoRA bytes: (k-1) blocks at r and one at the cut rank; 4 copies with AdamW
     lora_block_bytes = 4 * (b["lora"] - a["lora"]) / dk
 
@@ -393,6 +440,7 @@ def probe(
         hidden_size=model_config.hidden_size,
         embed_s=embed_s,
         block_s=block_s,
+        norm_s=norm_s,
         head_s=head_s,
         forward_share=forward_share,
         embed_bytes=embed_bytes,
@@ -401,6 +449,7 @@ def probe(
         lora_block_bytes=lora_block_bytes,
         act_embed=act_embed,
         act_block=act_block,
+        act_norm=act_norm,
         act_head=act_head,
         message_bytes=message,
         smashed_slot_bytes=(len(smashed) - message) / slots,
@@ -420,7 +469,10 @@ class Workload:
     local_steps: int
     grad_accum: int
     slots: dict[int, float]  # expected token slots per micro-batch, per client
-    worst_slots: int  # batch_size x max_length: memory is planned for it
+    labelled: dict[int, float]  # ... of them labelled (where the head runs)
+    # batch_size x max_length: memory is planned for it, every slot labelled
+    # (an answer can fill a row, as every token does with data.loss_on=all)
+    worst_slots: int
 
 
 @dataclass
@@ -451,7 +503,8 @@ class World:
         )
 
     def memory(self, cid: int, k: int) -> float:
-        return self.costs.client_memory(k, self.workload.worst_slots, self.tail)
+        worst = self.workload.worst_slots
+        return self.costs.client_memory(k, worst, worst, self.tail)
 
     def fits(self, cid: int, k: int) -> bool:
         return self.memory(cid, k) <= self.devices[cid].memory
@@ -478,19 +531,20 @@ class _ModelledClient:
         reply it got, computing, encoding the request it sends.
         """
         c, w, f, tail = world.costs, world.workload, world.compute[cid], world.tail
-        slots = w.slots[cid]
-        micro_s = f * c.client_seconds(k, slots)
+        slots, labelled = w.slots[cid], w.labelled[cid]
+        micro_s = f * c.client_seconds(k, slots, labelled)
         adapters = c.adapter_bytes(k, tail)
         smashed, gradient = c.smashed_bytes(slots, tail), c.gradient_bytes(slots)
-        tail_s, tail_in = f * c.tail_seconds(tail, slots), c.tail_input_bytes(slots)
+        tail_s = f * c.tail_seconds(tail, slots, labelled)
+        tail_in = c.tail_input_bytes(slots)
 
         def codec(nbytes: float) -> float:
             return f * c.codec_seconds(nbytes)
 
-        upload = Outgoing(("upload", k, 0.0), adapters, ADAPTERS)
+        upload = Outgoing(("upload", k, 0.0, 0.0), adapters, ADAPTERS)
         yield (
             codec(c.message_bytes),
-            Outgoing(("plan", k, 0.0), c.message_bytes, CONTROL),
+            Outgoing(("plan", k, 0.0, 0.0), c.message_bytes, CONTROL),
         )
         n = w.local_steps * w.grad_accum
         if k >= c.num_layers:  # trains alone, then uploads
@@ -504,12 +558,12 @@ class _ModelledClient:
                 before = codec(gradient) + micro_s - fwd
             yield (
                 before + fwd + codec(smashed),
-                Outgoing(("smashed", k, slots), smashed, SMASHED),
+                Outgoing(("smashed", k, slots, labelled), smashed, SMASHED),
             )
             if tail:  # decode the server's output, run the tail, send its gradient
                 yield (
                     codec(tail_in) + tail_s + codec(gradient),
-                    Outgoing(("tail", k, slots), gradient, GRADIENTS),
+                    Outgoing(("tail", k, slots, labelled), gradient, GRADIENTS),
                 )
         yield codec(gradient) + micro_s - fwd + codec(adapters), upload
 
@@ -524,16 +578,18 @@ def modelled_serve(world: World):
     """The server of a modelled round: service times from the cost model."""
     c, tail = world.costs, world.tail
 
-    def serve(cid: int, request: tuple[str, int, float]) -> tuple[float, Outgoing]:
+    def serve(
+        cid: int, request: tuple[str, int, float, float]
+    ) -> tuple[float, Outgoing]:
         """Decode the request, do the work, encode the reply."""
-        kind, k, slots = request
+        kind, k, slots, labelled = request
         g = world.server_factor
         if kind == "plan":
             nbytes = c.adapter_bytes(k, tail)
             seconds = c.codec_seconds(c.message_bytes + nbytes)
             return g * seconds, Outgoing(None, nbytes, ADAPTERS)
         if kind in ("smashed", "tail"):
-            work = c.server_leg_seconds(kind, k, slots, tail)
+            work = c.server_leg_seconds(kind, k, slots, labelled, tail)
             if kind == "smashed" and tail:  # U-shaped: the forward, then the tail's
                 nbytes = c.tail_input_bytes(slots)
                 wire = c.codec_seconds(c.smashed_bytes(slots, tail) + nbytes)
@@ -586,6 +642,7 @@ class Estimator:
             "compute": dict(w.compute),
             "server_factor": w.server_factor,
             "slots": dict(w.workload.slots),
+            "labelled": dict(w.workload.labelled),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -594,6 +651,7 @@ class Estimator:
         w.compute.update(state["compute"])
         w.server_factor = state["server_factor"]
         w.workload.slots.update(state["slots"])
+        w.workload.labelled.update(state["labelled"])
 
     def declare_memory(self, devices: Mapping[int, Device]) -> None:
         """Clients report their current memory budgets (known, not estimated)."""
@@ -619,18 +677,23 @@ class Estimator:
         recut = recut or {}
         w = self.world.workload
         slots: dict[int, list[float]] = {}
+        labelled: dict[int, list[float]] = {}
         for s in steps:
             slots.setdefault(s["client"], []).append(s["slots"] / w.grad_accum)
+            labelled.setdefault(s["client"], []).append(s["tokens"] / w.grad_accum)
         ok = [c for c, t in timing.clients.items() if not t.failed and c in slots]
         if not ok:
             return
         for cid in ok:
             w.slots[cid] = self._blend(w.slots[cid], statistics.fmean(slots[cid]))
+            w.labelled[cid] = self._blend(
+                w.labelled[cid], statistics.fmean(labelled[cid])
+            )
         unit = World(
             self.world.costs,
             self.world.devices,
             self.world.server,
-            Workload(w.local_steps, w.grad_accum, w.slots, w.worst_slots),
+            dataclasses.replace(w),
             dict.fromkeys(ok, 1.0),
             1.0,
             self.world.tail,

@@ -22,6 +22,7 @@ from splitft.models.parts import (
     ModelPart,
     WeightStore,
     client_part,
+    labelled_tokens,
     loss_share,
     server_part,
 )
@@ -172,11 +173,11 @@ class SplitClient:
         self.tail_layers, self.grad_compression = tail_layers, grad_compression
         self.part: ModelPart | None = None
         self.tail: ModelPart | None = None
-        # (kind, amount) of the compute done since the owner last cleared it:
-        # "forward", "backward", "tail" (its forward and backward) or "local"
-        # token slots, or "load" blocks (the blocks a re-cut added); the cost
-        # model prices it
-        self.work: list[tuple[str, int]] = []
+        # (kind, amount, labelled) of the compute done since the owner last
+        # cleared it: "forward", "backward", "tail" (its forward and backward)
+        # or "local" token slots and how many are labelled, or "load" blocks
+        # (the blocks a re-cut added; labelled 0); the cost model prices it
+        self.work: list[tuple[str, int, int]] = []
         self.startup_s = 0.0  # building the first part: start-up, not a round
         self.recut_s = 0.0  # rebuilding the part for a moved cut
         self._order = BatchOrder(
@@ -208,7 +209,7 @@ class SplitClient:
             self.startup_s += time.perf_counter() - t0
         else:
             self.recut_s += time.perf_counter() - t0
-            self.work.append(("load", max(k - old, 0)))
+            self.work.append(("load", max(k - old, 0), 0))
 
     def _next_batch(self) -> dict:
         rows = [self.examples[j] for j in self._order.next()]
@@ -284,7 +285,7 @@ class SplitClient:
         device = self.store.device
         loss_sum = tokens = correct = 0
         client_s = server_s = 0.0
-        step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        step_tokens = sum(labelled_tokens(b["labels"]) for b in batches)
         for micro, batch in enumerate(batches):
             batch = {k: _to(v, device) for k, v in batch.items()}
             slots = int(batch["input_ids"].numel())
@@ -292,7 +293,7 @@ class SplitClient:
             if self.local:
                 n, hits, loss = self._local_micro(batch, step_tokens)
                 client_s += time.perf_counter() - t0
-                self.work.append(("local", slots))
+                self.work.append(("local", slots, labelled_tokens(batch["labels"])))
             else:
                 n, hits, loss, c_s, s_s = yield from self._split_micro(
                     step, micro, len(batches), batch, step_tokens
@@ -327,6 +328,7 @@ class SplitClient:
         client seconds, server seconds)."""
         device = self.store.device
         slots = int(batch["input_ids"].numel())
+        labelled = labelled_tokens(batch["labels"])
         mask, pos = batch["attention_mask"], batch["position_ids"]
         t0 = time.perf_counter()
         hidden = self.part.client_forward(batch["input_ids"], mask, pos)  # (B, T, H)
@@ -336,7 +338,7 @@ class SplitClient:
         sent = add_noise(hidden.detach(), self.noise, key)
         values, scale = compress(sent, self.compression)
         client_s, server_s = time.perf_counter() - t0, 0.0
-        self.work.append(("forward", slots))
+        self.work.append(("forward", slots, labelled))
         reply = yield SmashedData(
             client_id=self.client_id,
             step=step,
@@ -367,7 +369,7 @@ class SplitClient:
             )
             values, scale = compress(tail_grad, self.grad_compression)
             client_s += time.perf_counter() - t0
-            self.work.append(("tail", slots))
+            self.work.append(("tail", slots, labelled))
             reply = yield TailGradient(self.client_id, step, micro, values, scale)
         reply = _expect(reply, Gradient)
         if not self.tail_layers:
@@ -377,7 +379,7 @@ class SplitClient:
         grad = decompress(reply.grad, reply.grad_scale, hidden.dtype)
         hidden.backward(grad.to(device))
         client_s += time.perf_counter() - t0
-        self.work.append(("backward", slots))
+        self.work.append(("backward", slots, labelled))
         return n, hits, loss, client_s, server_s
 
     def _tail_micro(

@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+from splitft.models.parts import labelled_tokens
 from splitft.sim.clock import ClientFailed, Outgoing, RoundTiming, simulate_round
 from splitft.sim.costs import CostModel
 from splitft.sim.profiles import Device
@@ -61,13 +62,13 @@ class ClockedClient:
         c, k, fs = self.costs, self.client.cut_layer, self.costs.forward_share
         share = {"forward": fs, "backward": 1 - fs, "local": 1.0}
         modelled = recut = 0.0
-        for kind, amount in self.client.work:
+        for kind, amount, labelled in self.client.work:
             if kind == "load":
                 recut += amount * c.load_block_s
             elif kind == "tail":
-                modelled += c.tail_seconds(self.client.tail_layers, amount)
+                modelled += c.tail_seconds(self.client.tail_layers, amount, labelled)
             else:
-                modelled += share[kind] * c.client_seconds(k, amount)
+                modelled += share[kind] * c.client_seconds(k, amount, labelled)
         s = self.device.slowdown
         return (modelled + recut) * s, recut * s
 
@@ -146,10 +147,12 @@ class ClockedServer:
         if isinstance(request, (SmashedData, TailGradient)):
             smashed = isinstance(request, SmashedData)
             values = request.hidden if smashed else request.grad
+            labels = request.labels if smashed else None  # U-shaped: none here
             seconds += c.server_leg_seconds(
                 "smashed" if smashed else "tail",
                 self.server.cut_layers[cid],
                 values.shape[0] * values.shape[1],
+                0 if labels is None else labelled_tokens(labels),
                 self.server.tail_layers,
             )
         return seconds / self.speed, reply_out

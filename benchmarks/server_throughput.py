@@ -1,0 +1,232 @@
+"""Server throughput (issue 19): the split server's training step on the real
+default model, the head and the loss on every position (the server before
+issue 19: the HF forward with labels) against only the labelled positions
+(``ModelPart.train_loss``), side by side in one run.
+
+    python benchmarks/server_throughput.py --out runs/bench/server_throughput
+    python benchmarks/server_throughput.py --quick      # N = 1 and 4, 3 repeats
+
+N = 1, 2, 4, 8, 16 clients at cuts cycled over 2, 4, 6, 8 each send the
+server one micro-batch (2 rows of the default data, drawn per client, with
+the answer-only labels of ``data.loss_on=answer``; the same rows in every
+mode); the real ``SplitServer`` handles the N requests one after another,
+as it does today, each a whole step (forward, backward, optimizer step).
+Per ``federation.server_side`` (per_client and shared) and mode, the median
+time of the N requests over ``--repeats`` (the modes take turns, so load on
+the machine hits them alike) gives token slots per second; the ratio of the
+two is the speed-up. Each mode's first step is checked against the other's:
+the same loss, tokens, accuracy and gradient of the smashed data.
+
+Not measured yet: cross-client batching (modes c and d of the issue), bf16,
+and CUDA (``--device cuda`` runs, but no GPU was at hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import provenance, train_rows, write_json  # noqa: E402
+
+from splitft.config import LoraSettings, TrainConfig  # noqa: E402
+from splitft.data.format import collate  # noqa: E402
+from splitft.models.default import default_model_dir  # noqa: E402
+from splitft.models.parts import (  # noqa: E402
+    ModelPart,
+    TrainLoss,
+    WeightStore,
+    client_part,
+    labelled_tokens,
+    load_model_config,
+)
+from splitft.split.messages import Gradient, RoundRequest, SmashedData  # noqa: E402
+from splitft.split.server import SplitServer  # noqa: E402
+
+CUTS = (2, 4, 6, 8)
+MODES = ("full", "labels")  # the head on every position; only where labels are
+ROWS, MAX_LENGTH = 2, 256
+
+
+def full_head(self, labels, attention_mask, position_ids, *, hidden=None, **_):
+    """The server before issue 19: the HF model's forward with labels (the
+    head on every position), the accuracy counted on the full logits."""
+    out = self.server_forward(hidden, attention_mask, position_ids, labels)
+    target = labels[:, 1:]
+    mask = target != -100
+    n = int(mask.sum())
+    hits = int(((out.logits[:, :-1].detach().argmax(-1) == target) & mask).sum())
+    return TrainLoss(out.loss if n else None, n, hits)
+
+
+@contextlib.contextmanager
+def mode(name: str):
+    """Run the server's training forward as ``name`` ("full" or "labels")."""
+    if name == "labels":
+        yield
+        return
+    saved = ModelPart.train_loss
+    ModelPart.train_loss = full_head
+    try:
+        yield
+    finally:
+        ModelPart.train_loss = saved
+
+
+def requests(store, model_config, rows, n: int, seed: int) -> list[SmashedData]:
+    """One micro-batch per client, its smashed data from the real client part."""
+    rng = np.random.default_rng(seed)
+    parts = {k: client_part(store, model_config, k) for k in set(CUTS)}
+    out = []
+    for cid in range(n):
+        k = CUTS[cid % len(CUTS)]
+        picked = [rows[i] for i in rng.choice(len(rows), ROWS, replace=False)]
+        b = {key: v.to(store.device) for key, v in collate(picked, 0).items()}
+        with torch.no_grad():
+            hidden = parts[k].client_forward(
+                b["input_ids"], b["attention_mask"], b["position_ids"]
+            )
+        out.append(
+            SmashedData(
+                client_id=cid,
+                step=0,
+                micro=0,
+                num_micro=1,
+                hidden=hidden,
+                attention_mask=b["attention_mask"],
+                position_ids=b["position_ids"],
+                labels=b["labels"],
+                step_tokens=labelled_tokens(b["labels"]),
+            )
+        )
+    return out
+
+
+def server_for(store, model_config, msgs, steps: int, side: str) -> SplitServer:
+    cuts = {m.client_id: CUTS[m.client_id % len(CUTS)] for m in msgs}
+    server = SplitServer(
+        store,
+        model_config,
+        LoraSettings(),
+        TrainConfig(batch_size=ROWS),
+        cuts,
+        steps,
+        steps,
+        server_side=side,
+    )
+    for cid in cuts:
+        server.handle(RoundRequest(cid, 0))
+    return server
+
+
+def serve(server: SplitServer, msgs: list[SmashedData], step: int) -> list[Gradient]:
+    replies = []
+    for m in msgs:
+        reply = server.handle(dataclasses.replace(m, step=step))
+        if not isinstance(reply, Gradient):
+            raise RuntimeError(f"refused: {reply.error}")
+        replies.append(reply)
+    return replies
+
+
+def same_step(store, model_config, msgs, side: str) -> dict:
+    """Both modes' first step on fresh servers: equal up to fp32 rounding?"""
+    got = {}
+    for name in ("full", "labels"):
+        with mode(name):
+            got[name] = serve(server_for(store, model_config, msgs, 1, side), msgs, 0)
+    a, b = got["full"], got["labels"]
+    grad = max(float((x.grad - y.grad).abs().max()) for x, y in zip(a, b, strict=True))
+    loss = max(abs(x.loss - y.loss) for x, y in zip(a, b, strict=True))
+    counts = all(
+        (x.tokens, x.correct) == (y.tokens, y.correct)
+        for x, y in zip(a, b, strict=True)
+    )
+    return {"max_grad_diff": grad, "max_loss_diff": loss, "same_counts": counts}
+
+
+def measure(store, model_config, msgs, side: str, repeats: int) -> dict:
+    steps = 2 * (repeats + 1)
+    servers = {m: server_for(store, model_config, msgs, steps, side) for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    step = 0
+    for turn in range(repeats + 1):  # turn 0 warms up
+        for name in MODES if turn % 2 == 0 else MODES[::-1]:
+            with mode(name):
+                t0 = time.perf_counter()
+                serve(servers[name], msgs, step)
+                seconds = time.perf_counter() - t0
+            if turn:
+                times[name].append(seconds)
+        step += 1
+    slots = sum(m.hidden.shape[0] * m.hidden.shape[1] for m in msgs)
+    labelled = sum(labelled_tokens(m.labels) for m in msgs)
+    row = {"clients": len(msgs), "slots": slots, "labelled": labelled}
+    for name in MODES:
+        t = statistics.median(times[name])
+        row[name] = {"seconds": t, "slots_per_s": slots / t, "all_s": times[name]}
+    row["speedup"] = row["full"]["seconds"] / row["labels"]["seconds"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/server_throughput"))
+    ap.add_argument("--clients", default="1,2,4,8,16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sides", default="per_client,shared")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
+    ap.add_argument("--quick", action="store_true", help="N = 1, 4; 3 repeats")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.quick:
+        args.clients, args.repeats = "1,4", 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = default_model_dir()
+    store = WeightStore(folder, device=args.device)
+    model_config = load_model_config(folder)
+    rows = train_rows(MAX_LENGTH, 32, 200, args.seed)
+    results = {
+        **provenance(),
+        "settings": {**vars(args), "out": str(args.out)},
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "rows_per_client": ROWS,
+        "cuts": CUTS,
+        "runs": [],
+    }
+    t_start = time.perf_counter()
+    for side in args.sides.split(","):
+        for n in (int(x) for x in args.clients.split(",")):
+            msgs = requests(store, model_config, rows, n, args.seed)
+            row = {
+                "server_side": side,
+                **measure(store, model_config, msgs, side, args.repeats),
+            }
+            row["check"] = same_step(store, model_config, msgs, side)
+            results["runs"].append(row)
+            print(
+                f"{side:>10} N={n:>2}: {row['slots']:>5} slots, {row['labelled']:>4} "
+                f"labelled; full head {row['full']['seconds']:.3f} s, at labels "
+                f"{row['labels']['seconds']:.3f} s: {row['speedup']:.2f}x; "
+                f"grad diff {row['check']['max_grad_diff']:.1e}",
+                flush=True,
+            )
+            write_json(args.out / "results.json", results)
+    results["wall_s"] = time.perf_counter() - t_start
+    write_json(args.out / "results.json", results)
+    print(f"wrote {args.out / 'results.json'} ({results['wall_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

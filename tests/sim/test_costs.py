@@ -1,0 +1,65 @@
+"""The cost model: the head is priced per labelled token (issue 19)."""
+
+import dataclasses
+
+import pytest
+import synthetic
+from synthetic import device
+
+from splitft.config import LoraSettings
+from splitft.models.parts import WeightStore, load_model_config
+from splitft.sim.costs import Estimator, predict_round, probe
+
+
+def test_the_head_costs_per_labelled_token_and_the_rest_per_slot():
+    c = dataclasses.replace(synthetic.costs(num_layers=30), norm_s=2e-5)
+    blocks = 256 * 28 * c.block_s  # the server's blocks at cut 2
+    assert c.server_seconds(2, 256, 0) == pytest.approx(blocks + 256 * c.norm_s)
+    assert c.server_seconds(2, 256, 40) == pytest.approx(
+        blocks + 256 * c.norm_s + 40 * c.head_s
+    )
+    # a U-shaped server runs no head; its client's tail does
+    assert c.server_seconds(2, 256, 40, tail=1) == pytest.approx(
+        blocks - 256 * c.block_s
+    )
+    assert c.tail_seconds(1, 256, 40) == pytest.approx(
+        256 * (c.block_s + c.norm_s) + 40 * c.head_s
+    )
+    # the logits a tail or a k = L client keeps are per labelled token
+    assert c.client_memory(30, 256, 256) - c.client_memory(30, 256, 40) == (
+        pytest.approx(216 * c.act_head)
+    )
+
+
+def test_a_round_with_fewer_labelled_tokens_is_predicted_shorter():
+    devices = {0: device(), 1: device(slowdown=2.0)}
+    w = synthetic.world(devices, slots=256)
+    every = predict_round({0: 2, 1: 2}, w).makespan
+    w.workload.labelled.update({0: 32.0, 1: 32.0})
+    assert predict_round({0: 2, 1: 2}, w).makespan < every
+
+
+def test_the_estimator_learns_the_labelled_tokens_from_the_steps():
+    devices = {0: device()}
+    w = synthetic.world(devices, slots=256)
+    est = Estimator(w, ewma=1.0)
+    timing = predict_round({0: 2}, w)
+    steps = [{"client": 0, "slots": 200, "tokens": 30}] * 4
+    est.observe({0: 2}, timing, steps)
+    assert w.workload.slots[0] == 200 and w.workload.labelled[0] == 30
+    again = Estimator(synthetic.world(devices, slots=256), ewma=1.0)
+    again.load_state_dict(est.state_dict())
+    assert again.world.workload.labelled[0] == 30
+
+
+def test_the_probe_separates_the_head_from_the_slots(tiny):
+    """On a real (tiny) model: what autograd keeps for the head and the loss is
+    the float32 logits of each labelled token at least; times are not checked
+    (a test holds no timing threshold), only that each is a cost."""
+    _, folder, _, _ = tiny
+    store = WeightStore(folder)
+    model_config = load_model_config(folder)
+    costs = probe(store, model_config, LoraSettings(r=4, cut_rank=2), 2, 12, repeats=1)
+    assert costs.act_head >= 4 * model_config.vocab_size
+    assert min(costs.head_s, costs.norm_s, costs.act_norm) >= 0
+    assert costs.block_s > 0
