@@ -5,17 +5,19 @@ issue 19: the HF forward with labels) against only the labelled positions
 
     python benchmarks/server_throughput.py --out runs/bench/server_throughput
     python benchmarks/server_throughput.py --quick      # N = 1 and 4, 3 repeats
+    python benchmarks/server_throughput.py --loss-on all --out runs/bench/st-all
 
 N = 1, 2, 4, 8, 16 clients at cuts cycled over 2, 4, 6, 8 each send the
 server one micro-batch (2 rows of the default data, drawn per client, with
-the answer-only labels of ``data.loss_on=answer``; the same rows in every
-mode); the real ``SplitServer`` handles the N requests one after another,
-as it does today, each a whole step (forward, backward, optimizer step).
-Per ``federation.server_side`` (per_client and shared) and mode, the median
-time of the N requests over ``--repeats`` (the modes take turns, so load on
-the machine hits them alike) gives token slots per second; the ratio of the
-two is the speed-up. Each mode's first step is checked against the other's:
-the same loss, tokens, accuracy and gradient of the smashed data.
+the answer-only labels of ``data.loss_on=answer``, or with ``--loss-on all``
+every token; the same rows in every mode); the real ``SplitServer`` handles
+the N requests one after another, as it does today, each a whole step
+(forward, backward, optimizer step). Per ``federation.server_side``
+(per_client and shared) and mode, the median time of the N requests over
+``--repeats`` (the modes take turns, so load on the machine hits them alike)
+gives token slots per second; the ratio of the two is the speed-up. Each
+mode's first step is checked against the other's: the same loss, tokens,
+accuracy and gradient of the smashed data.
 
 Not measured yet: cross-client batching (modes c and d of the issue), bf16,
 and CUDA (``--device cuda`` runs, but no GPU was at hand).
@@ -81,8 +83,11 @@ def mode(name: str):
         ModelPart.train_loss = saved
 
 
-def requests(store, model_config, rows, n: int, seed: int) -> list[SmashedData]:
-    """One micro-batch per client, its smashed data from the real client part."""
+def requests(
+    store, model_config, rows, n: int, seed: int, every_token: bool = False
+) -> list[SmashedData]:
+    """One micro-batch per client, its smashed data from the real client part;
+    ``every_token``: every real token labelled (``data.loss_on=all``)."""
     rng = np.random.default_rng(seed)
     parts = {k: client_part(store, model_config, k) for k in set(CUTS)}
     out = []
@@ -90,6 +95,8 @@ def requests(store, model_config, rows, n: int, seed: int) -> list[SmashedData]:
         k = CUTS[cid % len(CUTS)]
         picked = [rows[i] for i in rng.choice(len(rows), ROWS, replace=False)]
         b = {key: v.to(store.device) for key, v in collate(picked, 0).items()}
+        if every_token:
+            b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
         with torch.no_grad():
             hidden = parts[k].client_forward(
                 b["input_ids"], b["attention_mask"], b["position_ids"]
@@ -187,6 +194,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
     ap.add_argument("--quick", action="store_true", help="N = 1, 4; 3 repeats")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--loss-on",
+        choices=("answer", "all"),
+        default="answer",
+        help="labels as data.loss_on: the answers (default) or every token",
+    )
     args = ap.parse_args()
     if args.quick:
         args.clients, args.repeats = "1,4", 3
@@ -208,7 +221,8 @@ def main() -> None:
     t_start = time.perf_counter()
     for side in args.sides.split(","):
         for n in (int(x) for x in args.clients.split(",")):
-            msgs = requests(store, model_config, rows, n, args.seed)
+            every = args.loss_on == "all"
+            msgs = requests(store, model_config, rows, n, args.seed, every)
             row = {
                 "server_side": side,
                 **measure(store, model_config, msgs, side, args.repeats),

@@ -190,6 +190,18 @@ class SplitServer:
             warnings.filterwarnings("ignore", "Already found a `peft_config`")
             for name in names:
                 lora.inject(self.part.model, self.spec, self.lora, ranks, name)
+        self._active: str | None = None  # set by _activate
+
+    def _activate(self, cid: int) -> None:
+        """Train ``cid``'s adapter. PEFT's ``set_adapter`` walks every module
+        of the model (some 40 ms a request on SmolLM2 here) and so does
+        ``train()``: each runs only when something changes."""
+        name = self._adapter_of(cid)
+        if name != self._active:
+            set_adapter(self.part.model, name)
+            self._active = name
+        if not self.part.model.training:
+            self.part.model.train()
 
     def open_round(self, round: int, cuts: Mapping[int, int]) -> None:
         """Start ``round`` with these clients at these cuts (between rounds only).
@@ -486,8 +498,7 @@ class SplitServer:
         smashed data as a leaf ``(B, T, H)`` in the server's precision (a
         client may compute in another)."""
         self._check_smashed(msg)
-        set_adapter(self.part.model, self._adapter_of(msg.client_id))
-        self.part.model.train()
+        self._activate(msg.client_id)
         hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
         return hidden.detach().requires_grad_(True)
 
@@ -585,7 +596,7 @@ class SplitServer:
         # other clients' forwards since this one's switched the active adapter,
         # and PEFT leaves an inactive adapter's weights requires_grad=False:
         # autograd would then drop their gradients
-        set_adapter(self.part.model, self._adapter_of(cid))
+        self._activate(cid)
         if grad.any():  # a micro-batch without loss: no gradient, as in vanilla
             out.backward(grad)
         planned.pending = None
