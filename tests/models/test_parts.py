@@ -5,7 +5,7 @@ from tiny import batch
 from splitft import lora
 from splitft.config import LoraSettings
 from splitft.models.arch import UnsupportedArchitecture, spec_for
-from splitft.models.parts import WeightStore, client_part, server_part
+from splitft.models.parts import WeightStore, client_part, full_part, server_part
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -151,3 +151,46 @@ def test_train_loss_equals_the_full_head(tiny, k, which):
     assert len(got) == len(ref_grads) > 1
     for g, ref in zip(got, ref_grads, strict=True):
         torch.testing.assert_close(g, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["as_made", "all"])
+def test_train_loss_from_token_ids_equals_the_hf_loss(tiny, which):
+    """A client holding the whole model (k = L) trains through train_loss on
+    its token ids: the HF model's loss, LoRA gradients and accuracy."""
+    _, folder, config, _ = tiny
+    store = WeightStore(folder)
+    part = full_part(store, config)
+    settings = LoraSettings(r=4, cut_rank=2, alpha=8.0)
+    L = config.num_hidden_layers
+    lora.inject(
+        part.model, part.spec, settings, lora.layer_ranks(range(L), settings, False)
+    )
+    params = lora.adapter_params(part.model)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    part.model.train()
+    b = batch()
+    labels = _labels(b, which)
+    inputs = (b["attention_mask"], b["position_ids"])
+
+    ref = part.model(
+        input_ids=b["input_ids"],
+        labels=labels,
+        attention_mask=inputs[0],
+        position_ids=inputs[1],
+        use_cache=False,
+    )
+    ref.loss.backward()
+    ref_grads = [p.grad.clone() for p in params]
+    target = labels[:, 1:]
+    hits = int(((ref.logits[:, :-1].argmax(-1) == target) & (target != -100)).sum())
+    for p in params:
+        p.grad = None
+    out = part.train_loss(labels, *inputs, input_ids=b["input_ids"])
+    out.loss.backward()
+    assert (out.tokens, out.correct) == (int((target != -100).sum()), hits)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
+    for p, want in zip(params, ref_grads, strict=True):
+        torch.testing.assert_close(p.grad, want, atol=1e-5, rtol=0)

@@ -104,12 +104,12 @@ class NetworkRounds:
         self._pumping = False
 
     # ------------------------------------------------------ the coordinator
-    def setup(self, coordinator) -> dict[int, list[int]]:
+    def setup(self, coordinator) -> dict[int, list[tuple[int, int]]]:
         self.coordinator = coordinator
         self.server = coordinator.server
         self.device = self.server.device
         self.transport = self._serve(self)
-        return {}  # the clients' data lengths are theirs: the planner learns them
+        return {}  # the clients' data sizes are theirs: the planner learns them
 
     def run_round(
         self, planned: RoundConfig, devices: Mapping[int, Any]

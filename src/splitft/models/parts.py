@@ -323,16 +323,24 @@ class ModelPart:
             {"input_ids": input_ids} if hidden is None else {"inputs_embeds": hidden}
         )
         final = self._blocks_out(attention_mask, position_ids, **inputs)  # (B, T, H)
-        target = labels[:, 1:]  # (B, T-1)
-        keep = target != -100
-        tokens = labelled_tokens(labels)
-        if tokens == 0:
+        logits, wanted, _ = self.head_at_labels(final, labels)  # (N, V), (N,)
+        if len(wanted) == 0:
             return TrainLoss(None, 0, 0)
-        head = getattr(self.model, self.spec.head)
-        logits = head(final[:, :-1][keep]).float()  # (N, V), N = tokens
-        wanted = target[keep]  # (N,)
         correct = int((logits.detach().argmax(-1) == wanted).sum())
-        return TrainLoss(F.cross_entropy(logits, wanted), tokens, correct)
+        return TrainLoss(F.cross_entropy(logits, wanted), len(wanted), correct)
+
+    def head_at_labels(
+        self,
+        final: torch.Tensor,  # (B, T, H) after the final norm
+        labels: torch.Tensor,  # (B, T), -100 where there is no loss
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The head at the N positions whose next token has a label only:
+        the logits ``(N, V)`` in float32 (as the HF loss upcasts them), their
+        targets ``(N,)`` and the ``(B, T-1)`` mask that chose them."""
+        target = labels[:, 1:]  # (B, T-1): position t predicts label t + 1
+        mask = target != -100
+        head = getattr(self.model, self.spec.head)
+        return head(final[:, :-1][mask]).float(), target[mask], mask
 
     def server_forward(
         self,

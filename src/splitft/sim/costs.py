@@ -183,8 +183,9 @@ class CostModel:
             raise ValueError(
                 f"{path}: not a cost model of this SplitFT (fields differ: "
                 f"{sorted(set(data) ^ names)[:4]}); one saved before the head "
-                "was priced per labelled token cannot be reused: drop "
-                "sim.cost_model to measure it afresh"
+                "was priced per labelled token cannot be read: drop "
+                "sim.cost_model to measure it afresh (a run folder holding "
+                "one resumes only with the SplitFT that wrote it)"
             )
         return cls(**data)
 
@@ -278,19 +279,25 @@ def _server_at_last_block(
 
     Through :meth:`SplitServer.handle`, so the time includes what the server
     does around the forward and backward: checks, switching adapters, the
-    accuracy count and the optimizer step.
+    accuracy count and the optimizer step. Two clients take turns, so every
+    request switches the adapter, as the requests of a federation's clients
+    interleave on a per-client server.
     """
     L = model_config.num_hidden_layers
-    steps = len(smashed) * (repeats + 1)
+    steps = len(smashed) * (repeats + 1)  # per client: an upper bound
+    cuts = {0: L - 1, 1: L - 1}
     server = SplitServer(
-        store, model_config, settings, TrainConfig(), {0: L - 1}, steps, steps
+        store, model_config, settings, TrainConfig(), cuts, steps, steps
     )
-    server.handle(RoundRequest(0, 0))
-    count = iter(range(steps))
+    for cid in cuts:
+        server.handle(RoundRequest(cid, 0))
+    calls = iter(range(2 * steps))
 
     def serving(msg: SmashedData) -> Callable[[], None]:
         def serve() -> None:
-            reply = server.handle(dataclasses.replace(msg, step=next(count)))
+            call = next(calls)
+            cid, step = call % 2, call // 2
+            reply = server.handle(dataclasses.replace(msg, client_id=cid, step=step))
             if not isinstance(reply, Gradient):
                 raise RuntimeError(f"the cost probe's step was refused: {reply.error}")
 
@@ -336,6 +343,8 @@ def probe(
     if L < 3:
         raise ValueError(f"the cost probe needs a model of >= 3 blocks, not {L}")
     ka, kb = 1, min(5, L - 1)
+    # the head's share needs labelled and unlabelled positions: >= 4 tokens
+    seq_len = max(seq_len, 4)
     device = store.device
     g = torch.Generator().manual_seed(0)
     vocab = model_config.vocab_size
