@@ -219,9 +219,9 @@ def main() -> None:
         "runs": [],
     }
     t_start = time.perf_counter()
+    every = args.loss_on == "all"
     for side in args.sides.split(","):
         for n in (int(x) for x in args.clients.split(",")):
-            every = args.loss_on == "all"
             msgs = requests(store, model_config, rows, n, args.seed, every)
             row = {
                 "server_side": side,
