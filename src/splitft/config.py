@@ -514,6 +514,33 @@ class PrivacyConfig:
 
 
 @dataclass
+class ServerConfig:
+    batching: bool = _f(
+        False,
+        "serve the micro-batches of every client waiting when the server is "
+        "free as one forward and backward (vanilla topology); off: one at a "
+        "time. Off by default: on this project's CPU it measured slower "
+        "(docs/benchmarks.md); see docs/server.md",
+    )
+    batch_window_ms: float = _f(
+        0.0,
+        "batching: how long a free server waits for more requests before it "
+        "starts a batch (0 = take what is waiting)",
+    )
+    max_batch_tokens: int = _f(
+        0, "batching: the most token slots in one batch (0 = no limit)"
+    )
+
+    def __post_init__(self) -> None:
+        ok = self.batch_window_ms >= 0
+        _check(ok, "server.batch_window_ms", self.batch_window_ms, ">= 0")
+        ok = self.max_batch_tokens >= 0
+        _check(
+            ok, "server.max_batch_tokens", self.max_batch_tokens, ">= 0 (0 = no limit)"
+        )
+
+
+@dataclass
 class RunConfig:
     name: str = _f("default", "run name; outputs go to <out_dir>/<name>/")
     out_dir: str = _f("runs", "folder holding the run folders")
@@ -524,6 +551,7 @@ class RunConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -535,6 +563,23 @@ class RunConfig:
         ok = bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name))
         allowed = "one folder name of letters, digits, '-', '_', '.' (not '.', '..')"
         _check(ok and self.name not in (".", ".."), "name", self.name, allowed)
+        if (
+            self.server.batching
+            and self.federation.server_side == "shared"
+            and self.train.grad_accum > 1
+        ):
+            raise ConfigError(
+                "server.batching=true with federation.server_side='shared' needs "
+                f"train.grad_accum=1, got {self.train.grad_accum}: a batch's "
+                "gradient on the shared adapter cannot be told apart per client, "
+                "so a step cannot park its micro-batches (set server.batching=false)"
+            )
+        if self.server.batching and self.federation.topology == "u_shaped":
+            raise ConfigError(
+                "server.batching=true is not allowed with "
+                "federation.topology='u_shaped' (its server legs are served one "
+                "at a time): set server.batching=false"
+            )
 
     @property
     def run_dir(self) -> Path:

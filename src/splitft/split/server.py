@@ -18,8 +18,9 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft.functional import set_adapter
@@ -36,11 +37,12 @@ from splitft.federation.aggregate import (
 from splitft.models.arch import spec_for
 from splitft.models.parts import (
     WeightStore,
+    labelled_tokens,
     loss_share,
     middle_part,
     server_part,
 )
-from splitft.split import optim
+from splitft.split import engine, optim
 from splitft.split.compress import compress, decompress
 from splitft.split.errors import (
     Malformed,
@@ -102,6 +104,7 @@ class SplitServer:
         grad_compression: str = "none",
         tail_layers: int = 0,
         compression: str = "none",
+        batching: bool = False,
     ) -> None:
         if server_side not in SERVER_SIDES:
             raise ValueError(f"server_side {server_side!r} not in {SERVER_SIDES}")
@@ -118,6 +121,12 @@ class SplitServer:
             )
         if tail_layers and server_side == SHARED:
             raise ValueError("a U-shaped split needs server_side='per_client'")
+        if batching and tail_layers:
+            raise ValueError("batching serves a vanilla split only (tail_layers=0)")
+        if batching and server_side == SHARED and train.grad_accum > 1:
+            raise ValueError("batching on a shared adapter needs train.grad_accum=1")
+        # handle_many runs the vanilla split's micro-batches as one batch
+        self.batching = batching
         self.cut_layers: dict[int, int] = {}
         self._check_cuts(cut_layers)
         self.cut_layers.update(cut_layers)
@@ -190,16 +199,19 @@ class SplitServer:
             warnings.filterwarnings("ignore", "Already found a `peft_config`")
             for name in names:
                 lora.inject(self.part.model, self.spec, self.lora, ranks, name)
-        self._active: str | None = None  # set by _activate
+        self._active: tuple[str, ...] | None = None  # set by _activate_all
 
     def _activate(self, cid: int) -> None:
-        """Train ``cid``'s adapter. PEFT's ``set_adapter`` walks every module
+        """Train ``cid``'s adapter (:meth:`_activate_all`)."""
+        self._activate_all((self._adapter_of(cid),))
+
+    def _activate_all(self, names: tuple[str, ...]) -> None:
+        """Train these adapters. PEFT's ``set_adapter`` walks every module
         of the model (some 40 ms a request on SmolLM2 here) and so does
         ``train()``: each runs only when something changes."""
-        name = self._adapter_of(cid)
-        if name != self._active:
-            set_adapter(self.part.model, name)
-            self._active = name
+        if names != self._active:
+            set_adapter(self.part.model, list(names) if len(names) > 1 else names[0])
+            self._active = names
         if not self.part.model.training:
             self.part.model.train()
 
@@ -273,12 +285,7 @@ class SplitServer:
     def _handle(self, msg, peer: int | None):
         cid = getattr(msg, "client_id", -1)
         try:
-            if peer is not None and cid != peer:
-                raise NotAllowed(
-                    f"this connection is client {peer}; it may not act for client {cid}"
-                )
-            if cid not in self.cut_layers:
-                raise NotAllowed(f"unknown client_id {cid}")
+            self._admit(msg, peer)
             if isinstance(msg, Join):
                 return self._join(msg)
             if isinstance(msg, RoundRequest):
@@ -292,13 +299,28 @@ class SplitServer:
                 return self._answer(msg, self._receive)
             raise Malformed(f"unexpected message {type(msg).__name__}")
         except Exception as e:  # noqa: BLE001 - reported to the client, not raised
-            refused = isinstance(e, Refused)
-            if not refused:
-                log.warning("request from client %s failed", cid, exc_info=True)
-            if peer is None or cid == peer:  # never touch another client's state
-                self._drop_step(cid)
-            code = e.code if refused else "INTERNAL"
-            return Ack(client_id=cid, error=f"{type(e).__name__}: {e}", code=code)
+            return self._refusal(e, cid, peer)
+
+    def _admit(self, msg, peer: int | None) -> None:
+        """The checks every request passes first: who sends it."""
+        cid = getattr(msg, "client_id", -1)
+        if peer is not None and cid != peer:
+            raise NotAllowed(
+                f"this connection is client {peer}; it may not act for client {cid}"
+            )
+        if cid not in self.cut_layers:
+            raise NotAllowed(f"unknown client_id {cid}")
+
+    def _refusal(self, e: Exception, cid: int, peer: int | None, grads=True) -> Ack:
+        """The reply to a request that failed with ``e``: its step is dropped
+        (``grads``: with the gradients it left) and the client told why."""
+        refused = isinstance(e, Refused)
+        if not refused:
+            log.warning("request from client %s failed", cid, exc_info=e)
+        if peer is None or cid == peer:  # never touch another client's state
+            self._drop_step(cid, grads)
+        code = e.code if refused else "INTERNAL"
+        return Ack(client_id=cid, error=f"{type(e).__name__}: {e}", code=code)
 
     def _answer(self, msg, run):
         """Run a step or an upload once: a retried request (the same client,
@@ -317,12 +339,13 @@ class SplitServer:
         planned.last = (key, reply)
         return reply
 
-    def _drop_step(self, cid) -> None:
-        """A refused request leaves no gradient behind, and the step it was
-        part of starts again at its first micro-batch."""
+    def _drop_step(self, cid, grads: bool = True) -> None:
+        """A refused request leaves no gradient behind (``grads``: none is
+        left to clear), and the step it was part of starts again at its first
+        micro-batch."""
         self._shared_grads.pop(cid, None)
         opt = self._optimizer(cid)
-        if opt is not None:
+        if opt is not None and grads:
             opt.zero_grad(set_to_none=True)
         planned = self._planned.get(cid)
         if planned is not None:
@@ -502,19 +525,22 @@ class SplitServer:
         hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
         return hidden.detach().requires_grad_(True)
 
-    def _stepped(self, cid: int, step: int, micro: int, hidden: torch.Tensor):
+    def _stepped(
+        self, cid: int, step: int, micro: int, hidden: torch.Tensor, optimize=True
+    ):
         """After a micro-batch's backward: the optimizer step after the step's
-        last micro-batch, the (step, micro) the client sends next, and the
+        last micro-batch (``optimize``: a batch on a shared adapter stepped
+        it already), the (step, micro) the client sends next, and the
         gradient of its smashed data as the reply carries it (in the server's
         precision unless compressed; the client casts it to its own)."""
         planned = self._planned[cid]
         last = micro == self.train.grad_accum - 1  # = num_micro (_check_smashed)
-        if last:
+        if last and optimize:
             optimizer = self._optimizer(cid)
             assert optimizer is not None  # a split client's plan made it
             optim.step(optimizer, planned.lrs[step], self.train.max_grad_norm)
-            if self.server_side == SHARED:
-                self._served[cid] = planned.cut
+        if last and self.server_side == SHARED:
+            self._served[cid] = planned.cut
         planned.next = (step + 1, 0) if last else (step, micro + 1)
         runs.fault("server_step")
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
@@ -547,6 +573,138 @@ class SplitServer:
             correct=correct,
             grad_scale=scale,
         )
+
+    # ------------------------------------------------------------ batches
+    def handle_many(self, requests: Sequence[tuple[Any, int | None]]) -> list:
+        """Answer several ``(request, peer)`` pairs, replies in their order.
+
+        With ``batching``, the vanilla split's micro-batches among them (one
+        per client) run as one batch (:mod:`splitft.split.engine`): one
+        forward and one backward of the frozen base, each request getting the
+        loss, accuracy and gradients it would get alone. Every other request,
+        and every request without batching, is answered as :meth:`handle`
+        answers it. Each request is checked, retried and refused alone: one
+        bad request never spoils the others.
+        """
+        with self._lock:
+            replies: list = [None] * len(requests)
+            batches: dict[bool, list[int]] = {}
+            taken: set[int] = set()
+            rest = []
+            for i, (msg, _peer) in enumerate(requests):
+                cid = getattr(msg, "client_id", -1)
+                if self.batching and isinstance(msg, SmashedData) and cid not in taken:
+                    taken.add(cid)
+                    batches.setdefault(engine.batch_key(msg.attention_mask), []).append(
+                        i
+                    )
+                else:
+                    rest.append(i)
+            for batch in batches.values():
+                self._run_batch(requests, batch, replies)
+            for i in rest:
+                replies[i] = self._handle(*requests[i])
+            return replies
+
+    def _run_batch(self, requests, batch: list[int], replies: list) -> None:
+        """Check each request of ``batch``, run those that pass as one batch,
+        step the optimizers and put the replies in ``replies``."""
+        t0 = time.perf_counter()
+        ready: list[tuple[int, SmashedData, tuple, engine.Request]] = []
+        for i in batch:
+            msg, peer = requests[i]
+            cid = msg.client_id
+            try:
+                self._admit(msg, peer)
+                planned = self._planned.get(cid)
+                if planned is None:
+                    raise OutOfOrder(
+                        f"client {cid} has no plan for the open round: send "
+                        "RoundRequest first"
+                    )
+                key = _key(msg, planned.round)
+                if planned.last is not None and planned.last[0] == key:
+                    replies[i] = planned.last[1]  # a retry: the first answer
+                    continue
+                self._check_smashed(msg)
+                hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
+                hidden = hidden.detach().requires_grad_(True)
+            except Exception as e:  # noqa: BLE001 - reported to the client
+                replies[i] = self._refusal(e, cid, peer)
+                continue
+            share = loss_share(
+                labelled_tokens(msg.labels), msg.step_tokens, msg.num_micro
+            )
+            shared = self.server_side == SHARED
+            request = engine.Request(
+                hidden,
+                msg.attention_mask,
+                msg.position_ids,
+                msg.labels,
+                planned.cut,
+                share,
+                None if shared else self._name(cid),
+            )
+            ready.append((i, msg, key, request))
+        if not ready:
+            return
+        names = {self._adapter_of(msg.client_id) for _, msg, _, _ in ready}
+        self._activate_all(tuple(sorted(names)))
+        try:
+            results = engine.run(self.part, [r for *_, r in ready])
+        except Exception as e:  # noqa: BLE001 - a fault of the batch, not a request
+            for i, msg, _, _ in ready:
+                replies[i] = self._refusal(e, msg.client_id, requests[i][1])
+            return
+        done = [
+            (i, msg, key, r, res)
+            for (i, msg, key, r), res in zip(ready, results, strict=True)
+        ]
+        for i, msg, _, _, res in done:
+            if not res.finite:
+                error = Malformed("the loss is not finite; step dropped")
+                replies[i] = self._refusal(error, msg.client_id, requests[i][1], False)
+        done = [d for d in done if d[4].finite]
+        optimize = self.server_side != SHARED
+        if not optimize and done:  # one step on the batch's mean gradient
+            self._shared_step(
+                [(msg, self._planned[msg.client_id]) for _, msg, *_ in done]
+            )
+        wall = time.perf_counter() - t0
+        work = [r.slots * (self.end - r.cut) for *_, r, _ in done]
+        for (i, msg, key, r, res), w in zip(done, work, strict=True):
+            cid = msg.client_id
+            try:
+                values, scale = self._stepped(
+                    cid, msg.step, msg.micro, r.hidden, optimize
+                )
+            except Exception as e:  # noqa: BLE001 - reported to the client
+                replies[i] = self._refusal(e, cid, requests[i][1])
+                continue
+            reply = Gradient(
+                client_id=cid,
+                step=msg.step,
+                micro=msg.micro,
+                loss=res.loss if res.loss is not None else 0.0,
+                tokens=res.tokens,
+                server_seconds=wall * w / max(sum(work), 1),  # its share of the batch
+                grad=values,
+                correct=res.correct,
+                grad_scale=scale,
+            )
+            self._planned[cid].last = (key, reply)
+            replies[i] = reply
+
+    def _shared_step(self, served: list[tuple[SmashedData, _Planned]]) -> None:
+        """A batch on the shared adapter: one optimizer step on the mean of
+        its clients' step gradients (one larger batch, as MergeSFL merges its
+        workers' features), at the mean of their learning rates."""
+        params = lora.adapter_params(self.part.model, SHARED)
+        for p in params:
+            if p.grad is not None:
+                p.grad /= len(served)
+        lr = sum(planned.lrs[msg.step] for msg, planned in served) / len(served)
+        optim.step(self._optim[SHARED], lr, self.train.max_grad_norm)
 
     def _middle(self, msg: SmashedData) -> TailInput:
         """U-shaped, first leg: blocks [k, L - tail_layers) forward; the graph
