@@ -1,7 +1,15 @@
 """Server throughput (issue 19): the split server's training step on the real
-default model, the head and the loss on every position (the server before
-issue 19: the HF forward with labels) against only the labelled positions
-(``ModelPart.train_loss``), side by side in one run.
+default model, side by side in one run, in five modes:
+
+- ``full``: one request at a time, the head and the loss on every position
+  (the server before issue 19: the HF forward with labels);
+- ``labels``: one at a time, the head only at the labelled positions
+  (``ModelPart.train_loss``: today's default server);
+- ``batched_full``: all N requests in one batch (``server.batching``,
+  ``split/engine.py``), the head on every position;
+- ``batched``: one batch, the head at labels;
+- ``grouped``: one batch per cut (the requests of clients with the same cut
+  together), the head at labels: the alternative to rows joining at their cut.
 
     python benchmarks/server_throughput.py --out runs/bench/server_throughput
     python benchmarks/server_throughput.py --quick      # N = 1 and 4, 3 repeats
@@ -11,16 +19,17 @@ N = 1, 2, 4, 8, 16 clients at cuts cycled over 2, 4, 6, 8 each send the
 server one micro-batch (2 rows of the default data, drawn per client, with
 the answer-only labels of ``data.loss_on=answer``, or with ``--loss-on all``
 every token; the same rows in every mode); the real ``SplitServer`` handles
-the N requests one after another, as it does today, each a whole step
-(forward, backward, optimizer step). Per ``federation.server_side``
-(per_client and shared) and mode, the median time of the N requests over
-``--repeats`` (the modes take turns, so load on the machine hits them alike)
-gives token slots per second; the ratio of the two is the speed-up. Each
-mode's first step is checked against the other's: the same loss, tokens,
-accuracy and gradient of the smashed data.
+the N requests one after another or batched, each a whole step (forward,
+backward, optimizer step). Per ``federation.server_side`` (per_client and
+shared) and mode, the median time of the N requests over ``--repeats`` (the
+modes take turns, so load on the machine hits them alike) gives token slots
+per second; ratios are against ``full`` (today's server before issue 19) and
+``labels`` (serial today). Each mode's first step is checked against
+``labels``'s: the same loss, tokens, accuracy and gradient of the smashed data
+(a shared adapter batched steps once per batch, so only its first step's
+replies compare).
 
-Not measured yet: cross-client batching (modes c and d of the issue), bf16,
-and CUDA (``--device cuda`` runs, but no GPU was at hand).
+Not measured: bf16 and CUDA (``--device cuda`` runs, but no GPU was at hand).
 """
 
 from __future__ import annotations
@@ -54,7 +63,8 @@ from splitft.split.messages import Gradient, RoundRequest, SmashedData  # noqa: 
 from splitft.split.server import SplitServer  # noqa: E402
 
 CUTS = (2, 4, 6, 8)
-MODES = ("full", "labels")  # the head on every position; only where labels are
+MODES = ("full", "labels", "batched_full", "batched", "grouped")
+BATCHED = ("batched_full", "batched", "grouped")
 ROWS, MAX_LENGTH = 2, 256
 
 
@@ -69,18 +79,30 @@ def full_head(self, labels, attention_mask, position_ids, *, hidden=None, **_):
     return TrainLoss(out.loss if n else None, n, hits)
 
 
+def full_logits(self, final, labels):
+    """``head_at_labels`` as the head on every position would give it: the
+    full ``(B, T, V)`` logits, then the labelled positions picked out."""
+    target = labels[:, 1:]
+    mask = target != -100
+    logits = getattr(self.model, self.spec.head)(final).float()
+    return logits[:, :-1][mask], target[mask], mask
+
+
 @contextlib.contextmanager
 def mode(name: str):
-    """Run the server's training forward as ``name`` ("full" or "labels")."""
-    if name == "labels":
+    """Run the server's training forward as mode ``name`` does."""
+    if name not in ("full", "batched_full"):
         yield
         return
-    saved = ModelPart.train_loss
-    ModelPart.train_loss = full_head
+    attr, fn = (
+        ("train_loss", full_head) if name == "full" else ("head_at_labels", full_logits)
+    )
+    saved = getattr(ModelPart, attr)
+    setattr(ModelPart, attr, fn)
     try:
         yield
     finally:
-        ModelPart.train_loss = saved
+        setattr(ModelPart, attr, saved)
 
 
 def requests(
@@ -117,7 +139,9 @@ def requests(
     return out
 
 
-def server_for(store, model_config, msgs, steps: int, side: str) -> SplitServer:
+def server_for(
+    store, model_config, msgs, steps: int, side: str, batching=False
+) -> SplitServer:
     cuts = {m.client_id: CUTS[m.client_id % len(CUTS)] for m in msgs}
     server = SplitServer(
         store,
@@ -128,48 +152,77 @@ def server_for(store, model_config, msgs, steps: int, side: str) -> SplitServer:
         steps,
         steps,
         server_side=side,
+        batching=batching,
     )
     for cid in cuts:
         server.handle(RoundRequest(cid, 0))
     return server
 
 
-def serve(server: SplitServer, msgs: list[SmashedData], step: int) -> list[Gradient]:
-    replies = []
-    for m in msgs:
-        reply = server.handle(dataclasses.replace(m, step=step))
+def serve(
+    server: SplitServer, msgs: list[SmashedData], step: int, name: str = "labels"
+) -> list[Gradient]:
+    msgs = [dataclasses.replace(m, step=step) for m in msgs]
+    if name in ("batched", "batched_full"):
+        replies = server.handle_many([(m, None) for m in msgs])
+    elif name == "grouped":
+        cuts = {m.client_id: server.cut_layers[m.client_id] for m in msgs}
+        by_cut: dict[int, list[int]] = {}
+        for i, m in enumerate(msgs):
+            by_cut.setdefault(cuts[m.client_id], []).append(i)
+        replies = [None] * len(msgs)
+        for idx in by_cut.values():
+            got = server.handle_many([(msgs[i], None) for i in idx])
+            for i, r in zip(idx, got, strict=True):
+                replies[i] = r
+    else:
+        replies = [server.handle(m) for m in msgs]
+    for reply in replies:
         if not isinstance(reply, Gradient):
             raise RuntimeError(f"refused: {reply.error}")
-        replies.append(reply)
     return replies
 
 
 def same_step(store, model_config, msgs, side: str) -> dict:
-    """Both modes' first step on fresh servers: equal up to fp32 rounding?"""
+    """Every mode's first step on fresh servers against ``labels``'s: equal
+    up to fp32 rounding? A shared adapter moves after every serial step, so
+    there only the first request's reply compares."""
     got = {}
-    for name in ("full", "labels"):
+    for name in MODES:
         with mode(name):
-            got[name] = serve(server_for(store, model_config, msgs, 1, side), msgs, 0)
-    a, b = got["full"], got["labels"]
-    grad = max(float((x.grad - y.grad).abs().max()) for x, y in zip(a, b, strict=True))
-    loss = max(abs(x.loss - y.loss) for x, y in zip(a, b, strict=True))
-    counts = all(
-        (x.tokens, x.correct) == (y.tokens, y.correct)
-        for x, y in zip(a, b, strict=True)
-    )
-    return {"max_grad_diff": grad, "max_loss_diff": loss, "same_counts": counts}
+            server = server_for(store, model_config, msgs, 1, side, name in BATCHED)
+            got[name] = serve(server, msgs, 0, name)
+    out = {}
+    for name in MODES:
+        a, b = got[name], got["labels"]
+        if side == "shared":
+            a, b = a[:1], b[:1]
+        pairs = list(zip(a, b, strict=True))
+        out[name] = {
+            "max_grad_diff": max(
+                float((x.grad - y.grad).abs().max()) for x, y in pairs
+            ),
+            "max_loss_diff": max(abs(x.loss - y.loss) for x, y in pairs),
+            "same_counts": all(
+                (x.tokens, x.correct) == (y.tokens, y.correct) for x, y in pairs
+            ),
+        }
+    return out
 
 
 def measure(store, model_config, msgs, side: str, repeats: int) -> dict:
     steps = 2 * (repeats + 1)
-    servers = {m: server_for(store, model_config, msgs, steps, side) for m in MODES}
+    servers = {
+        m: server_for(store, model_config, msgs, steps, side, m in BATCHED)
+        for m in MODES
+    }
     times: dict[str, list[float]] = {m: [] for m in MODES}
     step = 0
     for turn in range(repeats + 1):  # turn 0 warms up
         for name in MODES if turn % 2 == 0 else MODES[::-1]:
             with mode(name):
                 t0 = time.perf_counter()
-                serve(servers[name], msgs, step)
+                serve(servers[name], msgs, step, name)
                 seconds = time.perf_counter() - t0
             if turn:
                 times[name].append(seconds)
@@ -181,6 +234,9 @@ def measure(store, model_config, msgs, side: str, repeats: int) -> dict:
         t = statistics.median(times[name])
         row[name] = {"seconds": t, "slots_per_s": slots / t, "all_s": times[name]}
     row["speedup"] = row["full"]["seconds"] / row["labels"]["seconds"]
+    for name in BATCHED:  # against serial at labels (today) and the old server
+        row[name]["vs_labels"] = row["labels"]["seconds"] / row[name]["seconds"]
+        row[name]["vs_full"] = row["full"]["seconds"] / row[name]["seconds"]
     return row
 
 
@@ -229,11 +285,17 @@ def main() -> None:
             }
             row["check"] = same_step(store, model_config, msgs, side)
             results["runs"].append(row)
+            worst = max(c["max_grad_diff"] for c in row["check"].values())
             print(
                 f"{side:>10} N={n:>2}: {row['slots']:>5} slots, {row['labelled']:>4} "
                 f"labelled; full head {row['full']['seconds']:.3f} s, at labels "
-                f"{row['labels']['seconds']:.3f} s: {row['speedup']:.2f}x; "
-                f"grad diff {row['check']['max_grad_diff']:.1e}",
+                f"{row['labels']['seconds']:.3f} s ({row['speedup']:.2f}x); "
+                + "; ".join(
+                    f"{m} {row[m]['seconds']:.3f} s ({row[m]['vs_labels']:.2f}x "
+                    f"serial at labels, {row[m]['vs_full']:.2f}x full)"
+                    for m in BATCHED
+                )
+                + f"; worst grad diff {worst:.1e}",
                 flush=True,
             )
             write_json(args.out / "results.json", results)

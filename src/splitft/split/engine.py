@@ -5,14 +5,16 @@ their rows are right-padded to the longest request, sorted by cut, and each
 client's rows *join* the batch at its own cut, so a block only ever runs on
 the rows of the clients whose cut is at or below it (no block runs on a row
 before its client's cut). With one adapter per client each LoRA layer applies
-a client's A and B to that client's rows only: PEFT's mixed-batch forward
-(``adapter_names``), handed to each LoRA layer by a forward pre-hook as
-``PeftModel`` does for inference (``PeftModel`` refuses it in training; the
-layer itself computes it with gradients, as mLoRA applies each adapter to its
-slice of one batch). The head and the loss run at the labelled positions
-only; every request's loss is the mean over its own labelled tokens and the
-backward weighs it by its share of its client's step, so each request gets
-the loss, the accuracy and the gradients it would get alone.
+a client's A and B to that client's rows only, as mLoRA does: the frozen
+base linear runs once on the whole batch, then each adapter's
+``B(A(dropout(x))) * scaling`` on its own contiguous slice of rows (PEFT's
+vanilla LoRA forward, slice by slice; PEFT's own mixed-batch forward,
+``adapter_names``, gathers and scatters rows by index lists, and
+``PeftModel`` refuses it in training). The head and the loss run at the
+labelled positions only; every request's loss is the mean over its own
+labelled tokens and the backward weighs it by its share of its client's
+step, so each request gets the loss, the accuracy and the gradients it would
+get alone.
 
 Padding keeps every row independent of the rows it shares a batch with: a
 request with an attention mask is padded with mask 0 (and continuing
@@ -35,8 +37,6 @@ from torch import nn
 
 from splitft.models.arch import PassThrough
 from splitft.models.parts import ModelPart
-
-BASE = "__base__"  # PEFT's adapter name for "no adapter on this row"
 
 
 @dataclass
@@ -250,35 +250,64 @@ def _joined(
             view.append(block)
         held[i] = active
     spec = part.spec
-    hooks = []
-    if any(name is not None for name in names):
-        per_row = [name or BASE for j, name in enumerate(names) for _ in range(rows[j])]
+    patched = []
+    if len(set(names)) > 1:  # one adapter for all: PEFT's own forward
         for module_name, module in part.model.named_modules():
             if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
                 continue
             layer = _layer_of(module_name, spec.blocks)
             if layer is None or layer not in held:
                 continue
-            hooks.append(
-                module.register_forward_pre_hook(
-                    _names_hook(per_row[: held[layer]]), with_kwargs=True
-                )
-            )
+            # every adapter of the batch is active: even a layer whose rows
+            # are one client's must apply that client's adapter only
+            module.forward = _sliced_lora(module, _spans(names, rows, held[layer]))
+            patched.append(module)
     setattr(part.decoder, spec.blocks, nn.ModuleList(view))
     try:
         yield
     finally:
         setattr(part.decoder, spec.blocks, blocks)
-        for h in hooks:
-            h.remove()
+        for module in patched:
+            del module.forward  # the class's (PEFT's) forward again
 
 
-def _names_hook(names: list[str]):
-    def hook(module, args, kwargs):
-        kwargs["adapter_names"] = names
-        return args, kwargs
+def _spans(
+    names: Sequence[str | None], rows: Sequence[int], n: int
+) -> list[tuple[str | None, int, int]]:
+    """The first ``n`` rows as (adapter, start, stop) runs of one adapter."""
+    spans: list[tuple[str | None, int, int]] = []
+    start = 0
+    for name, count in zip(names, rows, strict=True):
+        stop = min(start + count, n)
+        if stop <= start:
+            break
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], stop)
+        else:
+            spans.append((name, start, stop))
+        start = stop
+    return spans
 
-    return hook
+
+def _sliced_lora(module, spans: list[tuple[str | None, int, int]]):
+    """A LoRA linear's forward applying each span's adapter to its rows:
+    PEFT's vanilla LoRA (``result + B(A(dropout(x))) * scaling``) per slice."""
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = module.base_layer(x, *args, **kwargs)
+        deltas = []
+        for name, start, stop in spans:
+            piece = x[start:stop]
+            if name is None or name not in module.lora_A:
+                deltas.append(torch.zeros_like(result[start:stop]))
+                continue
+            lora_a, lora_b = module.lora_A[name], module.lora_B[name]
+            piece = piece.to(lora_a.weight.dtype)
+            out = lora_b(lora_a(module.lora_dropout[name](piece)))
+            deltas.append((out * module.scaling[name]).to(result.dtype))
+        return result + torch.cat(deltas)
+
+    return forward
 
 
 def _layer_of(module_name: str, blocks: str) -> int | None:
