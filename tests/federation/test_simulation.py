@@ -1,5 +1,6 @@
 """The whole simulation on a tiny model and a local data file."""
 
+import dataclasses
 import json
 
 import peft
@@ -389,3 +390,37 @@ def test_u_shaped_cuts_the_model_cannot_take_name_the_key(
     cfg = config(assets, tmp_path, "name=u_bad", *U_SHAPED, *extra)
     with pytest.raises(ConfigError, match=match):
         run(cfg, synthetic.costs(num_layers=4))
+
+
+@pytest.mark.parametrize("side", ["per_client", "shared"])
+def test_a_batching_server_trains_as_the_serial_one(assets, tmp_path, side):
+    """Per-client adapters: batching changes when the server works, never
+    what it learns. A shared adapter steps once per batch instead of once
+    per client step (docs/server.md): it learns, at the same data, and its
+    batches show on the clock (one service for the clients waiting)."""
+    common = (f"federation.server_side={side}", "sim.timing=predicted")
+    summaries = {}
+    for batching in ("false", "true"):
+        cfg = config(
+            assets,
+            tmp_path,
+            f"name={side}-{batching}",
+            f"server.batching={batching}",
+            *common,
+        )
+        # a server on which a batch of two costs what one request does alone
+        costs = dataclasses.replace(synthetic.costs(num_layers=4), batch_gain=2.0)
+        _, summaries[batching] = run(cfg, costs)
+    serial, batched = (summaries[k]["rounds"] for k in ("false", "true"))
+    serial, batched = ([r for r in rs if r["round"] > 0] for rs in (serial, batched))
+    assert len(serial) == len(batched) == 3
+    for a, b in zip(serial, batched, strict=True):
+        if side == "per_client":
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+            assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b["up_smashed"] == a["up_smashed"] > 0  # the same micro-batches
+        # the replies' floats (loss, server seconds) encode in varying lengths
+        assert b["down_gradients"] == pytest.approx(a["down_gradients"], rel=1e-3)
+        # the clients' micro-batches in fewer, cheaper services
+        assert b["server_busy_s"] < a["server_busy_s"]
+    assert batched[-1]["eval_loss"] < summaries["true"]["rounds"][0]["eval_loss"]

@@ -5,6 +5,7 @@ from synthetic import device, world
 
 from splitft.sim.clock import ClientFailed, Outgoing, simulate_round
 from splitft.sim.costs import predict_round
+from splitft.sim.profiles import Batching
 
 
 class Scripted:
@@ -108,3 +109,73 @@ def test_modelled_local_client_uses_no_server():
     assert t.bytes_up.get("smashed", 0) == 0 and t.served == 0.0
     expected = 4 * 2.0 * w.costs.client_seconds(30, 256, 256)
     assert t.compute == pytest.approx(expected)
+
+
+class Slotted(Scripted):
+    """A scripted client whose requests may share a batch (``slots``)."""
+
+    def resume(self, reply):
+        seconds, out = super().resume(reply)
+        if out is not None:
+            out.slots = 10
+        return seconds, out
+
+
+def batch_server(seconds, batches):
+    def serve_many(items):
+        batches.append([cid for cid, _ in items])
+        return seconds, [Outgoing(p, 1000, "gradients") for _, p in items]
+
+    return serve_many
+
+
+def test_a_free_server_takes_every_waiting_request_as_one_batch():
+    batches = []
+    procs = {cid: Slotted([(1.0, 1000)]) for cid in range(3)}
+    timing = simulate_round(
+        procs,
+        {cid: FAST for cid in procs},
+        server(0.5),
+        batching=Batching(),
+        serve_many=batch_server(0.8, batches),
+    )
+    assert batches == [[0, 1, 2]]  # all three arrive at once: one service
+    assert timing.server_busy == pytest.approx(0.8)
+    for t in timing.clients.values():
+        assert t.served == pytest.approx(0.8) and t.queued == pytest.approx(0.0)
+        assert t.finish == pytest.approx(1.0 + 0.001 + 0.8 + 0.001)
+
+
+def test_a_batch_is_capped_and_a_window_waits_for_more():
+    batches = []
+    procs = {0: Slotted([(1.0, 1000)]), 1: Slotted([(1.1, 1000)])}
+    procs[2] = Slotted([(1.15, 1000)])
+    devices = {cid: FAST for cid in procs}
+    kw = dict(serve_many=batch_server(0.5, batches))
+    simulate_round(procs, devices, server(0.5), batching=Batching(), **kw)
+    assert batches == [[0], [1, 2]]  # no window: the first goes alone
+    batches.clear()
+    procs = {cid: Slotted([(1.0 + 0.05 * cid, 1000)]) for cid in range(3)}
+    timing = simulate_round(
+        procs, devices, server(0.5), batching=Batching(window_s=0.2), **kw
+    )
+    assert batches == [[0, 1, 2]]  # a 200 ms window gathers all three
+    assert timing.clients[0].queued == pytest.approx(0.2)
+    batches.clear()
+    procs = {cid: Slotted([(1.0, 1000)]) for cid in range(3)}
+    simulate_round(procs, devices, server(0.5), batching=Batching(max_slots=20), **kw)
+    assert batches == [[0, 1], [2]]  # 10 slots each, 20 at most
+
+
+def test_requests_that_may_not_share_a_batch_are_served_alone_in_turn():
+    batches, order = [], []
+    procs = {0: Scripted([(1.0, 1000)]), 1: Slotted([(1.0, 1000)])}
+    procs[2] = Slotted([(1.0, 1000)])
+    simulate_round(
+        procs,
+        {cid: FAST for cid in procs},
+        server(0.5, order),
+        batching=Batching(),
+        serve_many=batch_server(0.5, batches),
+    )
+    assert order == [0] and batches == [[1, 2]]

@@ -190,6 +190,7 @@ class Coordinator:
             grad_compression=cfg.transport.grad_compression,
             tail_layers=self.tail,
             compression=cfg.transport.compression,
+            batching=cfg.server.batching,
         )
         sizes = self.runner.setup(self)
         self._setup_strategy(sizes)
@@ -329,7 +330,7 @@ class Coordinator:
             },
             worst_slots=worst,
         )
-        self.server_device = server_device(sim)
+        self.server_device = server_device(sim, cfg.server)
         devices = devices_at(sim, fed.num_clients, 0)
         world = World.of(self.costs, devices, self.server_device, workload, self.tail)
         estimator = Estimator(world, cfg.planner.ewma, cfg.planner.replan_miss)

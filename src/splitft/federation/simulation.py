@@ -79,10 +79,12 @@ class SimulatedRounds:
             for cid in planned.cuts
         }
         server = ClockedServer(c.server, c.server_device.speed, sim.timing, c.costs)
-        workers = c.server_device.workers
-        timing = simulate_round(processes, devices, server, workers)
+        workers, batching = c.server_device.workers, c.server_device.batching
+        timing = simulate_round(
+            processes, devices, server, workers, batching, server.many
+        )
         if sim.timing == "measured":  # ran in the modelled order; time as measured
-            timing = replay(processes, server, devices, workers)
+            timing = replay(processes, server, devices, workers, batching)
         steps = [s for cid in sorted(processes) for s in processes[cid].steps]
         recut = {cid: p.recut for cid, p in processes.items()}
         return RoundResult(timing, steps, recut)

@@ -9,6 +9,13 @@ forward, the server's step) is *executed* when its event is processed, so the
 server sees the steps in the order the simulated network delivers them: with
 a shared server-side adapter the order of its updates is the simulated one.
 
+With batching (``server.batching``), a free worker takes every waiting
+request that may share a batch (a vanilla split's micro-batches, which say
+how many token slots they hold), up to ``max_slots``, after waiting up to
+``window_s`` from the first one's arrival for more; the batch is one service
+(``serve_many``: its time, every reply at its end). A request that may not
+be batched is served alone, in its place in the queue.
+
 The engine does not know what a message is. A process (one client) returns
 how long its last piece of work took and what it sends next; ``serve``
 returns the server's service time and its reply. The same engine runs real
@@ -25,16 +32,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from splitft.sim.profiles import Device
+from splitft.sim.profiles import Batching, Device
 
 
 @dataclass
 class Outgoing:
-    """A message on its way: its payload, size on the wire and byte-count kind."""
+    """A message on its way: its payload, size on the wire and byte-count
+    kind; ``slots``: the token slots of a request that may share a batch
+    (0: it is served alone)."""
 
     payload: Any
     nbytes: int
     kind: str
+    slots: int = 0
 
 
 class Process(Protocol):
@@ -50,6 +60,8 @@ class Process(Protocol):
 
 # (client id, request payload) -> (server seconds, reply)
 Serve = Callable[[int, Any], tuple[float, Outgoing]]
+# [(client id, request payload)] -> (server seconds of the batch, replies)
+ServeMany = Callable[[list[tuple[int, Any]]], tuple[float, list[Outgoing]]]
 
 
 class ClientFailed(RuntimeError):
@@ -99,6 +111,8 @@ def simulate_round(
     devices: Mapping[int, Device],
     serve: Serve,
     workers: int = 1,
+    batching: Batching | None = None,
+    serve_many: ServeMany | None = None,
 ) -> RoundTiming:
     """Run one round of all ``processes`` from simulated time 0.
 
@@ -108,21 +122,27 @@ def simulate_round(
             includes the device's slowdown).
         serve: the server; called when a worker starts on a request, which is
             when the request's work is executed.
-        workers: requests the server serves at once.
+        workers: requests (or batches) the server serves at once.
+        batching: how requests that may share a batch are taken (None: one
+            at a time); ``serve_many`` serves a batch.
     """
+    if batching is not None and serve_many is None:
+        raise ValueError("batching needs serve_many")
     timing = {cid: ClientTiming() for cid in processes}
     seq = itertools.count()  # ties in time keep the order events were made in
     events: list[tuple[float, int, str, int, Any]] = []
-    waiting: deque[tuple[float, int, Any]] = deque()  # FCFS: (arrival, cid, req)
+    # FCFS: (arrival, cid, request, token slots if it may share a batch)
+    waiting: deque[tuple[float, int, Any, int]] = deque()
     free = workers
     busy = 0.0
+    window_at: float | None = None  # a pending end of a batching window
 
     def push(t: float, kind: str, cid: int, payload: Any) -> None:
         heapq.heappush(events, (t, next(seq), kind, cid, payload))
 
     def start_service(now: float) -> None:
         nonlocal free, busy
-        arrived, cid, request = waiting.popleft()
+        arrived, cid, request, _ = waiting.popleft()
         free -= 1
         seconds, reply = serve(cid, request)
         t = timing[cid]
@@ -131,10 +151,63 @@ def simulate_round(
         busy += seconds
         push(now + seconds, "served", cid, reply)
 
+    def start_batch(now: float, ripe: bool) -> bool:
+        """Serve the waiting requests that may share a batch, if it is time
+        (False: the window is still open). Not ``ripe``: first let the other
+        events of this instant happen (requests arriving together are
+        waiting together)."""
+        nonlocal free, busy, window_at
+        assert batching is not None and serve_many is not None
+        cap, taken, slots, full = batching.max_slots, [], 0, False
+        for item in waiting:
+            if not item[3]:
+                continue
+            if taken and cap and slots + item[3] > cap:
+                full = True
+                break
+            taken.append(item)
+            slots += item[3]
+        due = taken[0][0] + batching.window_s
+        if not full and (now < due or not ripe):
+            if window_at is None:  # look again when the first one's window ends
+                window_at = max(due, now)
+                push(window_at, "window", -1, None)
+            return False
+        ids = {id(item) for item in taken}
+        kept = [item for item in waiting if id(item) not in ids]
+        waiting.clear()
+        waiting.extend(kept)
+        free -= 1
+        seconds, replies = serve_many([(cid, req) for _, cid, req, _ in taken])
+        busy += seconds
+        for (arrived, cid, _, _), reply in zip(taken, replies, strict=True):
+            t = timing[cid]
+            t.queued += now - arrived
+            t.served += seconds
+            push(now + seconds, "replied", cid, reply)
+        push(now + seconds, "free", -1, None)
+        return True
+
+    def start(now: float, ripe: bool = False) -> None:
+        """Give free workers what is waiting: a request that may not share a
+        batch alone, the others as one batch."""
+        while free and waiting:
+            if batching is None or not waiting[0][3]:
+                start_service(now)
+            elif not start_batch(now, ripe):
+                return
+
     for cid in sorted(processes):
         push(0.0, "resume", cid, None)
     while events:
         now, _, kind, cid, payload = heapq.heappop(events)
+        if kind in ("window", "free"):
+            if kind == "window":
+                window_at = None
+            else:
+                free += 1
+            start(now, ripe=kind == "window")
+            continue
         t = timing[cid]
         if kind == "resume":
             try:
@@ -150,18 +223,19 @@ def simulate_round(
             t.uplink += link
             t.bytes_up[out.kind] += out.nbytes
             t.messages += 1
-            push(now + seconds + link, "arrive", cid, out.payload)
+            push(now + seconds + link, "arrive", cid, (out.payload, out.slots))
         elif kind == "arrive":
-            waiting.append((now, cid, payload))
-            if free:
-                start_service(now)
-        else:  # "served": the worker is free again, the reply travels back
-            free += 1
+            request, slots = payload
+            waiting.append((now, cid, request, slots))
+            start(now)
+        else:  # "served" (the worker is free again) or "replied" (a batch's)
+            if kind == "served":
+                free += 1
             link = devices[cid].down_seconds(payload.nbytes)
             t.downlink += link
             t.bytes_down[payload.kind] += payload.nbytes
             push(now + link, "resume", cid, payload.payload)
-            if waiting:
-                start_service(now)
+            if kind == "served":
+                start(now)
     makespan = max((t.finish for t in timing.values()), default=0.0)
     return RoundTiming(timing, makespan, busy)

@@ -82,6 +82,9 @@ class CostModel:
     adapter_cut_bytes: float  # the cut layer's adapter at the cut rank
     load_block_s: float  # reading one block's weights from disk (a re-cut)
     codec_s_per_byte: float  # encoding or decoding a message, per byte
+    # the server's requests served one by one over the same requests as one
+    # batch (server.batching), measured on two: > 1 where batching is faster
+    batch_gain: float = 1.0
 
     # ------------------------------------------------------------ compute
     # A micro-batch is ``slots`` token slots of which ``labelled`` carry a
@@ -113,6 +116,13 @@ class CostModel:
             return 0.0
         head = 0.0 if tail else self.head_seconds(slots, labelled)
         return slots * (self.num_layers - tail - k) * self.block_s + head
+
+    def batch_seconds(self, work: Iterable[tuple[int, float, float]]) -> float:
+        """Server compute of one batch of ``(cut, slots, labelled)`` requests
+        (slots padded to the batch's longest row): their serial time over
+        :attr:`batch_gain`, a first-order model measured on a batch of two."""
+        serial = sum(self.server_seconds(k, s, n) for k, s, n in work)
+        return serial / self.batch_gain
 
     def server_leg_seconds(
         self, leg: str, k: int, slots: float, labelled: float, tail: int
@@ -179,7 +189,12 @@ class CostModel:
     def load(cls, path: str | Path) -> CostModel:
         data = json.loads(Path(path).read_text())
         names = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != names:
+        optional = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING
+        }
+        if not set(data) <= names or names - optional - set(data):
             raise ValueError(
                 f"{path}: not a cost model of this SplitFT (fields differ: "
                 f"{sorted(set(data) ^ names)[:4]}); one saved before the head "
@@ -306,6 +321,35 @@ def _server_at_last_block(
     return server, {name: serving(msg) for name, msg in smashed.items()}
 
 
+def _batched_at_last_block(
+    store: WeightStore,
+    model_config: PretrainedConfig,
+    settings: LoraSettings,
+    msg: SmashedData,
+    repeats: int,
+) -> Callable[[], None]:
+    """Two clients' ``msg`` as one batch on a batching server at a one-block
+    cut (``server.batching``), a step each time it is called."""
+    L = model_config.num_hidden_layers
+    steps = repeats + 1
+    cuts = {0: L - 1, 1: L - 1}
+    server = SplitServer(
+        store, model_config, settings, TrainConfig(), cuts, steps, steps, batching=True
+    )
+    for cid in cuts:
+        server.handle(RoundRequest(cid, 0))
+    calls = iter(range(steps))
+
+    def serve() -> None:
+        step = next(calls)
+        batch = [(dataclasses.replace(msg, client_id=c, step=step), None) for c in cuts]
+        for reply in server.handle_many(batch):
+            if not isinstance(reply, Gradient):
+                raise RuntimeError(f"the cost probe's batch was refused: {reply.error}")
+
+    return serve
+
+
 def _server_sizes(server: SplitServer, smashed: SmashedData) -> dict[str, float]:
     part = server.part
     hidden = smashed.hidden.detach().requires_grad_(True)
@@ -375,6 +419,9 @@ def probe(
         store, model_config, settings, smashed, repeats
     )
     work.update({f"server/{name}": fn for name, fn in serve.items()})
+    work["server/batch"] = _batched_at_last_block(
+        store, model_config, settings, smashed["all"], repeats
+    )
     with runs.faults_off():  # the probe's server steps are not the run's
         seconds = _typical_times(work, repeats)  # in turns: load hits all alike
     client = {
@@ -390,6 +437,7 @@ def probe(
         for name, msg in smashed.items()
     }
     extra = labelled["all"] - labelled["half"]  # labelled tokens
+    batch_gain = 2 * seconds["server/all"] / seconds["server/batch"]
 
     dk = kb - ka
     a, b = client[ka], client[kb]
@@ -467,6 +515,7 @@ def probe(
         adapter_cut_bytes=adapter_cut,
         load_block_s=load_block_s,
         codec_s_per_byte=codec,
+        batch_gain=batch_gain,
     )
 
 
@@ -567,7 +616,12 @@ class _ModelledClient:
                 before = codec(gradient) + micro_s - fwd
             yield (
                 before + fwd + codec(smashed),
-                Outgoing(("smashed", k, slots, labelled), smashed, SMASHED),
+                Outgoing(
+                    ("smashed", k, slots, labelled),
+                    smashed,
+                    SMASHED,
+                    0 if tail else max(round(slots), 1),  # vanilla: may be batched
+                ),
             )
             if tail:  # decode the server's output, run the tail, send its gradient
                 yield (
@@ -613,12 +667,32 @@ def modelled_serve(world: World):
     return serve
 
 
+def modelled_serve_many(world: World):
+    """The server of a modelled round taking a batch of micro-batches (their
+    expected slots: the planner does not price the padding to the longest)."""
+    c = world.costs
+
+    def serve_many(items: list) -> tuple[float, list[Outgoing]]:
+        work = [(k, slots, labelled) for _, (_kind, k, slots, labelled) in items]
+        wire = sum(c.smashed_bytes(s) + c.gradient_bytes(s) for _, s, _ in work)
+        seconds = c.batch_seconds(work) + c.codec_seconds(wire)
+        replies = [Outgoing(None, c.gradient_bytes(s), GRADIENTS) for _, s, _ in work]
+        return world.server_factor * seconds, replies
+
+    return serve_many
+
+
 def predict_round(cuts: Mapping[int, int], world: World) -> RoundTiming:
     """The simulated clock run on modelled clients: no model, no training."""
     processes = {cid: _ModelledClient(cid, k, world) for cid, k in cuts.items()}
     devices = {cid: world.devices[cid] for cid in cuts}
     return simulate_round(
-        processes, devices, modelled_serve(world), world.server.workers
+        processes,
+        devices,
+        modelled_serve(world),
+        world.server.workers,
+        world.server.batching,
+        modelled_serve_many(world),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from splitft.config import DeviceProfile, SimConfig
+from splitft.config import DeviceProfile, ServerConfig, SimConfig
 
 MB = 1e6
 
@@ -45,9 +45,18 @@ class Device:
 
 
 @dataclass(frozen=True)
+class Batching:
+    """How the server takes requests that may share a batch (``server.*``)."""
+
+    window_s: float = 0.0  # a free server waits this long for more requests
+    max_slots: int = 0  # the most token slots in a batch (0: no limit)
+
+
+@dataclass(frozen=True)
 class ServerDevice:
     speed: float  # compute speed relative to the probed machine
     workers: int
+    batching: Batching | None = None  # None: one request at a time
 
 
 def devices_at(sim: SimConfig, num_clients: int, round: int) -> dict[int, Device]:
@@ -92,5 +101,9 @@ def devices_at(sim: SimConfig, num_clients: int, round: int) -> dict[int, Device
     return devices
 
 
-def server_device(sim: SimConfig) -> ServerDevice:
-    return ServerDevice(sim.server_speed, sim.server_workers)
+def server_device(sim: SimConfig, server: ServerConfig | None = None) -> ServerDevice:
+    """The server as the clock sees it; ``server``: its batching settings."""
+    batching = None
+    if server is not None and server.batching:
+        batching = Batching(server.batch_window_ms / 1e3, server.max_batch_tokens)
+    return ServerDevice(sim.server_speed, sim.server_workers, batching)

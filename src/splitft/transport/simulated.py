@@ -29,7 +29,7 @@ from typing import Any
 from splitft.models.parts import labelled_tokens
 from splitft.sim.clock import ClientFailed, Outgoing, RoundTiming, simulate_round
 from splitft.sim.costs import CostModel
-from splitft.sim.profiles import Device
+from splitft.sim.profiles import Batching, Device
 from splitft.split.client import ServerRefused, SplitClient
 from splitft.split.messages import SmashedData, TailGradient, decode, encode
 from splitft.split.server import SplitServer
@@ -117,8 +117,16 @@ class ClockedClient:
             self._seconds(t0, received, None, detail)
             raise ClientFailed(detail) from e
         data = encode(request)
-        out = Outgoing(data, len(data), request.kind)
+        out = Outgoing(data, len(data), request.kind, _batchable(request))
         return self._seconds(t0, received, out), out
+
+
+def _batchable(request) -> int:
+    """The token slots of a vanilla split's micro-batch (it may share a
+    batch on the server), else 0."""
+    if isinstance(request, SmashedData) and request.labels is not None:
+        return request.hidden.shape[0] * request.hidden.shape[1]
+    return 0
 
 
 class ClockedServer:
@@ -157,6 +165,33 @@ class ClockedServer:
             )
         return seconds / self.speed, reply_out
 
+    def many(self, items: list[tuple[int, bytes]]) -> tuple[float, list[Outgoing]]:
+        """A batch (``server.batching``): decode, handle together, encode."""
+        t0 = time.perf_counter()
+        requests = [decode(data, self.server.device) for _, data in items]
+        replies = self.server.handle_many([(r, None) for r in requests])
+        encoded = [encode(r) for r in replies]
+        measured = (time.perf_counter() - t0) / self.speed
+        outs = [
+            Outgoing(e, len(e), r.kind) for e, r in zip(encoded, replies, strict=True)
+        ]
+        for (cid, _), out in zip(items, outs, strict=True):
+            self.trace[cid].append((measured, out))
+        if self.timing == "live":
+            return measured, outs
+        c = self.costs
+        wire = sum(len(d) for _, d in items) + sum(len(e) for e in encoded)
+        width = max(r.hidden.shape[1] for r in requests)  # rows padded to it
+        work = [
+            (
+                self.server.cut_layers[cid],
+                r.hidden.shape[0] * width,
+                labelled_tokens(r.labels),
+            )
+            for (cid, _), r in zip(items, requests, strict=True)
+        ]
+        return (c.codec_seconds(wire) + c.batch_seconds(work)) / self.speed, outs
+
 
 class _Replayed:
     """A client that repeats what a real one did, with its measured durations."""
@@ -172,7 +207,7 @@ class _Replayed:
         if out is None:
             return seconds, None
         self._sent += 1
-        return seconds, Outgoing(self._sent - 1, out.nbytes, out.kind)
+        return seconds, Outgoing(self._sent - 1, out.nbytes, out.kind, out.slots)
 
 
 def replay(
@@ -180,12 +215,21 @@ def replay(
     server: ClockedServer,
     devices: Mapping[int, Device],
     workers: int,
+    batching: Batching | None = None,
 ) -> RoundTiming:
-    """The round again on the clock, with every duration as measured."""
+    """The round again on the clock, with every duration as measured.
+
+    With batching, a batch replayed takes the longest measured time of its
+    requests' batches (the same batch when the replay forms it again).
+    """
 
     def serve(cid: int, index: int) -> tuple[float, Outgoing]:
         seconds, out = server.trace[cid][index]
         return seconds, Outgoing(None, out.nbytes, out.kind)
 
+    def many(items: list[tuple[int, int]]) -> tuple[float, list[Outgoing]]:
+        served = [serve(cid, index) for cid, index in items]
+        return max(s for s, _ in served), [out for _, out in served]
+
     processes = {cid: _Replayed(c.trace) for cid, c in clients.items()}
-    return simulate_round(processes, devices, serve, workers)
+    return simulate_round(processes, devices, serve, workers, batching, many)
