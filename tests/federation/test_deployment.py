@@ -54,7 +54,11 @@ class LoopbackTransport:
         data = encode(msg)
         self.loop.traffic[self.cid].record("up", msg.kind, len(data))
         self.traffic.record("up", msg.kind, len(data))
-        reply = self.loop.handler.handle(decode(data), peer=self.cid)
+        request, handler = decode(data), self.loop.handler
+        # as the network server does: the model's work on the coordinator's thread
+        reply = handler.run(
+            request, lambda: handler.handle(request, peer=self.cid), self.cid
+        )
         data = encode(reply)
         self.loop.traffic[self.cid].record("down", reply.kind, len(data))
         self.traffic.record("down", reply.kind, len(data))
@@ -155,6 +159,37 @@ def test_a_deployment_trains_the_simulations_adapter(assets, tmp_path):
             )
     # bytes: the same messages, counted at the transport (plus Join and polls)
     assert summary["bytes"]["up_smashed"] == simulated["bytes"]["up_smashed"]
+
+
+@pytest.mark.parametrize("side", ["per_client", "shared"])
+def test_a_batching_deployment_trains_as_the_serial_one(assets, tmp_path, side):
+    """The coordinator's thread runs the micro-batches waiting for it as one
+    batch: per-client adapters learn exactly what the serial server learns; a
+    shared one steps once per batch (docs/server.md) and still learns."""
+    base = settings(f"federation.server_side={side}")
+    _, serial = deploy(config(assets, tmp_path, f"name=s-{side}", *base))
+    dep, batched = deploy(
+        config(
+            assets,
+            tmp_path,
+            f"name=b-{side}",
+            *base,
+            "server.batching=true",
+            "server.batch_window_ms=20",
+        )
+    )
+    a = load_file(tmp_path / f"s-{side}" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / f"b-{side}" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    if side == "per_client":  # to fp32 rounding, which AdamW can enlarge
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    else:
+        assert any(not torch.equal(a[k], b[k]) for k in a)  # other updates
+        assert all(torch.isfinite(t).all() for t in b.values())
+    assert batched["bytes"]["up_smashed"] == serial["bytes"]["up_smashed"]
+    rounds = [r for r in dep.rounds if r["round"] > 0]
+    assert len(rounds) == 2 and all(r["counted"] == [0, 1, 2] for r in rounds)
 
 
 def test_a_client_that_dies_is_left_out_and_the_run_finishes(assets, tmp_path):

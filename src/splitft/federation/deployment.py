@@ -16,6 +16,7 @@ away (it may have restarted from its last checkpoint).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -99,8 +100,10 @@ class NetworkRounds:
         self.memory: dict[int, int] = {}  # bytes each client declared at Join
         self._stopped = ""
         self.transport = None
-        # the model's work during a round, run by the coordinator's thread
+        # the model's work during a round, run by the coordinator's thread:
+        # (fn, future, request, peer)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._held: collections.deque = collections.deque()  # taken, not yet run
         self._pumping = False
 
     # ------------------------------------------------------ the coordinator
@@ -108,6 +111,10 @@ class NetworkRounds:
         self.coordinator = coordinator
         self.server = coordinator.server
         self.device = self.server.device
+        settings = coordinator.cfg.server
+        self.batching = settings.batching
+        self.window_s = settings.batch_window_ms / 1e3
+        self.max_slots = settings.max_batch_tokens
         self.transport = self._serve(self)
         return {}  # the clients' data sizes are theirs: the planner learns them
 
@@ -153,11 +160,9 @@ class NetworkRounds:
             with self._cond:
                 if set(self._uploaded) == set(planned.cuts):
                     break
-            try:
-                job = self._jobs.get(timeout=min(0.05, deadline - time.monotonic()))
-            except (queue.Empty, ValueError):
-                continue
-            _do(*job)
+            jobs = self._take(min(0.05, deadline - time.monotonic()))
+            if jobs:
+                self._do_all(jobs)
         with self._cond:
             self._pumping = False
             self._open = None  # no more plans; late steps are refused
@@ -165,8 +170,9 @@ class NetworkRounds:
             uploaded = dict(self._uploaded)
             reports = dict(self._reports)
             self.server.close_round(keep=uploaded)
-        while not self._jobs.empty():  # refused now: their round has closed
-            _do(*self._jobs.get())
+        while self._held or not self._jobs.empty():  # refused: their round closed
+            job = self._held.popleft() if self._held else self._jobs.get()
+            _do(*job[:2])
         clients = {}
         for cid in planned.cuts:
             steps = reports.get(cid, [])
@@ -191,6 +197,58 @@ class NetworkRounds:
         )
         steps = [s for cid in sorted(reports) for s in reports[cid]]
         return RoundResult(timing, steps, {}), sorted(uploaded)
+
+    def _take(self, timeout: float) -> list[tuple]:
+        """The next jobs to run: one, or with ``server.batching`` every one
+        waiting (after ``server.batch_window_ms`` from the first, at most
+        ``server.max_batch_tokens`` slots of micro-batches)."""
+        if not self._held:
+            try:
+                self._held.append(self._jobs.get(timeout=max(timeout, 0.0)))
+            except (queue.Empty, ValueError):
+                return []
+        if not self.batching:
+            return [self._held.popleft()]
+        until = time.monotonic() + self.window_s
+        while True:
+            try:
+                self._held.append(self._jobs.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            left = until - time.monotonic()
+            if left <= 0 or _slots(self._held) >= (self.max_slots or math.inf):
+                break
+            try:
+                self._held.append(self._jobs.get(timeout=left))
+            except queue.Empty:
+                break
+        taken, slots = [], 0
+        while self._held:
+            n = _batchable(self._held[0][2])
+            if taken and n and self.max_slots and slots + n > self.max_slots:
+                break
+            taken.append(self._held.popleft())
+            slots += n
+        return taken
+
+    def _do_all(self, jobs: list[tuple]) -> None:
+        """Run jobs: the micro-batches among them as one batch of the server
+        (:meth:`SplitServer.handle_many`), the rest one by one."""
+        batch = [job for job in jobs if _batchable(job[2])]
+        for job in jobs:
+            if not _batchable(job[2]):
+                _do(*job[:2])
+        if not batch:
+            return
+        try:
+            replies = self.server.handle_many([(job[2], job[3]) for job in batch])
+        except BaseException as e:  # noqa: BLE001 - the waiting requests get it
+            for job in batch:
+                job[1].set_exception(e)
+            return
+        for job, reply in zip(batch, replies, strict=True):
+            job[1].set_result(reply)
 
     def declared(self, devices: Mapping[int, Any]) -> dict[int, Any]:
         """The config's device profiles (``sim.mix``: what the planner starts
@@ -242,18 +300,19 @@ class NetworkRounds:
             self.transport.stop(grace=1.0)
 
     # --------------------------------------------------------- the clients
-    def run(self, msg, fn):
+    def run(self, msg, fn, peer: int | None = None):
         """Run a request for the transport. During a round the model's work
         (a micro-batch) runs on the coordinator's thread, the process's main
         one: PyTorch on CPU ran the same server step 1.45x slower on another
-        thread here (docs/benchmarks.md, the network transport)."""
+        thread here (docs/benchmarks.md, the network transport); with
+        ``server.batching`` the micro-batches waiting there run as one batch."""
         if not isinstance(msg, (SmashedData, TailGradient)):
             return fn()
         future: Future | None = None
         with self._cond:
             if self._pumping:
                 future = Future()
-                self._jobs.put((fn, future))
+                self._jobs.put((fn, future, msg, peer))
         return fn() if future is None else future.result()
 
     def handle(self, msg, peer: int | None = None):
@@ -344,6 +403,18 @@ def run_client(
             continue
         trained += 1
         log.info("client %d: trained a round", client.client_id)
+
+
+def _batchable(msg) -> int:
+    """The token slots of a vanilla split's micro-batch (it may share a
+    batch), else 0."""
+    if isinstance(msg, SmashedData) and msg.labels is not None:
+        return msg.hidden.shape[0] * msg.hidden.shape[1]
+    return 0
+
+
+def _slots(jobs) -> int:
+    return sum(_batchable(job[2]) for job in jobs)
 
 
 def _do(fn, future: Future) -> None:

@@ -159,7 +159,7 @@ class NetworkServer:
         self.traffic: dict[int, Traffic] = defaultdict(Traffic)
         self._lock = threading.Lock()
         # how a request is run: the handler may take it to another thread
-        self._run = getattr(handler, "run", None) or (lambda msg, fn: fn())
+        self._run = getattr(handler, "run", None) or (lambda msg, fn, peer: fn())
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
             options=_options(max_message_bytes),
@@ -208,7 +208,7 @@ class NetworkServer:
         with self._lock:
             self.traffic[peer].record("up", msg.kind, len(payload))
         try:
-            reply = self._run(msg, lambda: self.handler.handle(msg, peer=peer))
+            reply = self._run(msg, lambda: self.handler.handle(msg, peer=peer), peer)
             out = encode(reply)
         except Exception as e:  # noqa: BLE001 - one request fails, not the server
             log.warning("request from client %d failed", peer, exc_info=True)
