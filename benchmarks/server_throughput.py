@@ -29,7 +29,9 @@ per second; ratios are against ``full`` (today's server before issue 19) and
 (a shared adapter batched steps once per batch, so only its first step's
 replies compare).
 
-Not measured: bf16 and CUDA (``--device cuda`` runs, but no GPU was at hand).
+``--dtype bfloat16`` runs the server's frozen base in bf16 (``model.server_dtype``)
+and ``--device cuda`` on a GPU; neither was measured for docs/benchmarks.md
+(no GPU was lent to the session that built them).
 """
 
 from __future__ import annotations
@@ -248,6 +250,12 @@ def main() -> None:
     ap.add_argument("--sides", default="per_client,shared")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the server's frozen base (model.server_dtype); clients stay float32",
+    )
     ap.add_argument("--quick", action="store_true", help="N = 1, 4; 3 repeats")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -262,7 +270,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = default_model_dir()
-    store = WeightStore(folder, device=args.device)
+    store = WeightStore(folder, device=args.device)  # the clients'
+    dtype = getattr(torch, args.dtype)
+    server_store = WeightStore(folder, dtype=dtype, device=args.device)
     model_config = load_model_config(folder)
     rows = train_rows(MAX_LENGTH, 32, 200, args.seed)
     results = {
@@ -281,9 +291,9 @@ def main() -> None:
             msgs = requests(store, model_config, rows, n, args.seed, every)
             row = {
                 "server_side": side,
-                **measure(store, model_config, msgs, side, args.repeats),
+                **measure(server_store, model_config, msgs, side, args.repeats),
             }
-            row["check"] = same_step(store, model_config, msgs, side)
+            row["check"] = same_step(server_store, model_config, msgs, side)
             results["runs"].append(row)
             worst = max(c["max_grad_diff"] for c in row["check"].values())
             print(

@@ -49,6 +49,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPLITFT_CACHE", "~/.cache/splitft")).expanduser()
 
 
+SERVER_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass
 class ModelConfig:
     path: str = _f(
@@ -59,10 +62,18 @@ class ModelConfig:
     device: str = _f(
         "auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:n]'"
     )
+    server_dtype: str = _f(
+        "float32",
+        "the server's frozen base: 'float32' or 'bfloat16' (its LoRA weights, "
+        "optimizer state and loss stay float32; clients keep float32); see "
+        "docs/server.md",
+    )
 
     def __post_init__(self) -> None:
         ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None
         _check(ok, "model.device", self.device, "'auto', 'cpu' or 'cuda[:n]'")
+        ok = self.server_dtype in SERVER_DTYPES
+        _check(ok, "model.server_dtype", self.server_dtype, SERVER_DTYPES)
 
 
 @dataclass

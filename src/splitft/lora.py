@@ -110,8 +110,17 @@ def inject(
     ranks: Mapping[int, int],
     adapter: str = "default",
 ) -> None:
-    """Add a LoRA adapter named ``adapter`` to ``model`` in place (PEFT)."""
+    """Add a LoRA adapter named ``adapter`` to ``model`` in place (PEFT).
+
+    Its weights are float32 whatever the frozen base's precision (PEFT makes
+    them in the base layer's dtype; ``PeftModel`` upcasts them, as
+    ``autocast_adapter_dtype`` does): a bfloat16 base trains fp32 adapters,
+    and PEFT's forward computes them in fp32 and casts the result back.
+    """
     peft.inject_adapter_in_model(peft_config(spec, settings, ranks), model, adapter)
+    for p in _lora_params(model, adapter).values():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _lora_params(model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:

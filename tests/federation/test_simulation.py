@@ -424,3 +424,23 @@ def test_a_batching_server_trains_as_the_serial_one(assets, tmp_path, side):
         # the clients' micro-batches in fewer, cheaper services
         assert b["server_busy_s"] < a["server_busy_s"]
     assert batched[-1]["eval_loss"] < summaries["true"]["rounds"][0]["eval_loss"]
+
+
+def test_a_bfloat16_server_trains_what_a_float32_one_does(assets, tmp_path):
+    """The server's frozen base in bf16 (its adapters, optimizer and loss in
+    fp32, the clients in fp32): the same run to bf16 precision."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = config(
+            assets,
+            tmp_path,
+            f"name=dtype-{dtype}",
+            f"model.server_dtype={dtype}",
+            "federation.rounds=2",
+            "sim.timing=predicted",
+        )
+        _, summary = run(cfg, synthetic.costs(num_layers=4))
+        losses[dtype] = [r["eval_loss"] for r in summary["rounds"]]
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]
+    for a, b in zip(losses["float32"], losses["bfloat16"], strict=True):
+        assert b == pytest.approx(a, rel=1e-2)

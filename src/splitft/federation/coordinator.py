@@ -169,6 +169,14 @@ class Coordinator:
         self.pad_id = pad_token_id(self.tokenizer)
         self.data = load_run_data(cfg, self.tokenizer)
         self.store = WeightStore(self.model_dir, device=device)
+        # the server's frozen base, in its own precision (the same tensors
+        # when both are float32)
+        dtype = getattr(torch, cfg.model.server_dtype)
+        self.server_store = (
+            self.store
+            if dtype == self.store.dtype
+            else WeightStore(self.model_dir, dtype=dtype, device=device)
+        )
         # the fixed policy's cuts; any other policy starts every client at k_min
         fixed = fed.cut_layers if fed.policy == "fixed" else [fed.k_min]
         self.cut_layers = {
@@ -176,7 +184,7 @@ class Coordinator:
         }
         self.per_round = fed.clients_per_round or fed.num_clients
         self.server = SplitServer(
-            self.store,
+            self.server_store,
             self.model_config,
             cfg.lora,
             cfg.train,

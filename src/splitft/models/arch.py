@@ -22,7 +22,11 @@ class PassThrough(nn.Module):
 
 
 class ZeroPositions(nn.Module):
-    """Replaces learned position embeddings on the server: the client added them."""
+    """Replaces learned position embeddings on the server: the client added them.
+
+    The zeros are integers, so that adding them leaves the hidden state in
+    its own precision (a bfloat16 server's stays bfloat16).
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -30,7 +34,7 @@ class ZeroPositions(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         shape = (*position_ids.shape, self.dim)
-        return torch.zeros(shape, device=position_ids.device)
+        return torch.zeros(shape, dtype=torch.uint8, device=position_ids.device)
 
 
 @dataclass(frozen=True)
