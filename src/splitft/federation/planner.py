@@ -95,11 +95,14 @@ def _binary_search(world: World, ranges, tol: float = 1e-3) -> dict[int, int]:
         cid: {k: predict_round({cid: k}, world).makespan for k in range(lo, hi + 1)}
         for cid, (lo, hi) in ranges.items()
     }
+    # a batching server serves a client's work faster by the probed gain
+    gain = world.costs.batch_gain if world.server.batching is not None else 1.0
     work = {
         cid: {
             k: n
             * world.server_factor
             * world.costs.server_seconds(k, w.slots[cid], w.labelled[cid], world.tail)
+            / gain
             for k in range(lo, hi + 1)
         }
         for cid, (lo, hi) in ranges.items()
