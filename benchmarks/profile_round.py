@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from splitft.config import DEFAULT_TASKS, LoraSettings, TrainConfig, cache_dir
 from splitft.data import build_datasets
+from splitft.federation.coordinator import aggregate_round  # noqa: E402
 from splitft.models.default import default_model_dir
 from splitft.models.parts import WeightStore, load_model_config
 from splitft.split.client import SplitClient
@@ -58,13 +59,13 @@ def main() -> None:
     client = SplitClient(0, store, config, lora_cfg, train, rows, tok.pad_token_id)
     transport = InProcessTransport(server)
     client.run_round(transport, 0)  # warm-up
-    server.aggregate()
+    aggregate_round(server)
 
     profile = cProfile.Profile()
     t0 = time.perf_counter()
     profile.enable()
     client.run_round(transport, 1)
-    server.aggregate()
+    aggregate_round(server)
     profile.disable()
     total = time.perf_counter() - t0
 

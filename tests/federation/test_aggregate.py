@@ -9,13 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitft.federation.aggregate import (
-    aggregate,
-    holders_by_key,
-    rank_of,
-    slice_rank,
-    truncate_to,
-)
+from splitft.federation.aggregate import aggregate, holders_by_key
+from splitft.ranks import rank_of, slice_rank, truncate_to
 
 R, IN, OUT = 8, 6, 5
 

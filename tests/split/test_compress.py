@@ -6,6 +6,7 @@ from test_round import SETTINGS, TRAIN
 from tiny import token_rows
 
 from splitft.config import ConfigError, load_config
+from splitft.federation.coordinator import aggregate_round
 from splitft.models.parts import WeightStore
 from splitft.split.client import SplitClient
 from splitft.split.compress import compress, decompress
@@ -82,7 +83,7 @@ def _round(folder, config, up, down):
     before = {k: v.clone() for k, v in server.global_state.items()}
     transport = InProcessTransport(server)
     steps = client.run_round(transport, 0)
-    server.aggregate()
+    aggregate_round(server)
     moved = torch.cat([(server.global_state[k] - before[k]).flatten() for k in before])
     return steps, transport.traffic.snapshot(), moved
 

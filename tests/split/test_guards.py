@@ -10,6 +10,7 @@ from tiny import make_tiny, token_rows
 
 from splitft import lora
 from splitft.config import LoraSettings, TrainConfig
+from splitft.federation.coordinator import aggregate_round
 from splitft.models.parts import WeightStore
 from splitft.split.client import SplitClient, drive
 from splitft.split.messages import (
@@ -160,7 +161,7 @@ def test_old_and_closed_rounds_cannot_be_replayed(world):
     server.open_round(0, {0: 2, 1: 2})
     for c in clients.values():
         drive(c.round_protocol(0), server.handle)
-    server.aggregate()
+    aggregate_round(server)
     server.open_round(1, {0: 2})
     refused(server.handle(RoundRequest(0, 0)), "FAILED_PRECONDITION", "not open")
     refused(server.handle(RoundRequest(1, 1)), "FAILED_PRECONDITION", "not in this")
@@ -197,7 +198,7 @@ def test_a_bad_upload_is_refused_and_the_round_goes_on(world, spoil, text):
     refused(server.handle(bad), "INVALID_ARGUMENT", text)
     assert server.updates == {}
     assert server.handle(AdapterUpdate(0, 0, upload.num_samples, good)).code == ""
-    assert server.aggregate() == [0]
+    assert aggregate_round(server) == [0]
 
 
 def test_an_upload_may_not_weigh_more_than_declared(world):
@@ -209,7 +210,7 @@ def test_an_upload_may_not_weigh_more_than_declared(world):
     assert server.handle(AdapterUpdate(0, 0, 8, upload.adapter)).code == ""
     # and a retried upload is acknowledged again, not counted twice
     assert server.handle(AdapterUpdate(0, 0, 8, upload.adapter)).code == ""
-    assert server.aggregate() == [0]
+    assert aggregate_round(server) == [0]
 
 
 def test_join_declares_the_weight_once(world):

@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from splitft import lora
 from splitft.config import LoraSettings, TrainConfig
-from splitft.federation.aggregate import rank_of, truncate_to
+from splitft.federation.coordinator import aggregate_round
 from splitft.models.parts import WeightStore
+from splitft.ranks import rank_of, truncate_to
 from splitft.split.client import ServerRefused, SplitClient
 from splitft.split.messages import AdapterUpdate, RoundRequest, SmashedData
 from splitft.split.server import SHARED, SplitServer
@@ -78,7 +79,7 @@ def test_recut_leaves_the_global_model_unchanged(
         folder, config, {0: first}, server_side=server_side
     )
     clients[0].run_round(transport, 0)
-    server.aggregate()  # a trained, non-trivial global adapter
+    aggregate_round(server)  # a trained, non-trivial global adapter
     b = batch()
     reference = global_logits(server, folder, config, tmp_path, b)
 
@@ -103,7 +104,7 @@ def test_recut_round_trains_and_aggregates_over_the_new_layers(tiny):
     server, clients, transport = federation(folder, config, {0: 3, 1: 1}, CUT)
     for c in clients.values():
         c.run_round(transport, 0)
-    server.aggregate()
+    aggregate_round(server)
     server.open_round(1, {0: 1, 1: 2})  # client 0 moves down: the part grows
     assert server.part.layers.start == 1
     for c in clients.values():
@@ -112,7 +113,7 @@ def test_recut_round_trains_and_aggregates_over_the_new_layers(tiny):
     # client 0's server-side copy now covers [1, L) exactly
     held = {lora.layer_of(k, server.spec) for k in server.updates[0][0]}
     assert held == set(range(config.num_hidden_layers))
-    assert server.aggregate() == [0, 1]
+    assert aggregate_round(server) == [0, 1]
 
 
 def test_open_round_refuses_unknown_clients_and_bad_cuts(tiny):
@@ -141,7 +142,7 @@ def test_shared_equals_per_client_for_one_client(tiny):
         losses = []
         for rnd in range(2):
             losses += [s["loss"] for s in clients[0].run_round(transport, rnd)]
-            server.aggregate()
+            aggregate_round(server)
         runs[side] = losses, server.global_state
     (l1, g1), (l2, g2) = runs["per_client"], runs["shared"]
     assert l1 == pytest.approx(l2, abs=1e-6)
@@ -172,7 +173,7 @@ def test_shared_layers_count_with_the_samples_of_the_clients_that_trained_them(t
     shared = lora.adapter_state(server.part.model, SHARED)
     client = {cid: dict(state) for cid, (state, _) in server.updates.items()}
     n = {cid: w for cid, (_, w) in server.updates.items()}  # 10 and 11
-    server.aggregate()
+    aggregate_round(server)
     g = server.global_state
     spec = server.spec
     for key, value in g.items():
@@ -202,7 +203,7 @@ def test_local_client_trains_the_whole_model_and_mixes_with_split_ones(tiny, tmp
     held = server.updates[0][0]
     assert {lora.layer_of(k, server.spec) for k in held} == set(range(L))
     assert {rank_of(k, t) for k, t in held.items()} == {CUT.r}
-    assert server.aggregate() == [0, 1]
+    assert aggregate_round(server) == [0, 1]
 
 
 def test_local_step_equals_plain_peft_training(tiny):
@@ -252,7 +253,7 @@ def test_a_refused_local_client_does_not_crash_the_server(tiny, server_side):
     }
     reply = transport.call(AdapterUpdate(0, 0, 5, nan))
     assert "non-finite" in reply.error
-    assert server.aggregate() == []
+    assert aggregate_round(server) == []
 
 
 def test_shared_gradients_of_interleaved_clients_do_not_mix(tiny):

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from splitft import lora
 from splitft.config import LoraSettings, TrainConfig
+from splitft.federation.coordinator import aggregate_round
 from splitft.models.parts import WeightStore
 from splitft.split.client import ServerRefused, SplitClient
 from splitft.split.messages import Ack, AdapterUpdate, RoundRequest, SmashedData
@@ -38,7 +39,7 @@ def test_exported_adapter_reproduces_split_model(tiny, tmp_path, k):
     assert len(steps) == 2 and all(
         torch.isfinite(torch.tensor(s["loss"])) for s in steps
     )
-    server.aggregate()
+    aggregate_round(server)
     b = batch()
     with torch.no_grad():
         client = clients[0].part
@@ -70,7 +71,7 @@ def test_two_clients_different_cuts_round(tiny):
     before = dict(server.global_state)
     for c in clients.values():
         c.run_round(transport, 0)
-    assert server.aggregate() == [0, 1]
+    assert aggregate_round(server) == [0, 1]
     changed = [k for k in before if not torch.equal(before[k], server.global_state[k])]
     assert changed and all(
         torch.isfinite(v).all() for v in server.global_state.values()
@@ -147,7 +148,7 @@ def test_round_with_packed_rows(tiny):
     transport = InProcessTransport(server)
     steps = client.run_round(transport, 0)
     assert len(steps) == 2 and all(s["tokens"] > 0 for s in steps)
-    assert server.aggregate() == [0]
+    assert aggregate_round(server) == [0]
 
 
 def test_server_refuses_bad_steps_and_keeps_a_clean_state(tiny):
@@ -186,7 +187,7 @@ def test_server_refuses_bad_steps_and_keeps_a_clean_state(tiny):
     assert "no plan of round 4" in transport.call(AdapterUpdate(0, 4, 5, good)).error
     early = transport.call(AdapterUpdate(0, 0, 5, good))  # before its steps
     assert early.code == "FAILED_PRECONDITION" and "steps first" in early.error
-    assert server.aggregate() == []
+    assert aggregate_round(server) == []
 
 
 def test_unknown_target_modules_name_the_setting(tiny):
@@ -224,7 +225,7 @@ def test_concurrent_clients_are_served_one_request_at_a_time(tiny):
     for t in threads:
         t.join()
     assert not errors and sorted(results) == [0, 1]
-    assert server.aggregate() == [0, 1]
+    assert aggregate_round(server) == [0, 1]
 
 
 def test_plans_say_how_many_batches_each_client_drew_before(tiny):
@@ -256,7 +257,7 @@ def test_plans_say_how_many_batches_each_client_drew_before(tiny):
         if r == 2:  # client 1 takes its plan, then misses the deadline
             assert clients[1].start_round(transport, r).batches_drawn == 0
         server.close_round(keep=[0])
-        server.aggregate()
+        aggregate_round(server)
     assert plans == [0, 2, 2, 4]
     # a client left out after taking its plan drew its batches all the same
     assert server.batches_drawn == {0: 6, 1: 2}

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from splitft import lora
 from splitft.config import LoraSettings
-from splitft.federation.aggregate import truncate_to
 from splitft.models.parts import WeightStore, client_part, server_part
+from splitft.ranks import truncate_to
 from splitft.split.messages import Gradient, SmashedData, decode, encode
 
 SETTINGS = LoraSettings(r=4, cut_rank=2, alpha=8.0)

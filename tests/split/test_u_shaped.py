@@ -15,6 +15,7 @@ from tiny import token_rows
 
 from splitft import lora
 from splitft.config import ConfigError, TrainConfig, load_config
+from splitft.federation.coordinator import aggregate_round
 from splitft.models.parts import WeightStore, client_part, middle_part, server_part
 from splitft.split.client import SplitClient
 from splitft.split.messages import (
@@ -117,7 +118,7 @@ def federation(folder, config, cuts, tail, train=TRAIN_NOCLIP, steps=2):
 def one_round(folder, config, cuts, tail):
     server, clients, transport = federation(folder, config, cuts, tail)
     steps = [s for c in clients.values() for s in c.run_round(transport, 0)]
-    assert server.aggregate() == sorted(cuts)
+    assert aggregate_round(server) == sorted(cuts)
     return steps, server.global_state, transport
 
 
@@ -264,7 +265,7 @@ def test_clients_interleaved_on_the_server_train_as_one_after_another(tiny):
                 requests[c] = protocols[c].send(transport.call(requests[c]))
             except StopIteration:
                 del requests[c]
-    server.aggregate()
+    aggregate_round(server)
     for key, t in sequential.items():
         torch.testing.assert_close(server.global_state[key], t, atol=1e-6, rtol=1e-5)
 

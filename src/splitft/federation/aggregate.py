@@ -15,108 +15,16 @@ All functions are pure: they never modify their inputs and return new tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["aggregate", "holders_by_key", "rank_of", "slice_rank", "truncate_to"]
+from splitft.ranks import LORA_A, LORA_B, State, kind_of, rank_dim, rank_of
 
-State = Mapping[str, Tensor]
+__all__ = ["aggregate", "holders_by_key"]
+
 Update = tuple[State, float]
-
-_A = ".lora_A."
-_B = ".lora_B."
-
-
-def _kind(key: str) -> str | None:
-    """``"A"``, ``"B"`` or ``None`` for keys that carry no rank (bias, magnitude)."""
-    if _A in key:
-        return "A"
-    if _B in key:
-        return "B"
-    return None
-
-
-def _rank_dim(key: str, tensor: Tensor) -> int:
-    """The dimension of ``tensor`` indexing rank components (A: 0, B: 1)."""
-    kind = _kind(key)
-    if kind is None:
-        raise ValueError(
-            f"{key!r} is neither a lora_A nor a lora_B key; it has no rank"
-        )
-    if tensor.ndim != 2:
-        raise ValueError(
-            f"{key!r} must be a 2-D LoRA matrix, got shape {tuple(tensor.shape)}"
-        )
-    return 0 if kind == "A" else 1
-
-
-def rank_of(key: str, tensor: Tensor) -> int:
-    """The LoRA rank of one adapter tensor.
-
-    Args:
-        key: adapter key containing ``.lora_A.`` (shape ``(r, in)``) or
-            ``.lora_B.`` (shape ``(out, r)``).
-        tensor: the adapter matrix.
-
-    Returns:
-        ``r``: rows of ``lora_A``, columns of ``lora_B``.
-
-    Raises:
-        ValueError: the key is neither A nor B, or the tensor is not 2-D.
-    """
-    return int(tensor.shape[_rank_dim(key, tensor)])
-
-
-def slice_rank(key: str, tensor: Tensor, rank: int) -> Tensor:
-    """The first ``rank`` components of a LoRA tensor, as a new tensor.
-
-    Args:
-        key: adapter key; ``.lora_A.`` keys are sliced by rows, ``.lora_B.`` keys
-            by columns. Other keys (bias, DoRA magnitude) have no rank and are
-            returned unchanged (copied) whatever ``rank`` is.
-        tensor: the full tensor.
-        rank: how many leading components to keep, ``1 <= rank <= rank_of(...)``.
-
-    Returns:
-        A copy, so callers may train it in place without touching ``tensor``.
-
-    Raises:
-        ValueError: ``rank`` is out of range for this tensor.
-    """
-    if _kind(key) is None:
-        return tensor.clone()
-    full = rank_of(key, tensor)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
-        raise ValueError(
-            f"{key!r}: cannot slice rank {rank!r} from a rank-{full} tensor"
-        )
-    dim = _rank_dim(key, tensor)
-    return tensor.narrow(dim, 0, rank).clone()
-
-
-def truncate_to(global_state: State, ranks: Mapping[str, int]) -> dict[str, Tensor]:
-    """What a holder receives: each key in ``ranks`` sliced to its rank.
-
-    Args:
-        global_state: the full-rank global adapter.
-        ranks: key -> rank the holder uses for that key (ignored for keys that
-            carry no rank).
-
-    Returns:
-        A new state dict with exactly the keys of ``ranks``.
-
-    Raises:
-        KeyError: a key of ``ranks`` is missing from ``global_state``.
-        ValueError: a rank is out of range.
-    """
-    out: dict[str, Tensor] = {}
-    for key, rank in ranks.items():
-        if key not in global_state:
-            raise KeyError(f"{key!r} is not in the global adapter")
-        out[key] = slice_rank(key, global_state[key], rank)
-    return out
 
 
 def holders_by_key(updates: Sequence[Update]) -> dict[str, list[int]]:
@@ -144,9 +52,9 @@ def _check_weights(updates: Sequence[Update]) -> list[float]:
 def _check_paired_ranks(state: State, where: str) -> None:
     """The ``lora_A`` and ``lora_B`` of one module must have the same rank."""
     for key, tensor in state.items():
-        if _kind(key) != "A":
+        if kind_of(key) != "A":
             continue
-        b_key = key.replace(_A, _B, 1)
+        b_key = key.replace(LORA_A, LORA_B, 1)
         if b_key in state:
             ra, rb = rank_of(key, tensor), rank_of(b_key, state[b_key])
             if ra != rb:
@@ -157,7 +65,7 @@ def _check_paired_ranks(state: State, where: str) -> None:
 
 def _component_first(key: str, tensor: Tensor) -> Tensor:
     """A view with rank components on dim 0 (no-rank keys become one component)."""
-    kind = _kind(key)
+    kind = kind_of(key)
     if kind is None:
         return tensor.unsqueeze(0)
     return tensor if kind == "A" else tensor.transpose(0, 1)
@@ -166,8 +74,8 @@ def _component_first(key: str, tensor: Tensor) -> Tensor:
 def _check_shape(key: str, i: int, g: Tensor, t: Tensor) -> None:
     """A holder's tensor must match the global one except for a smaller rank."""
     bad = t.shape != g.shape
-    if _kind(key) is not None:
-        dim = _rank_dim(key, g)
+    if kind_of(key) is not None:
+        dim = rank_dim(key, g)
         other = 1 - dim
         bad = (
             t.ndim != 2
@@ -205,7 +113,7 @@ def _aggregate_key(key: str, g: Tensor, held: list[tuple[Tensor, float]]) -> Ten
     mean = num / den.clamp_min(torch.finfo(acc).tiny).view(expand)
     # where nobody holds a component, keep the global value bit for bit
     out_cf = torch.where(held_any, mean, g_cf).to(g.dtype)
-    kind = _kind(key)
+    kind = kind_of(key)
     if kind is None:
         out = out_cf.squeeze(0)
     else:

@@ -27,6 +27,7 @@ from splitft.config import ConfigError, RunConfig, save_config, to_dict
 from splitft.data.federated import load_run_data
 from splitft.data.format import pad_token_id
 from splitft.eval import evaluate, task_accuracy
+from splitft.federation.aggregate import aggregate
 from splitft.federation.policies import PolicyContext, make_policy
 from splitft.federation.strategy import RoundConfig, RoundResult, Strategy
 from splitft.models.default import resolve_model_dir
@@ -437,7 +438,7 @@ class Coordinator:
         cfg, rnd = self.cfg, planned.round + 1
         timing, steps = result.timing, result.steps
         t0 = time.perf_counter()
-        counted = self.server.aggregate()
+        counted = aggregate_round(self.server)
         aggregate_s = (time.perf_counter() - t0) / self.server_device.speed
         wall_s = time.perf_counter() - self._round_t0  # training + aggregation
         if cfg.sim.timing == "predicted":  # not in the cost model: negligible
@@ -633,3 +634,11 @@ def _keep_previous(run_dir: Path) -> None:
         n += 1
     run_dir.rename(old)
     log.warning("an earlier run %s was moved to %s", run_dir, old)
+
+
+def aggregate_round(server: SplitServer) -> list[int]:
+    """The round's aggregation: every holder's update folded into the global
+    adapter, layer by layer (``docs/aggregation.md``); returns who counted."""
+    updates = server.round_updates()
+    new = aggregate(server.global_state, updates) if updates else None
+    return server.end_round(new)

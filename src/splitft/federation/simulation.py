@@ -3,7 +3,7 @@
 The round coordinator (:mod:`splitft.federation.coordinator`) with
 :class:`SimulatedRounds`: every client is a real :class:`SplitClient` in this
 process, reaching the real server through the simulated network
-(:mod:`splitft.transport.simulated`): real messages, encoded exactly as on a
+(:mod:`splitft.sim.clocked`): real messages, encoded exactly as on a
 wire, delivered when the event-driven clock says, so heterogeneous devices,
 links and the server queue shape each round's simulated time.
 """
@@ -23,9 +23,9 @@ from splitft.federation.coordinator import (
 )
 from splitft.federation.strategy import RoundConfig, RoundResult
 from splitft.sim.clock import simulate_round
+from splitft.sim.clocked import ClockedClient, ClockedServer, replay
 from splitft.sim.costs import CostModel
 from splitft.split.client import SplitClient
-from splitft.transport.simulated import ClockedClient, ClockedServer, replay
 
 __all__ = [
     "Simulation",

@@ -29,9 +29,9 @@ from transformers import PretrainedConfig
 
 from splitft import lora, runs
 from splitft.config import LoraSettings, TrainConfig
-from splitft.federation.aggregate import truncate_to
 from splitft.models.arch import spec_for
 from splitft.models.parts import WeightStore, client_part, labelled_tokens
+from splitft.ranks import truncate_to
 from splitft.sim.clock import Outgoing, RoundTiming, simulate_round
 from splitft.sim.profiles import Device, ServerDevice
 from splitft.split.compress import compress

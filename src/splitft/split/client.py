@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
+from typing import Protocol as TypingProtocol
 
 import numpy as np
 import torch
@@ -41,10 +42,16 @@ from splitft.split.messages import (
     Wait,
     step_report,
 )
-from splitft.transport.base import Transport
 
 # A client protocol: yields requests, is sent the replies, returns its result.
 Protocol = Generator[object, object, object]
+
+
+class Caller(TypingProtocol):
+    """A blocking transport as the client sees one: a request in, its reply
+    out (``splitft.transport`` has the in-process and the gRPC ones)."""
+
+    def call(self, msg): ...
 
 
 class ServerRefused(RuntimeError):
@@ -429,15 +436,15 @@ class SplitClient:
         _expect(reply, Ack)
 
     # ----------------------------------------------- blocking conveniences
-    def run_round(self, transport: Transport, round: int) -> list[dict]:
+    def run_round(self, transport: Caller, round: int) -> list[dict]:
         """:meth:`round_protocol` over a blocking transport."""
         return drive(self.round_protocol(round), transport.call)
 
-    def start_round(self, transport: Transport, round: int) -> RoundPlan:
+    def start_round(self, transport: Caller, round: int) -> RoundPlan:
         return drive(self._start(round), transport.call)
 
     def train_step(
-        self, transport: Transport, step: int, lr: float, *micro_batches: dict
+        self, transport: Caller, step: int, lr: float, *micro_batches: dict
     ) -> dict:
         """One optimizer step on the given micro-batches (the rest drawn here)."""
         batches = list(micro_batches)
@@ -445,5 +452,5 @@ class SplitClient:
             batches.append(self._next_batch())
         return drive(self._step(step, lr, batches), transport.call)
 
-    def finish_round(self, transport: Transport, round: int) -> None:
+    def finish_round(self, transport: Caller, round: int) -> None:
         drive(self._finish(round), transport.call)

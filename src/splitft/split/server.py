@@ -28,12 +28,6 @@ from transformers import PretrainedConfig
 
 from splitft import lora, runs
 from splitft.config import SERVER_SIDES, LoraSettings, TrainConfig
-from splitft.federation.aggregate import (
-    aggregate,
-    rank_of,
-    slice_rank,
-    truncate_to,
-)
 from splitft.models.arch import spec_for
 from splitft.models.parts import (
     WeightStore,
@@ -42,6 +36,7 @@ from splitft.models.parts import (
     middle_part,
     server_part,
 )
+from splitft.ranks import rank_of, slice_rank, truncate_to
 from splitft.split import engine, optim
 from splitft.split.compress import compress, decompress
 from splitft.split.errors import (
@@ -927,10 +922,27 @@ class SplitServer:
             moved += float((after - before).pow(2).sum())
         return (far / moved) ** 0.5 if moved > 0 else 0.0
 
-    def aggregate(self) -> list[int]:
-        """Fold this round's updates into the global adapter; returns who counted."""
+    def round_updates(self) -> list[tuple[dict[str, torch.Tensor], float]]:
+        """What this round's aggregation folds into the global adapter: each
+        upload (with its client's server-side copy) and its weight, then the
+        shared adapter as holder of the layers its clients trained."""
         with self._lock:
-            return self._aggregate()
+            return [self.updates[c] for c in sorted(self.updates)] + (
+                self._shared_updates()
+            )
+
+    def end_round(self, new: Mapping[str, torch.Tensor] | None) -> list[int]:
+        """Close the round with ``new`` as the global adapter (None: nothing
+        to fold in, it stays); returns who counted. Each client's drift is
+        measured against ``new`` first."""
+        with self._lock:
+            who = sorted(self.updates)
+            self.drift = {}
+            if new is not None:
+                self.drift = {cid: self._drift(cid, new) for cid in who}
+                self.global_state = dict(new)
+            self._clear_round()
+            return who
 
     def _shared_updates(self) -> list[tuple[dict[str, torch.Tensor], float]]:
         """The shared adapter as holder of each layer some uploader trained.
@@ -961,14 +973,7 @@ class SplitServer:
             raise RuntimeError(f"shared server adapter is not finite: {bad[:3]}")
         return [(s, w) for w, s in by_weight.items()]
 
-    def _aggregate(self) -> list[int]:
-        who = sorted(self.updates)
-        updates = [self.updates[c] for c in who] + self._shared_updates()
-        self.drift = {}
-        if updates:
-            new = aggregate(self.global_state, updates)
-            self.drift = {cid: self._drift(cid, new) for cid in who}
-            self.global_state = new
+    def _clear_round(self) -> None:
         self.updates.clear()
         self._client_keys.clear()
         self._optim.clear()
@@ -979,7 +984,6 @@ class SplitServer:
         self._drawing.clear()
         self._served = {}
         self._shared_round = None
-        return who
 
 
 def _key(msg, round: int) -> tuple:

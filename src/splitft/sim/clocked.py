@@ -1,4 +1,5 @@
-"""The simulated network: real clients and the real server under the clock.
+"""Real clients and the real server as the clock's processes (the simulated
+network).
 
 Every message is encoded and decoded exactly as on a wire (the same codec as
 the in-process and network transports) and its encoded size is what the
