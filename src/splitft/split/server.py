@@ -37,17 +37,15 @@ from splitft.models.parts import (
     server_part,
 )
 from splitft.ranks import rank_of, slice_rank, truncate_to
-from splitft.split import engine, optim
+from splitft.split import engine, guards, optim
 from splitft.split.compress import compress, decompress
 from splitft.split.errors import (
     Malformed,
     NotAllowed,
     OutOfOrder,
     Refused,
-    TooLarge,
 )
 from splitft.split.messages import (
-    REPORT_FIELDS,
     Ack,
     AdapterUpdate,
     Gradient,
@@ -130,6 +128,16 @@ class SplitServer:
         context = getattr(config, "max_position_embeddings", None) or 2**31 - 1
         self.max_length = min(max_length or context, context)
         self.context = context
+        self.limits = guards.Limits(
+            num_layers=self.num_layers,
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+            batch_size=train.batch_size,
+            max_length=self.max_length,
+            context=context,
+            grad_accum=train.grad_accum,
+            tail_layers=tail_layers,
+        )
         # the most samples each client may weigh in aggregation (Join sets it)
         self.declared: dict[int, int] = dict(num_samples or {})
         self.upload_norm_bound = upload_norm_bound
@@ -351,16 +359,7 @@ class SplitServer:
     def _join(self, msg: Join) -> Ack:
         """A client declares how many examples it holds: the most its uploads
         may weigh in aggregation."""
-        if msg.num_samples <= 0:
-            raise Malformed(f"num_samples must be > 0, got {msg.num_samples}")
-        if msg.memory_bytes < 0:
-            raise Malformed(f"memory_bytes must be >= 0, got {msg.memory_bytes}")
-        known = self.declared.get(msg.client_id)
-        if known is not None and known != msg.num_samples:
-            raise OutOfOrder(
-                f"client {msg.client_id} joined with num_samples={known}; it "
-                f"cannot change to {msg.num_samples} within a run"
-            )
+        guards.check_join(msg, self.declared.get(msg.client_id))
         self.declared[msg.client_id] = msg.num_samples
         return Ack(msg.client_id)
 
@@ -437,79 +436,12 @@ class SplitServer:
         self._shared_grads.clear()
 
     def _check_smashed(self, msg: SmashedData) -> None:
-        """Refuse a micro-batch before it touches the model: its shapes, its
-        bounds (the config's batch size and ``data.max_length``), the ranges
-        of its token-level tensors, and its place in the client's round."""
-        cid = msg.client_id
-        planned = self._planned[cid]
-        if planned.cut >= self.num_layers:
-            raise OutOfOrder(f"client {cid} trains locally: no smashed data")
-        H = self.config.hidden_size
-        if msg.hidden.ndim != 3 or msg.hidden.shape[-1] != H:
-            raise Malformed(
-                f"hidden must be (B, T, {H}), got {tuple(msg.hidden.shape)}"
-            )
-        B, T = shape = tuple(msg.hidden.shape[:2])
-        if B < 1 or T < 1:
-            raise Malformed(f"hidden is empty: {tuple(msg.hidden.shape)}")
-        if B > self.train.batch_size:
-            raise TooLarge(f"{B} rows: train.batch_size is {self.train.batch_size}")
-        if T > self.max_length:
-            raise TooLarge(f"{T} tokens a row: at most {self.max_length} here")
-        for name in ("attention_mask", "position_ids", "labels"):
-            t = getattr(msg, name)
-            if t is not None and tuple(t.shape) != shape:
-                raise Malformed(
-                    f"{name} must be {shape} like hidden, got {tuple(t.shape)}"
-                )
-        if msg.position_ids is None:
-            raise Malformed("position_ids are missing")
-        if not _within(msg.position_ids, 0, self.context):
-            raise Malformed(f"position_ids must be in [0, {self.context})")
-        mask = msg.attention_mask
-        if mask is not None and not ((mask == 0) | (mask == 1)).all():
-            raise Malformed("attention_mask must be 0 or 1")
-        labels, V = msg.labels, self.config.vocab_size
-        if self.tail_layers and labels is not None:
-            raise Malformed(
-                "labels must stay on the client in a U-shaped split "
-                "(federation.topology='u_shaped'); send labels=None"
-            )
-        if not self.tail_layers:
-            if labels is None:
-                raise Malformed(
-                    "labels are missing: this server computes the loss "
-                    "(federation.topology='vanilla')"
-                )
-            if not ((labels == -100) | ((labels >= 0) & (labels < V))).all():
-                raise Malformed(f"labels must be -100 or token ids in [0, {V})")
-        if not 0 <= msg.step < len(planned.lrs):
-            raise Malformed(f"step {msg.step} not in [0, {len(planned.lrs)})")
-        if msg.num_micro != self.train.grad_accum:
-            raise Malformed(
-                f"num_micro={msg.num_micro}: train.grad_accum is "
-                f"{self.train.grad_accum} here"
-            )
-        if not 0 <= msg.micro < msg.num_micro:
-            raise Malformed(f"micro {msg.micro} not in [0, num_micro={msg.num_micro})")
-        if not 0 <= msg.step_tokens <= B * T * msg.num_micro:
-            raise Malformed(f"step_tokens {msg.step_tokens} not in [0, B*T*num_micro]")
-        if planned.pending is not None:
-            step, micro = planned.pending[:2]
-            raise OutOfOrder(
-                f"expected the TailGradient of step {step} micro {micro}, got "
-                f"SmashedData of step {msg.step} micro {msg.micro}"
-            )
-        if (msg.step, msg.micro) != planned.next:
-            step, micro = planned.next
-            if step >= len(planned.lrs):
-                raise OutOfOrder(f"client {cid} has run all its steps: upload next")
-            raise OutOfOrder(
-                f"expected step {step} micro {micro}, got step {msg.step} micro "
-                f"{msg.micro}"
-            )
-        if not torch.isfinite(msg.hidden).all():
-            raise Malformed("hidden has non-finite values")
+        """Refuse a micro-batch before it touches the model (:mod:`guards`)."""
+        planned = self._planned[msg.client_id]
+        pending = planned.pending[:2] if planned.pending is not None else None
+        guards.check_smashed(
+            msg, self.limits, planned.cut, len(planned.lrs), planned.next, pending
+        )
 
     def _received(self, msg: SmashedData) -> torch.Tensor:
         """Check a micro-batch, switch to its client's adapter and return its
@@ -801,82 +733,25 @@ class SplitServer:
                 f"{len(planned.lrs)}: finish the round's steps first"
             )
         expected = self.client_ranks(k)
-        missing, extra = (
-            set(expected) - set(msg.adapter),
-            set(msg.adapter) - set(expected),
+        held = f"[0, {k})" + (
+            f" and [{self.end}, {L})" if self.tail_layers and k < L else ""
         )
-        if missing or extra:
-            held = f"[0, {k})" + (
-                f" and [{self.end}, {L})" if self.tail_layers and k < L else ""
-            )
-            raise Malformed(
-                f"client {cid}: adapter keys differ from its layers {held}: "
-                f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
-            )
-        for key, t in msg.adapter.items():
-            reference = self.global_state[key]
-            want = tuple(slice_rank(key, reference, expected[key]).shape)
-            if tuple(t.shape) != want:
-                raise Malformed(
-                    f"client {cid}: {key} has shape {tuple(t.shape)}, not {want}"
-                )
-            if t.dtype != reference.dtype:
-                raise Malformed(
-                    f"client {cid}: {key} is {t.dtype}, the global adapter "
-                    f"{reference.dtype}"
-                )
-        if msg.num_samples <= 0:
-            raise Malformed(f"client {cid}: num_samples must be > 0")
-        declared = self.declared.get(cid)
-        if declared is not None and msg.num_samples > declared:
-            raise Malformed(
-                f"client {cid}: num_samples={msg.num_samples}, more than the "
-                f"{declared} it declared"
-            )
+        guards.check_upload(
+            msg, expected, self.global_state, held, self.declared.get(cid)
+        )
         state = dict(msg.adapter)
         if self.server_side != SHARED and k < self.num_layers:
             # this client's server-side copy: exactly its blocks [k, end)
             server_side = lora.adapter_state(self.part.model, self._name(cid))
             state.update(lora.select_layers(server_side, self.spec, range(k, self.end)))
-        bad = [key for key, t in state.items() if not torch.isfinite(t).all()]
-        if bad:
-            raise Malformed(f"client {cid}: non-finite values in {bad[:3]}")
-        self._check_norm(cid, msg.adapter, expected)
-        report = msg.report
-        if report is not None:
-            rows, cols = len(planned.lrs), len(REPORT_FIELDS)
-            if report.ndim != 2 or report.shape[1] != cols or report.shape[0] > rows:
-                raise Malformed(
-                    f"client {cid}: report must be (<= {rows}, {cols}), got "
-                    f"{tuple(report.shape)}"
-                )
-            if not torch.isfinite(report).all():
-                raise Malformed(f"client {cid}: report has non-finite values")
+        guards.check_finite(cid, state)
+        guards.check_norm(
+            cid, msg.adapter, expected, self.global_state, self.upload_norm_bound
+        )
+        guards.check_report(msg, len(planned.lrs))
         self.updates[cid] = (state, float(msg.num_samples))
         self._client_keys[cid] = set(msg.adapter)
         return Ack(cid)
-
-    def _check_norm(self, cid, adapter, ranks) -> None:
-        """An upload may not be ``upload_norm_bound`` times the norm of the
-        global adapter on the same layers (0: no bound)."""
-        if self.upload_norm_bound <= 0:
-            return
-        norm = sum(float(t.float().pow(2).sum()) for t in adapter.values()) ** 0.5
-        ref = (
-            sum(
-                float(
-                    slice_rank(k, self.global_state[k], ranks[k]).float().pow(2).sum()
-                )
-                for k in adapter
-            )
-            ** 0.5
-        )
-        if norm > self.upload_norm_bound * ref:
-            raise Malformed(
-                f"client {cid}: adapter norm {norm:.3g} is over "
-                f"federation.upload_norm_bound={self.upload_norm_bound} times the "
-                f"global adapter's {ref:.3g} on the same layers"
-            )
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
@@ -993,7 +868,3 @@ def _key(msg, round: int) -> tuple:
     if isinstance(msg, TailGradient):
         return ("tail", round, msg.step, msg.micro)
     return ("upload", msg.round)
-
-
-def _within(t: torch.Tensor, low: int, high: int) -> bool:
-    return bool(((t >= low) & (t < high)).all())
