@@ -20,7 +20,8 @@ from splitft.federation.coordinator import TOKENS, row_size
 from splitft.federation.simulation import Simulation
 from splitft.models.default import default_model_dir
 from splitft.models.parts import WeightStore, load_model_config
-from splitft.sim.costs import CostModel, probe
+from splitft.sim.costs import CostModel
+from splitft.sim.probe import probe
 from splitft.sim.profiles import MB
 
 

@@ -74,12 +74,8 @@ from splitft.federation.coordinator import (  # noqa: E402
     expected_labelled,
     expected_slots,
 )
-from splitft.sim.costs import (  # noqa: E402
-    CostModel,
-    Workload,
-    World,
-    predict_round,
-)
+from splitft.sim.costs import CostModel  # noqa: E402
+from splitft.sim.predict import Workload, World, predict_round  # noqa: E402
 from splitft.sim.profiles import MB, ServerDevice, devices_at  # noqa: E402
 
 MIX = ["ws", "laptop", "tablet", "phone"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from splitft.sim.costs import CostModel, Workload, World
+from splitft.sim.costs import CostModel
+from splitft.sim.predict import Workload, World
 from splitft.sim.profiles import Device, ServerDevice
 
 MB = 1e6

@@ -4,8 +4,9 @@ From the bottom: settings, set-up and what runs on a model (``config``,
 ``runs``, ``ranks``, ``lora``, ``models/``, ``data/``, ``eval``,
 ``report``), the split step (``split/``), the transports (``transport/``: of
 ``split/`` only the messages and refusals it carries), the simulation
-(``sim/``), the federation (``federation/``), and the command line (``cli``). Read from the source, every
-import (inside functions too), so a lazy import cannot hide a cycle.
+(``sim/``), the federation (``federation/``), and the command line
+(``cli``). Read from the source, every import (inside functions too), so a
+lazy import cannot hide a cycle.
 """
 
 import ast

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from synthetic import device, world
 
 from splitft.federation import planner
-from splitft.sim.costs import predict_round
+from splitft.sim.predict import predict_round
 
 MIX = [
     device(1.0, 0, 100, 100, name="workstation"),

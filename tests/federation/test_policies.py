@@ -7,7 +7,8 @@ from synthetic import device, world
 
 from splitft.config import PlannerConfig
 from splitft.federation.policies import PolicyContext, RoundOutcome, make_policy
-from splitft.sim.costs import Estimator, predict_round
+from splitft.sim.estimator import Estimator
+from splitft.sim.predict import predict_round
 
 LAPTOP = device(2.0, 0, 50, 50, name="laptop")
 PHONE = device(8.0, 250, 10, 20, name="phone")

@@ -4,7 +4,7 @@ import pytest
 from synthetic import device, world
 
 from splitft.sim.clock import ClientFailed, Outgoing, simulate_round
-from splitft.sim.costs import predict_round
+from splitft.sim.predict import predict_round
 from splitft.sim.profiles import Batching
 
 

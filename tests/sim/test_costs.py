@@ -8,7 +8,9 @@ from synthetic import device
 
 from splitft.config import LoraSettings
 from splitft.models.parts import WeightStore, load_model_config
-from splitft.sim.costs import Estimator, predict_round, probe
+from splitft.sim.estimator import Estimator
+from splitft.sim.predict import predict_round
+from splitft.sim.probe import probe
 
 
 def test_the_head_costs_per_labelled_token_and_the_rest_per_slot():

@@ -37,7 +37,10 @@ from splitft.models.parts import (
     load_model_config,
     load_tokenizer,
 )
-from splitft.sim.costs import CostModel, Estimator, Workload, World, probe
+from splitft.sim.costs import CostModel
+from splitft.sim.estimator import Estimator
+from splitft.sim.predict import Workload, World
+from splitft.sim.probe import probe
 from splitft.sim.profiles import Device, devices_at, server_device
 from splitft.split.server import SplitServer
 from splitft.transport import Traffic

@@ -1,6 +1,6 @@
 """The adaptive cut-layer planner: shortest round within memory budgets.
 
-Pure functions of a :class:`~splitft.sim.costs.World` (what the planner
+Pure functions of a :class:`~splitft.sim.predict.World` (what the planner
 believes about clients, links and the server); the objective is the round's
 makespan as the simulated clock predicts it, server queue included. The
 search (see ``docs/policies.md``):
@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from splitft.sim.costs import World, predict_round
+from splitft.sim.predict import World, predict_round
 
 
 class Infeasible(ValueError):

@@ -2,7 +2,7 @@
 
 A policy is the pluggable part of the round strategy: ``plan`` picks each
 selected client's cut for a round, ``observe`` takes what the round showed.
-All of them see the planner's beliefs (:class:`~splitft.sim.costs.Estimator`)
+All of them see the planner's beliefs (:class:`~splitft.sim.estimator.Estimator`)
 so they can respect memory budgets; only ``adaptive`` plans on times.
 See ``docs/policies.md`` for the rules and the reconstruction of the paper's.
 """
@@ -19,7 +19,8 @@ import numpy as np
 from splitft.config import PlannerConfig
 from splitft.federation import planner
 from splitft.sim.clock import RoundTiming
-from splitft.sim.costs import Estimator, predict_round
+from splitft.sim.estimator import Estimator
+from splitft.sim.predict import predict_round
 
 
 @dataclass

@@ -18,7 +18,8 @@ import numpy as np
 
 from splitft.federation.policies import CutPolicy, RoundOutcome, over_budget
 from splitft.sim.clock import RoundTiming
-from splitft.sim.costs import Estimator, predict_round
+from splitft.sim.estimator import Estimator
+from splitft.sim.predict import predict_round
 from splitft.sim.profiles import Device
 
 
