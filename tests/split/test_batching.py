@@ -138,7 +138,7 @@ def test_a_shared_adapter_steps_once_per_batch_on_its_clients_mean_gradient(tiny
     many = server(folder, config, SHARED, accum=1, lr=1e-30)
     seen = {"one": [], "many": []}
     for key, s in (("one", one), ("many", many)):
-        s._optim[SHARED].register_step_pre_hook(
+        s.shared.optimizer.register_step_pre_hook(
             lambda opt, *_, key=key: seen[key].append(
                 [
                     torch.zeros_like(p) if p.grad is None else p.grad.clone()
@@ -156,7 +156,7 @@ def test_a_shared_adapter_steps_once_per_batch_on_its_clients_mean_gradient(tiny
     for i, got in enumerate(seen["many"][0]):
         want = sum(step[i] for step in seen["one"]) / 3
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    assert many._served == {cid: k for cid, k in CUTS.items()}
+    assert many.shared.served == {cid: k for cid, k in CUTS.items()}
 
 
 def test_a_bad_request_in_a_batch_is_refused_alone(tiny):

@@ -37,7 +37,7 @@ from splitft.models.parts import (
     server_part,
 )
 from splitft.ranks import rank_of, slice_rank, truncate_to
-from splitft.split import engine, guards, optim
+from splitft.split import engine, guards, optim, shared
 from splitft.split.compress import compress, decompress
 from splitft.split.errors import (
     Malformed,
@@ -59,7 +59,7 @@ from splitft.split.messages import (
 
 log = logging.getLogger(__name__)
 
-SHARED = "shared"  # the adapter name of the shared server-side LoRA
+SHARED = shared.NAME  # the adapter name of the shared server-side LoRA
 
 
 @dataclass
@@ -157,9 +157,7 @@ class SplitServer:
         self.batches_drawn: dict[int, int] = {}
         self._drawing: set[int] = set()
         self._optim: dict[int, torch.optim.Optimizer] = {}  # per_client
-        self._shared_round: int | None = None
-        self._shared_grads: dict[int, dict[torch.nn.Parameter, torch.Tensor]] = {}
-        self._served: dict[int, int] = {}  # shared: client -> cut of its steps
+        self.shared = shared.SharedAdapter(train, self.spec)  # server_side=shared
         self.updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
         self._client_keys: dict[int, set[str]] = {}  # what each update held client-side
         self.drift: dict[int, float] = {}  # of the last aggregation, per client
@@ -254,7 +252,7 @@ class SplitServer:
                 self._planned.pop(cid, None)
                 self.updates.pop(cid, None)
                 self._client_keys.pop(cid, None)
-                self._shared_grads.pop(cid, None)
+                self.shared.parked.pop(cid, None)
                 self._optim.pop(cid, None)
 
     def abandon_round(self) -> None:
@@ -263,7 +261,7 @@ class SplitServer:
         with self._lock:
             self._optim.clear()
             self._drawing.clear()  # a round run again draws the same batches
-            self._served, self._shared_round = {}, None
+            self.shared.end()
 
     @staticmethod
     def _name(cid: int) -> str:
@@ -346,7 +344,7 @@ class SplitServer:
         """A refused request leaves no gradient behind (``grads``: none is
         left to clear), and the step it was part of starts again at its first
         micro-batch."""
-        self._shared_grads.pop(cid, None)
+        self.shared.parked.pop(cid, None)
         opt = self._optimizer(cid)
         if opt is not None and grads:
             opt.zero_grad(set_to_none=True)
@@ -367,7 +365,9 @@ class SplitServer:
         """The optimizer a client's steps use (None: it has none this round)."""
         if cid not in self._planned:
             return None
-        return self._optim.get(SHARED if self.server_side == SHARED else cid)
+        if self.server_side == SHARED:
+            return self.shared.optimizer
+        return self._optim.get(cid)
 
     def client_ranks(self, k: int) -> dict[str, int]:
         """Rank of each adapter key a client with cut ``k`` holds."""
@@ -402,7 +402,8 @@ class SplitServer:
             if k < self.part.layers.start:  # open_round grows the part first
                 raise OutOfOrder(f"cut {k} below the server's blocks")
             if self.server_side == SHARED:
-                self._start_shared(req.round)
+                held = self._server_keys(self.part.layers.start)
+                self.shared.start(self.part.model, held, req.round)
             else:
                 name = self._name(cid)
                 held = self._server_keys(self.part.layers.start)
@@ -421,19 +422,6 @@ class SplitServer:
         adapter = truncate_to(self.global_state, self.client_ranks(k))
         drawn = self.batches_drawn.get(cid, 0)
         return RoundPlan(cid, req.round, k, lrs, adapter, drawn, self.tail_layers)
-
-    def _start_shared(self, round: int) -> None:
-        """The first plan of a round loads the shared adapter from the global one."""
-        if self._shared_round == round:
-            return
-        held = self._server_keys(self.part.layers.start)
-        lora.load_adapter_state(self.part.model, held, SHARED)
-        params = lora.adapter_params(self.part.model, SHARED)
-        for p in params:
-            p.grad = None
-        self._optim[SHARED] = optim.make_optimizer(params, self.train)
-        self._shared_round, self._served = round, {}
-        self._shared_grads.clear()
 
     def _check_smashed(self, msg: SmashedData) -> None:
         """Refuse a micro-batch before it touches the model (:mod:`guards`)."""
@@ -467,7 +455,7 @@ class SplitServer:
             assert optimizer is not None  # a split client's plan made it
             optim.step(optimizer, planned.lrs[step], self.train.max_grad_norm)
         if last and self.server_side == SHARED:
-            self._served[cid] = planned.cut
+            self.shared.served[cid] = planned.cut
         planned.next = (step + 1, 0) if last else (step, micro + 1)
         runs.fault("server_step")
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
@@ -487,7 +475,8 @@ class SplitServer:
                 raise Malformed("the loss is not finite; step dropped")
             share = loss_share(tokens, msg.step_tokens, msg.num_micro)
             (out.loss * share).backward()
-        self._accumulate(cid, msg)
+        if self.server_side == SHARED:
+            self.shared.park(self.part.model, cid, msg.micro, msg.num_micro)
         values, scale = self._stepped(cid, msg.step, msg.micro, hidden)
         return Gradient(
             client_id=cid,
@@ -594,9 +583,8 @@ class SplitServer:
         done = [d for d in done if d[4].finite]
         optimize = self.server_side != SHARED
         if not optimize and done:  # one step on the batch's mean gradient
-            self._shared_step(
-                [(msg, self._planned[msg.client_id]) for _, msg, *_ in done]
-            )
+            lrs = [self._planned[msg.client_id].lrs[msg.step] for _, msg, *_ in done]
+            self.shared.step_batch(self.part.model, lrs)
         wall = time.perf_counter() - t0
         work = [r.slots * (self.end - r.cut) for *_, r, _ in done]
         for (i, msg, key, r, res), w in zip(done, work, strict=True):
@@ -621,17 +609,6 @@ class SplitServer:
             )
             self._planned[cid].last = (key, reply)
             replies[i] = reply
-
-    def _shared_step(self, served: list[tuple[SmashedData, _Planned]]) -> None:
-        """A batch on the shared adapter: one optimizer step on the mean of
-        its clients' step gradients (one larger batch, as MergeSFL merges its
-        workers' features), at the mean of their learning rates."""
-        params = lora.adapter_params(self.part.model, SHARED)
-        for p in params:
-            if p.grad is not None:
-                p.grad /= len(served)
-        lr = sum(planned.lrs[msg.step] for msg, planned in served) / len(served)
-        optim.step(self._optim[SHARED], lr, self.train.max_grad_norm)
 
     def _middle(self, msg: SmashedData) -> TailInput:
         """U-shaped, first leg: blocks [k, L - tail_layers) forward; the graph
@@ -696,25 +673,6 @@ class SplitServer:
             grad=values,
             grad_scale=scale,
         )
-
-    def _accumulate(self, cid: int, msg: SmashedData) -> None:
-        """Shared adapter: keep each client's micro-batch gradients apart.
-
-        Other clients' steps may arrive between this client's micro-batches;
-        their gradients must not mix, so each client's sum is parked until its
-        last micro-batch, then put back for its optimizer step.
-        """
-        if self.server_side != SHARED or msg.num_micro == 1:
-            return
-        params = lora.adapter_params(self.part.model, SHARED)
-        parked = self._shared_grads.setdefault(cid, {})
-        for p in params:
-            if p.grad is not None:
-                parked[p] = parked[p] + p.grad if p in parked else p.grad
-                p.grad = None
-        if msg.micro == msg.num_micro - 1:
-            for p, g in self._shared_grads.pop(cid).items():
-                p.grad = g
 
     def _receive(self, msg: AdapterUpdate) -> Ack:
         """Check an upload against the client's plan, then keep it for
@@ -820,33 +778,10 @@ class SplitServer:
             return who
 
     def _shared_updates(self) -> list[tuple[dict[str, torch.Tensor], float]]:
-        """The shared adapter as holder of each layer some uploader trained.
-
-        Layer l of the shared adapter was trained by every client whose cut is
-        at or below l, so it counts with the sum of their sample counts, just
-        as their per-client copies would (``docs/aggregation.md``).
-        """
-        if self.server_side != SHARED or not self._served:
+        if self.server_side != SHARED:
             return []
-        weights = {
-            cid: w for cid, (_s, w) in self.updates.items() if cid in self._served
-        }
-        state = lora.adapter_state(self.part.model, SHARED)
-        by_weight: dict[float, dict[str, torch.Tensor]] = {}
-        for key, t in state.items():
-            layer = lora.layer_of(key, self.spec)
-            w = sum(n for cid, n in weights.items() if self._served[cid] <= layer)
-            if w > 0:
-                by_weight.setdefault(w, {})[key] = t
-        bad = [
-            k
-            for s in by_weight.values()
-            for k, t in s.items()
-            if not t.isfinite().all()
-        ]
-        if bad:  # never fold a broken shared state into the global adapter
-            raise RuntimeError(f"shared server adapter is not finite: {bad[:3]}")
-        return [(s, w) for w, s in by_weight.items()]
+        weights = {cid: w for cid, (_s, w) in self.updates.items()}
+        return self.shared.holders(self.part.model, weights)
 
     def _clear_round(self) -> None:
         self.updates.clear()
@@ -857,8 +792,7 @@ class SplitServer:
         for cid in self._drawing:  # dropped clients drew them too
             self.batches_drawn[cid] = self.batches_drawn.get(cid, 0) + per_round
         self._drawing.clear()
-        self._served = {}
-        self._shared_round = None
+        self.shared.end()
 
 
 def _key(msg, round: int) -> tuple:
