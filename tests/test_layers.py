@@ -74,3 +74,10 @@ def test_every_module_is_in_a_layer():
     layered = (*FORBIDDEN, *ENTRY, "splitft")
     loose = [m for m, _ in modules() if not any(_under(m, p) for p in layered)]
     assert not loose, f"modules in no layer: {loose}"
+
+
+def test_the_deployed_client_needs_no_coordinator_or_simulation():
+    path = SRC / "federation" / "remote.py"
+    names = imports(path)
+    banned = ("splitft.federation.coordinator", "splitft.federation.simulation")
+    assert not [n for n in names if any(_under(n, b) for b in banned)], names

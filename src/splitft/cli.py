@@ -144,7 +144,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     """One deployed client, next to its data."""
     cfg = load_config(args.config, args.overrides)
-    from splitft.federation.deployment import client_main
+    from splitft.federation.remote import client_main
 
     client_main(
         cfg,

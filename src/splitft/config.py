@@ -225,6 +225,11 @@ class FederationConfig:
     )
     round_retries: int = _f(1, "deployment: runs of a round short of min_clients")
 
+    @property
+    def client_tail(self) -> int:
+        """The blocks a U-shaped client runs after the server (0: vanilla)."""
+        return self.tail_layers if self.topology == "u_shaped" else 0
+
     def __post_init__(self) -> None:
         _check(
             self.num_clients >= 1, "federation.num_clients", self.num_clients, ">= 1"

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from simrun import TIMING_FREE, config, make_assets, rounded
 
 from splitft.federation.coordinator import Coordinator
-from splitft.federation.deployment import NetworkRounds, build_client, run_client
+from splitft.federation.deployment import NetworkRounds
+from splitft.federation.remote import build_client, run_client
 from splitft.federation.simulation import Simulation
 from splitft.split.messages import SmashedData, decode, encode
 from splitft.transport import Traffic
@@ -261,7 +262,7 @@ def test_the_planner_keeps_a_client_within_the_memory_it_declared(assets, tmp_pa
 
 
 def test_a_client_that_declares_too_little_memory_is_refused(assets, tmp_path):
-    from splitft.federation.deployment import JoinRefused
+    from splitft.federation.remote import JoinRefused
 
     cfg = config(assets, tmp_path, "name=small", *settings())
     errors = {}

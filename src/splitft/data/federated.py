@@ -12,7 +12,16 @@ import datasets
 
 from splitft.config import RunConfig, cache_dir
 from splitft.data.format import build_datasets
+from splitft.data.packing import pack
 from splitft.data.partition import make_partitioner
+
+TOKENS = ["input_ids", "labels"]  # the columns training and the loss need
+
+
+def client_rows(cfg: RunConfig, partition: datasets.Dataset) -> list[dict]:
+    """A client's training rows: its partition's tokens, packed if configured."""
+    rows = partition.select_columns(TOKENS).to_list()
+    return pack(rows, cfg.data.max_length) if cfg.data.packing else rows
 
 
 @dataclass

@@ -24,17 +24,16 @@ from tqdm.auto import tqdm
 
 from splitft import lora, report, runs
 from splitft.config import ConfigError, RunConfig, save_config, to_dict
-from splitft.data.federated import load_run_data
+from splitft.data.federated import TOKENS, load_run_data
 from splitft.data.format import pad_token_id
 from splitft.eval import evaluate, task_accuracy
 from splitft.federation.aggregate import aggregate
 from splitft.federation.policies import PolicyContext, make_policy
 from splitft.federation.strategy import RoundConfig, RoundResult, Strategy
-from splitft.models.default import resolve_model_dir
+from splitft.models.load import load_for_run
 from splitft.models.parts import (
     WeightStore,
     full_part,
-    load_model_config,
     load_tokenizer,
 )
 from splitft.sim.costs import CostModel
@@ -46,38 +45,6 @@ from splitft.split.server import SplitServer
 from splitft.transport import Traffic
 
 log = logging.getLogger(__name__)
-
-TOKENS = ["input_ids", "labels"]  # the columns training and the loss need
-
-
-def resolve_device(name: str) -> torch.device:
-    """``model.device`` as a torch device; a GPU that is not there is refused."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(
-            f"model.device={name!r} is not allowed: 'auto', 'cpu' or 'cuda[:n]'"
-        ) from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ConfigError(
-                f"model.device={name!r} is not allowed: this machine has "
-                f"{count} CUDA device(s); use 'auto' or 'cpu'"
-            )
-    return device
-
-
-def check_context(cfg: RunConfig, model_config) -> None:
-    """``data.max_length`` must fit the model's context window."""
-    context = getattr(model_config, "max_position_embeddings", None)
-    if context and cfg.data.max_length > context:
-        raise ConfigError(
-            f"data.max_length={cfg.data.max_length} is not allowed: at most "
-            f"{context}, this model's context (max_position_embeddings)"
-        )
 
 
 def expected_slots(lengths: list[int], batch_size: int, seed: int = 0) -> float:
@@ -157,16 +124,15 @@ class Coordinator:
     def setup(self) -> None:
         cfg, fed = self.cfg, self.cfg.federation
         torch.manual_seed(cfg.seed)
-        device = resolve_device(cfg.model.device)
-        self.model_dir = resolve_model_dir(cfg.model.path)
-        self.model_config = load_model_config(self.model_dir)
-        check_context(cfg, self.model_config)
+        loaded = load_for_run(cfg)
+        device, self.model_dir = loaded.device, loaded.folder
+        self.model_config = loaded.model_config
         checkpoint = self._open_run_dir()  # before the weights and data load
         if checkpoint is not None or self.resume:  # the cost model it ran with
             self.costs = self.costs or CostModel.load(self.run_dir / "costs.json")
         L = self.model_config.num_hidden_layers
         # U-shaped: the client's tail blocks; the deepest cut leaves the server one
-        self.tail = tail_layers(fed)
+        self.tail = fed.client_tail
         self.k_max = fed.k_max or L - 1 - self.tail
         _check_cuts(fed, self.k_max, L, self.tail)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -570,22 +536,6 @@ class Coordinator:
         if table:
             report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
         return summary
-
-
-def tail_layers(fed) -> int:
-    """The blocks a U-shaped client runs after the server (0: vanilla)."""
-    return fed.tail_layers if fed.topology == "u_shaped" else 0
-
-
-def client_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The run's settings a :class:`SplitClient` takes, simulated or deployed."""
-    return dict(
-        seed=cfg.seed,
-        compression=cfg.transport.compression,
-        grad_compression=cfg.transport.grad_compression,
-        noise=cfg.privacy.noise,
-        tail_layers=tail_layers(cfg.federation),
-    )
 
 
 def _check_cuts(fed, k_max: int, L: int, tail: int = 0) -> None:

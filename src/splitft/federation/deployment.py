@@ -9,9 +9,8 @@ server over gRPC and uploads; the round closes when every selected client
 has uploaded or at the deadline (``federation.round_timeout_s``), and those
 who did not upload are left out of its aggregation.
 
-A client process (:func:`run_client`) joins, then asks for plans until the
-server says stop, waiting when told to and reconnecting when the server is
-away (it may have restarted from its last checkpoint).
+A client process (:mod:`splitft.federation.remote`) joins, then asks for
+plans until the server says stop.
 """
 
 from __future__ import annotations
@@ -28,22 +27,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from splitft import lora, runs
-from splitft.config import ConfigError, RunConfig, from_dict, to_dict
-from splitft.data.federated import load_run_data
-from splitft.data.format import pad_token_id
+from splitft import runs
+from splitft.config import ConfigError, RunConfig
 from splitft.federation.coordinator import (
     Coordinator,
-    check_context,
-    client_settings,
-    resolve_device,
 )
-from splitft.federation.simulation import client_rows
+from splitft.federation.remote import message_limit_for
 from splitft.federation.strategy import RoundConfig, RoundResult
-from splitft.models.default import resolve_model_dir
-from splitft.models.parts import WeightStore, load_model_config, load_tokenizer
 from splitft.sim.clock import ClientTiming, RoundTiming
-from splitft.split.client import ServerRefused, SplitClient
 from splitft.split.messages import (
     Ack,
     AdapterUpdate,
@@ -61,10 +52,6 @@ log = logging.getLogger(__name__)
 
 class RoundFailed(runs.RunError):
     """Too few clients uploaded a round, even after its retries."""
-
-
-class JoinRefused(runs.RunError):
-    """The server would not have this client (its reason says why)."""
 
 
 class NetworkRounds:
@@ -355,56 +342,6 @@ class NetworkRounds:
         return reply
 
 
-def run_client(
-    client: SplitClient,
-    transport,
-    retry_s: float = 2.0,
-    give_up_s: float = 600.0,
-    memory_bytes: int = 0,
-) -> int:
-    """Join, then train every round the server plans for this client.
-
-    ``memory_bytes`` (if > 0) is declared at Join: the server's planner keeps
-    this client's part of the model within it.
-
-    A refused round (it closed, or the server restarted) is logged and the
-    client asks again; a server that cannot be reached is retried for
-    ``give_up_s`` seconds. Returns the number of rounds trained.
-    """
-    trained, joined, away_since = 0, False, None
-    while True:
-        try:
-            if not joined:
-                join = Join(client.client_id, client.num_samples, memory_bytes)
-                reply = transport.call(join)
-                if isinstance(reply, Ack) and reply.error:
-                    raise JoinRefused(f"the server refused to join: {reply.error}")
-                joined = True
-            result = client.run_round(transport, -1)
-            away_since = None
-        except ConnectionError as e:
-            now = time.monotonic()
-            away_since = away_since or now
-            if now - away_since > give_up_s:
-                raise
-            log.warning("client %d: %s; trying again", client.client_id, e)
-            joined = False
-            time.sleep(retry_s)
-            continue
-        except ServerRefused as e:
-            log.warning("client %d: round refused: %s", client.client_id, e)
-            time.sleep(retry_s)
-            continue
-        if isinstance(result, Stop):
-            log.info("client %d: stop (%s)", client.client_id, result.reason)
-            return trained
-        if isinstance(result, Wait):
-            time.sleep(result.retry_after_seconds)
-            continue
-        trained += 1
-        log.info("client %d: trained a round", client.client_id)
-
-
 def _batchable(msg) -> int:
     """The token slots of a vanilla split's micro-batch (it may share a
     batch), else 0."""
@@ -433,24 +370,6 @@ def step_records(msg: AdapterUpdate, cut: int) -> list[dict]:
 
 
 # ------------------------------------------------------------ the processes
-def check_address(address: str, insecure: bool, allow_insecure_remote: bool) -> str:
-    """``HOST:PORT`` as given; plaintext only on loopback unless allowed."""
-    from splitft.transport.security import is_loopback
-
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(
-            f"--address {address!r} is not allowed: HOST:PORT, e.g. 0.0.0.0:50051"
-        )
-    if insecure and not allow_insecure_remote and not is_loopback(host.strip("[]")):
-        raise ConfigError(
-            f"--insecure on {host}, which is not a loopback address: clients' "
-            "activations and tokens would cross the network in plaintext; use "
-            "TLS (--certs), or --allow-insecure-remote if you really mean it"
-        )
-    return address
-
-
 def serve_run(
     cfg: RunConfig,
     address: str,
@@ -461,7 +380,7 @@ def serve_run(
     resume: bool = False,
 ) -> dict:
     """``splitft server``: the coordinator with networked rounds, until done."""
-    from splitft.transport.network import NetworkServer
+    from splitft.transport.network import NetworkServer, check_address, read_file
     from splitft.transport.security import load_token_hashes
 
     check_address(address, insecure, allow_insecure_remote)
@@ -475,11 +394,11 @@ def serve_run(
     hashes = load_token_hashes(tokens)
     tls = None
     if not insecure:
-        tls = (_read(certs / "server.pem"), _read(certs / "server.key"))
+        tls = (read_file(certs / "server.pem"), read_file(certs / "server.key"))
     fed = cfg.federation
 
     def serve(handler: NetworkRounds):
-        limit = _message_limit(cfg, handler.server.config)
+        limit = message_limit_for(cfg, handler.server.config)
         net = NetworkServer(
             handler,
             address,
@@ -508,114 +427,4 @@ def serve_run(
     return Coordinator(cfg, rounds, resume=resume).run()
 
 
-def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
-    """A client on its data: a file of its own, or its partition of the config's
-    data (split as the simulation splits it). Returns (client, model config)."""
-    fed = cfg.federation
-    if not 0 <= client_id < fed.num_clients:
-        raise ConfigError(
-            f"--client-id {client_id} is not allowed: 0 to "
-            f"federation.num_clients - 1 = {fed.num_clients - 1}"
-        )
-    device = resolve_device(cfg.model.device)
-    model_dir = resolve_model_dir(cfg.model.path)
-    model_config = load_model_config(model_dir)
-    check_context(cfg, model_config)
-    tokenizer = load_tokenizer(model_dir)
-    if data is not None:  # this client's own file: all of it is its data
-        tree = to_dict(cfg)
-        tree["data"].update(source=str(data))
-        tree["federation"].update(num_clients=1)
-        tree["partition"].update(method="iid")
-        own = from_dict(RunConfig, tree)
-        own.data.eval_size = 0  # the server evaluates; the client trains on all
-        partition = load_run_data(own, tokenizer).partitions[0]
-    else:
-        partition = load_run_data(cfg, tokenizer).partitions[client_id]
-    client = SplitClient(
-        client_id,
-        WeightStore(model_dir, device=device),
-        model_config,
-        cfg.lora,
-        cfg.train,
-        client_rows(cfg, partition),
-        pad_token_id(tokenizer),
-        num_samples=len(partition),
-        **client_settings(cfg),
-    )
-    return client, model_config
-
-
-def client_main(
-    cfg: RunConfig,
-    server: str,
-    client_id: int,
-    token_file: Path,
-    ca: Path | None,
-    server_name: str | None = None,
-    insecure: bool = False,
-    data: Path | None = None,
-    memory_mb: float = 0.0,
-) -> int:
-    """``splitft client``: one client on its own data, until the server stops."""
-    if not (memory_mb >= 0 and math.isfinite(memory_mb)):
-        raise ConfigError(
-            f"--memory-mb {memory_mb} is not allowed: a number of megabytes > 0 "
-            "(or 0: the config's device profile)"
-        )
-    from splitft.transport.network import NetworkTransport
-    from splitft.transport.security import read_token
-
-    check_address(server, insecure, allow_insecure_remote=True)
-    if not insecure and ca is None:
-        raise ConfigError(
-            "--ca FILE is required (the CA from `splitft certs`), or --insecure"
-        )
-    token = read_token(token_file)
-    ca_cert = None if insecure else _read(ca)
-    client, model_config = build_client(cfg, client_id, data)
-    limit = _message_limit(cfg, model_config)
-    with NetworkTransport(
-        server,
-        client_id,
-        token,
-        ca_cert=ca_cert,
-        server_name=server_name,
-        max_message_bytes=limit,
-    ) as transport:
-        log.info(
-            "client %d: %d examples, server %s", client_id, client.num_samples, server
-        )
-        trained = run_client(client, transport, memory_bytes=int(memory_mb * 1e6))
-    log.info("client %d: done after %d rounds", client_id, trained)
-    return trained
-
-
-def _message_limit(cfg: RunConfig, model_config) -> int:
-    """The message size limit, derived the same way on both sides."""
-    from splitft.transport.network import message_limit
-
-    adapter = lora.init_global_adapter(model_config, cfg.lora, 0)
-    return message_limit(
-        model_config.hidden_size,
-        cfg.data.max_length,
-        cfg.train.batch_size,
-        sum(t.numel() * t.element_size() for t in adapter.values()),
-    )
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
-
-
-__all__ = [
-    "JoinRefused",
-    "NetworkRounds",
-    "RoundFailed",
-    "client_main",
-    "run_client",
-    "serve_run",
-]
+__all__ = ["NetworkRounds", "RoundFailed", "serve_run"]

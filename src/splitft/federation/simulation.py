@@ -11,35 +11,15 @@ links and the server queue shape each round's simulated time.
 from __future__ import annotations
 
 from splitft.config import RunConfig
-from splitft.data.packing import pack
-from splitft.federation.coordinator import (
-    TOKENS,
-    Coordinator,
-    check_context,
-    client_settings,
-    expected_slots,
-    resolve_device,
-    row_size,
-)
+from splitft.data.federated import client_rows
+from splitft.federation.coordinator import Coordinator, expected_slots, row_size
 from splitft.federation.strategy import RoundConfig, RoundResult
 from splitft.sim.clock import simulate_round
 from splitft.sim.clocked import ClockedClient, ClockedServer, replay
 from splitft.sim.costs import CostModel
 from splitft.split.client import SplitClient
 
-__all__ = [
-    "Simulation",
-    "SimulatedRounds",
-    "check_context",
-    "expected_slots",
-    "resolve_device",
-]
-
-
-def client_rows(cfg: RunConfig, partition) -> list[dict]:
-    """A client's training rows: its partition's tokens, packed if configured."""
-    rows = partition.select_columns(TOKENS).to_list()
-    return pack(rows, cfg.data.max_length) if cfg.data.packing else rows
+__all__ = ["Simulation", "SimulatedRounds", "expected_slots"]
 
 
 class SimulatedRounds:
@@ -52,16 +32,14 @@ class SimulatedRounds:
         rows = {cid: client_rows(cfg, p) for cid, p in enumerate(partitions)}
         c.server.declared.update({cid: len(p) for cid, p in enumerate(partitions)})
         self.clients = {
-            cid: SplitClient(
+            cid: SplitClient.from_run(
+                cfg,
                 cid,
                 c.store,
                 c.model_config,
-                cfg.lora,
-                cfg.train,
                 rows[cid],
                 c.pad_id,
-                num_samples=len(partitions[cid]),
-                **client_settings(cfg),
+                len(partitions[cid]),
             )
             for cid in rows
         }

@@ -17,7 +17,7 @@ import torch
 from transformers import PretrainedConfig
 
 from splitft import lora, runs
-from splitft.config import ConfigError, LoraSettings, TrainConfig
+from splitft.config import ConfigError, LoraSettings, RunConfig, TrainConfig
 from splitft.data import collate
 from splitft.models.parts import (
     ModelPart,
@@ -147,6 +147,34 @@ def add_noise(hidden: torch.Tensor, scale: float, seed: list[int]) -> torch.Tens
 
 class SplitClient:
     """One data owner. Its examples never leave it; only activations do."""
+
+    @classmethod
+    def from_run(
+        cls,
+        cfg: RunConfig,
+        client_id: int,
+        store: WeightStore,
+        model_config: PretrainedConfig,
+        examples: Sequence[dict],
+        pad_token_id: int,
+        num_samples: int,
+    ) -> SplitClient:
+        """A client with the run's settings, simulated or deployed."""
+        return cls(
+            client_id,
+            store,
+            model_config,
+            cfg.lora,
+            cfg.train,
+            examples,
+            pad_token_id,
+            seed=cfg.seed,
+            num_samples=num_samples,
+            compression=cfg.transport.compression,
+            noise=cfg.privacy.noise,
+            tail_layers=cfg.federation.client_tail,
+            grad_compression=cfg.transport.grad_compression,
+        )
 
     def __init__(
         self,

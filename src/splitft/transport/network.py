@@ -25,6 +25,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -304,3 +305,27 @@ class NetworkTransport:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_address(address: str, insecure: bool, allow_insecure_remote: bool) -> str:
+    """``HOST:PORT`` as given; plaintext only on loopback unless allowed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(
+            f"--address {address!r} is not allowed: HOST:PORT, e.g. 0.0.0.0:50051"
+        )
+    if insecure and not allow_insecure_remote and not is_loopback(host.strip("[]")):
+        raise ConfigError(
+            f"--insecure on {host}, which is not a loopback address: clients' "
+            "activations and tokens would cross the network in plaintext; use "
+            "TLS (--certs), or --allow-insecure-remote if you really mean it"
+        )
+    return address
+
+
+def read_file(path: Path) -> bytes:
+    """A file's bytes (a certificate, a key); unreadable is one ConfigError."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
