@@ -4,7 +4,7 @@ In the spirit of Flower's ``Strategy``: :meth:`Strategy.configure_round`
 selects the round's clients and asks the cut-layer policy for their cuts;
 :meth:`Strategy.observe_round` hands what the round showed to the policy and
 to the planner's beliefs, and reports how far the prediction was off. The
-round loop (simulation now, the networked coordinator later) calls these two
+round loop (the coordinator, simulated or deployed) calls these two
 around running the round; it owns no decision of its own.
 """
 
