@@ -39,6 +39,63 @@ class MetricsLog:
         self._f.close()
 
 
+def round_record(
+    rnd: int,
+    cuts: dict[int, int],
+    counted: list[int],
+    timing,
+    steps: list[dict[str, Any]],
+    *,
+    round_s: float,
+    sim_time_s: float,
+    wall_s: float,
+    plan: dict[str, Any],
+    memory_mb: dict[int, float],
+) -> dict[str, Any]:
+    """One round's line of metrics.jsonl: who trained at which cut, the train
+    loss and accuracy over its tokens, bytes by kind, times, the planner's
+    view (``plan``: over budget, replan reason, prediction error, planner
+    time) and each client's modelled memory; ``timing`` is the round's
+    :class:`~splitft.sim.clock.RoundTiming`."""
+    up: dict[str, int] = {}
+    down: dict[str, int] = {}
+    for t in timing.clients.values():
+        for kind, n in t.bytes_up.items():
+            up[kind] = up.get(kind, 0) + n
+        for kind, n in t.bytes_down.items():
+            down[kind] = down.get(kind, 0) + n
+    tokens = sum(s["tokens"] for s in steps)
+
+    def per_token(key: str) -> float | None:
+        return sum(s[key] * s["tokens"] for s in steps) / tokens if tokens else None
+
+    over, replan = plan.get("over_budget"), plan.get("replan")
+    return {
+        "type": "round",
+        "round": rnd,
+        "clients": sorted(cuts),
+        "cuts": {str(c): k for c, k in sorted(cuts.items())},
+        "counted": counted,
+        "failed": sorted(c for c, t in timing.clients.items() if t.failed),
+        "over_budget": over,
+        "replan": replan,
+        "train_loss": per_token("loss"),
+        "train_token_acc": per_token("token_acc"),
+        "train_tokens": tokens,
+        "bytes_up": sum(up.values()),
+        "bytes_down": sum(down.values()),
+        **{f"up_{k}": v for k, v in sorted(up.items())},
+        **{f"down_{k}": v for k, v in sorted(down.items())},
+        "sim_round_s": round_s,
+        "sim_time_s": sim_time_s,
+        "wall_round_s": wall_s,
+        "server_busy_s": timing.server_busy,
+        **{k: v for k, v in plan.items() if k not in ("over_budget", "replan")},
+        "memory_mb": {str(c): mb for c, mb in sorted(memory_mb.items())},
+        "timing": timing.record(),
+    }
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":

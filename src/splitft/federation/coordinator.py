@@ -416,49 +416,32 @@ class Coordinator:
         for s in steps:
             self.log.write({"type": "step", **s})
         observed = self.strategy.observe_round(planned, result, dict(self.server.drift))
-        up: dict[str, int] = {}
-        down: dict[str, int] = {}
         for cid, t in timing.clients.items():
             for kind, n in t.bytes_up.items():
                 self.traffic[cid].record("up", kind, n)
-                up[kind] = up.get(kind, 0) + n
             for kind, n in t.bytes_down.items():
                 self.traffic[cid].record("down", kind, n)
-                down[kind] = down.get(kind, 0) + n
-        tokens = sum(s["tokens"] for s in steps)
         worst = self.strategy.estimator.world.workload.worst_slots
-        record: dict[str, Any] = {
-            "type": "round",
-            "round": rnd,
-            "clients": sorted(planned.cuts),
-            "cuts": {str(c): k for c, k in sorted(planned.cuts.items())},
-            "counted": counted,
-            "failed": sorted(c for c, t in timing.clients.items() if t.failed),
-            "over_budget": planned.over_budget,
-            "replan": planned.reason,
-            "train_loss": sum(s["loss"] * s["tokens"] for s in steps) / tokens
-            if tokens
-            else None,
-            "train_token_acc": sum(s["token_acc"] * s["tokens"] for s in steps) / tokens
-            if tokens
-            else None,
-            "train_tokens": tokens,
-            "bytes_up": sum(up.values()),
-            "bytes_down": sum(down.values()),
-            **{f"up_{k}": v for k, v in sorted(up.items())},
-            **{f"down_{k}": v for k, v in sorted(down.items())},
-            "sim_round_s": timing.makespan + aggregate_s,
-            "sim_time_s": self.sim_time,
-            "wall_round_s": wall_s,
-            "server_busy_s": timing.server_busy,
-            **observed,
-            "planner_s": planned.planner_s,
-            "memory_mb": {
-                str(c): self.costs.client_memory(k, worst, worst, self.tail) / 1e6
-                for c, k in sorted(planned.cuts.items())
+        record = report.round_record(
+            rnd,
+            planned.cuts,
+            counted,
+            timing,
+            steps,
+            round_s=timing.makespan + aggregate_s,
+            sim_time_s=self.sim_time,
+            wall_s=wall_s,
+            plan={
+                "over_budget": planned.over_budget,
+                "replan": planned.reason,
+                **observed,
+                "planner_s": planned.planner_s,
             },
-            "timing": timing.record(),
-        }
+            memory_mb={
+                c: self.costs.client_memory(k, worst, worst, self.tail) / 1e6
+                for c, k in planned.cuts.items()
+            },
+        )
         accuracy = self._accuracy_due(rnd)
         last = rnd == cfg.federation.rounds
         if accuracy or rnd % cfg.eval.every == 0 or last:
