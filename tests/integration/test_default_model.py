@@ -74,8 +74,10 @@ def test_adaptive_policy_on_heterogeneous_clients(tmp_path):
     summary = sim.run()
     costs = sim.costs
     assert costs.num_layers == 30 and costs.hidden_size == 576
-    # a 49k-token head, per labelled token, against a block per token slot
-    assert costs.block_s > 0 and costs.head_s > costs.block_s
+    # measured, so only their sign is a property (which costs more depends on
+    # the load of the machine: a CI run beside a benchmark measured a block
+    # at 1.3 ms per slot and the head at 0.6 ms per labelled token)
+    assert costs.block_s > 0 and costs.head_s > 0 and costs.batch_gain > 0
     assert costs.block_bytes == pytest.approx(14.16e6, rel=0.01)  # fp32 weights
     trained = [r for r in summary["rounds"] if r["round"] > 0]
     for r in trained:
