@@ -327,6 +327,16 @@ class SplitServer:
         """Run a step or an upload once: a retried request (the same client,
         round, step and micro-batch as the last one answered) gets the first
         answer again and is never applied twice."""
+        planned, key, answered = self._retry_of(msg)
+        if answered is not None:
+            return answered
+        reply = run(msg)
+        planned.last = (key, reply)
+        return reply
+
+    def _retry_of(self, msg) -> tuple[_Planned, tuple, Any]:
+        """The client's plan, the request's key for retries, and the answer
+        it already got (None: it is new)."""
         planned = self._planned.get(msg.client_id)
         if planned is None:
             raise OutOfOrder(
@@ -334,11 +344,8 @@ class SplitServer:
                 "RoundRequest first"
             )
         key = _key(msg, planned.round)
-        if planned.last is not None and planned.last[0] == key:
-            return planned.last[1]
-        reply = run(msg)
-        planned.last = (key, reply)
-        return reply
+        done = planned.last is not None and planned.last[0] == key
+        return planned, key, planned.last[1] if done else None
 
     def _drop_step(self, cid, grads: bool = True) -> None:
         """A refused request leaves no gradient behind (``grads``: none is
@@ -532,15 +539,9 @@ class SplitServer:
             cid = msg.client_id
             try:
                 self._admit(msg, peer)
-                planned = self._planned.get(cid)
-                if planned is None:
-                    raise OutOfOrder(
-                        f"client {cid} has no plan for the open round: send "
-                        "RoundRequest first"
-                    )
-                key = _key(msg, planned.round)
-                if planned.last is not None and planned.last[0] == key:
-                    replies[i] = planned.last[1]  # a retry: the first answer
+                planned, key, answered = self._retry_of(msg)
+                if answered is not None:
+                    replies[i] = answered  # a retry: the first answer
                     continue
                 self._check_smashed(msg)
                 hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
