@@ -61,7 +61,8 @@ def test_the_probe_separates_the_head_from_the_slots(tiny):
     _, folder, _, _ = tiny
     store = WeightStore(folder)
     model_config = load_model_config(folder)
-    costs = probe(store, model_config, LoraSettings(r=4, cut_rank=2), 2, 12, repeats=1)
+    settings = LoraSettings(r=4, cut_rank=2)
+    costs = probe(store, model_config, settings, 2, 12, repeats=1, batching=True)
     assert costs.act_head >= 4 * model_config.vocab_size
     assert min(costs.head_s, costs.norm_s, costs.act_norm) >= 0
-    assert costs.block_s > 0
+    assert costs.block_s > 0 and costs.batch_gain > 0

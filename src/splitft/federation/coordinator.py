@@ -290,6 +290,7 @@ class Coordinator:
                 bs,
                 typical,
                 compression=(cfg.transport.compression, cfg.transport.grad_compression),
+                batching=cfg.server.batching,
             )
         workload = Workload(
             local_steps=fed.local_steps,

@@ -197,6 +197,7 @@ def probe(
     seq_len: int,
     repeats: int = 5,
     compression: tuple[str, str] = ("none", "none"),
+    batching: bool = False,
 ) -> CostModel:
     """Measure the cost model on this machine with a synthetic batch.
 
@@ -211,6 +212,8 @@ def probe(
     with the cut). The server runs twice, with every token labelled and with
     half of them: the difference is the head and the loss per labelled token.
     ``compression`` (smashed data, gradients) sizes their messages.
+    ``batching``: also time two requests as one batch on a batching server
+    (``batch_gain``; without it 1.0, which only a batching server reads).
     """
     L = model_config.num_hidden_layers
     if L < 3:
@@ -248,9 +251,10 @@ def probe(
         store, model_config, settings, smashed, repeats
     )
     work.update({f"server/{name}": fn for name, fn in serve.items()})
-    work["server/batch"] = _batched_at_last_block(
-        store, model_config, settings, smashed["all"], repeats
-    )
+    if batching:
+        work["server/batch"] = _batched_at_last_block(
+            store, model_config, settings, smashed["all"], repeats
+        )
     with runs.faults_off():  # the probe's server steps are not the run's
         seconds = _typical_times(work, repeats)  # in turns: load hits all alike
     client = {
@@ -266,7 +270,9 @@ def probe(
         for name, msg in smashed.items()
     }
     extra = labelled["all"] - labelled["half"]  # labelled tokens
-    batch_gain = 2 * seconds["server/all"] / seconds["server/batch"]
+    batch_gain = (
+        2 * seconds["server/all"] / seconds["server/batch"] if batching else 1.0
+    )
 
     dk = kb - ka
     a, b = client[ka], client[kb]
