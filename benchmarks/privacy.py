@@ -19,9 +19,10 @@ std = scale x each token's RMS), and tries to name each token:
   the configured scale (the server knows ``privacy.noise``: it is in the
   run's config). The honest threat model for the defence.
 
-The victims' text is the default tasks' training examples (prompt and
-answer), as the clients hold them. The base model is attacked (a client's
-LoRA starts at zero and stays small).
+The victims' text is four BIG-bench tasks' training examples (prompt and
+answer, ``BIGBENCH_TASKS``), as the clients hold them: this benchmark needs
+the BIG-bench archive (docs/data.md), which the registry no longer serves.
+The base model is attacked (a client's LoRA starts at zero and stays small).
 
 The cost side: the demo's federation (configs/demo.yaml, cuts fixed at 8, 6,
 4, 2 as in benchmarks/compression.py, same seed and data) trained once per
@@ -45,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import provenance, write_json  # noqa: E402
 
-from splitft.config import DEFAULT_TASKS, cache_dir, load_config  # noqa: E402
+from splitft.config import BIGBENCH_TASKS, cache_dir, load_config  # noqa: E402
 from splitft.data.bigbench import fetch_bigbench, load_task  # noqa: E402
 from splitft.federation.simulation import Simulation  # noqa: E402
 from splitft.models.default import default_model_dir  # noqa: E402
@@ -140,13 +141,13 @@ def apply(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 def attack(args, scales: list[float], per_task: int) -> dict:
     """Token recovery per cut, noise scale and attacker."""
-    fetch_bigbench([*DEFAULT_TASKS, *PUBLIC], cache_dir())
+    fetch_bigbench([*BIGBENCH_TASKS, *PUBLIC], cache_dir())
     folder = default_model_dir()
     config, tokenizer = load_model_config(folder), load_tokenizer(folder)
     store = WeightStore(folder)
     emb = client_part(store, config, 1).model.get_input_embeddings()
     emb = emb.weight.detach().float()  # (V, H)
-    victim_ids = token_ids(tokenizer, texts(DEFAULT_TASKS, per_task), 128)
+    victim_ids = token_ids(tokenizer, texts(BIGBENCH_TASKS, per_task), 128)
     public_ids = token_ids(tokenizer, texts(PUBLIC, 3 * per_task), 128)
     truth, public_truth = torch.cat(victim_ids), torch.cat(public_ids)
     target = emb[public_truth]
@@ -198,6 +199,7 @@ def train(args, out: Path, scale: float) -> dict:
         "federation.policy=fixed",
         "federation.cut_layers=[8, 6, 4, 2]",
         f"privacy.noise={scale}",
+        "data.source=bigbench",  # the victims' tasks
     ]
     if args.quick:
         overrides.append("federation.rounds=2")

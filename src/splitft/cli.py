@@ -37,7 +37,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(f"model: {resolve_model_dir(cfg.model.path)}")
-    print(f"data:  {fetch_bigbench(cfg.data.tasks, cache_dir())}")
+    if cfg.data.source == "bigbench":
+        archive = Path(args.bigbench_archive) if args.bigbench_archive else None
+        print(f"data:  {fetch_bigbench(cfg.data.tasks, cache_dir(), archive)}")
+    elif cfg.data.source == "generated":
+        print(f"data:  generated tasks {', '.join(cfg.data.tasks)} (nothing to fetch)")
+    else:
+        print(f"data:  {cfg.data.source} (a local file: nothing to fetch)")
     return 0
 
 
@@ -293,6 +299,12 @@ def parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
     prep = sub.add_parser("prepare", help="convert the default model, fetch data")
     _config_args(prep)
+    prep.add_argument(
+        "--bigbench-archive",
+        metavar="FILE",
+        help="data.source=bigbench: take the tasks from this bigbench-1.0.0.tar.gz "
+        "instead of downloading it (docs/data.md)",
+    )
     prep.set_defaults(func=cmd_prepare)
     part = sub.add_parser("partition", help="per-client data table and length plot")
     _config_args(part)

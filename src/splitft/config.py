@@ -19,7 +19,11 @@ from typing import Any
 
 import yaml
 
-DEFAULT_TASKS = (
+# the tasks SplitFT generates itself (splitft.data.generated): the default data
+GENERATED_TASKS = ("addition", "subtraction", "dates", "sorting")
+DEFAULT_TASKS = GENERATED_TASKS
+# the BIG-bench tasks of configs/bigbench.yaml (data.source=bigbench)
+BIGBENCH_TASKS = (
     "arithmetic/2_digit_addition",
     "arithmetic/2_digit_subtraction",
     "date_understanding",
@@ -101,8 +105,10 @@ class LoraSettings:
 @dataclass
 class DataConfig:
     source: str = _f(
-        "bigbench",
-        "'bigbench' (the tasks below) or a local .json/.jsonl/.csv/.parquet file",
+        "generated",
+        "'generated' (tasks SplitFT generates: addition, subtraction, dates, "
+        "sorting), 'bigbench' (BIG-bench tasks from the bigbench==1.0.0 source "
+        "archive, see docs/data.md) or a local .json/.jsonl/.csv/.parquet file",
     )
     format: str = _f(
         "auto", "local files: 'alpaca' (instruction/input/output), 'chat', or 'auto'"
@@ -110,7 +116,12 @@ class DataConfig:
     loss_on: str = _f(
         "response", "'response' (answer / assistant tokens only) or 'all' tokens"
     )
-    tasks: list[str] = _f(list(DEFAULT_TASKS), "BIG-bench task names")
+    tasks: list[str] = _f(
+        [],
+        "task names of the source: generated tasks or BIG-bench task names "
+        "(e.g. arithmetic/2_digit_addition); empty: the source's default four "
+        "(GENERATED_TASKS or BIGBENCH_TASKS in config.py); ignored for a local file",
+    )
     max_length: int = _f(
         192, "tokens per example (and per packed row) after truncation"
     )
@@ -121,7 +132,9 @@ class DataConfig:
     )
     eval_size: int = _f(24, "held-out examples per task")
     max_train_per_task: int = _f(
-        200, "BIG-bench: cap on training examples per task (0 = all); local files: all"
+        200,
+        "generated and BIG-bench tasks: cap on training examples per task "
+        "(0 = all); local files: all",
     )
 
     def __post_init__(self) -> None:
@@ -129,7 +142,12 @@ class DataConfig:
         _check(self.format in formats, "data.format", self.format, str(formats))
         ok = self.loss_on in ("response", "all")
         _check(ok, "data.loss_on", self.loss_on, "'response' or 'all'")
-        _check(len(self.tasks) > 0, "data.tasks", self.tasks, "at least one task")
+        defaults = {"generated": GENERATED_TASKS, "bigbench": BIGBENCH_TASKS}
+        if not self.tasks and self.source in defaults:
+            self.tasks = list(defaults[self.source])
+        if self.source == "generated":
+            bad = [t for t in self.tasks if t not in GENERATED_TASKS]
+            _check(not bad, "data.tasks", bad, f"generated tasks {GENERATED_TASKS}")
         _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
         _check(self.eval_size >= 1, "data.eval_size", self.eval_size, ">= 1")
         ok = self.max_train_per_task >= 0

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from splitft.data import (
-    DEFAULT_TASKS,
+    BIGBENCH_TASKS,
     Example,
     bigbench,
     fetch_bigbench,
@@ -206,12 +206,12 @@ def test_negative_eval_size():
 def test_default_tasks_from_real_archive():
     cache = Path(os.environ.get("SPLITFT_CACHE", "~/.cache/splitft")).expanduser()
     extracted = all(
-        (cache / "bigbench" / t / "task.json").is_file() for t in DEFAULT_TASKS
+        (cache / "bigbench" / t / "task.json").is_file() for t in BIGBENCH_TASKS
     )
     if not extracted and not (cache / "downloads" / "bigbench-1.0.0.tar.gz").is_file():
         pytest.skip(f"no BIG-bench archive or extracted tasks under {cache}")
-    fetch_bigbench(DEFAULT_TASKS, cache)
-    for task in DEFAULT_TASKS:
+    fetch_bigbench(BIGBENCH_TASKS, cache)
+    for task in BIGBENCH_TASKS:
         assert len(load_task(task, cache)) >= 50, task
 
 

@@ -157,6 +157,7 @@ def test_build_datasets(tokenizer, tmp_path: Path):
         eval_size=3,
         seed=0,
         max_train_per_task=5,
+        source="bigbench",
     )
     assert len(train) == 10 and len(held) == 6
     assert set(train.column_names) == COLUMNS
@@ -167,11 +168,20 @@ def test_build_datasets(tokenizer, tmp_path: Path):
     assert not set(train["prompt"][:5]) & set(held["prompt"][:3])
 
 
+def test_build_datasets_of_generated_tasks(tokenizer, tmp_path: Path):
+    train, held = build_datasets(
+        ["addition", "sorting"], tokenizer, tmp_path, 64, 3, 0, 5
+    )
+    assert len(train) == 10 and len(held) == 6
+    assert set(train["task"]) == {"addition", "sorting"}
+    assert not (tmp_path / "bigbench").exists()  # nothing fetched
+
+
 def test_build_datasets_loss_on_all(tokenizer, tmp_path: Path):
     write_bigbench(tmp_path, ("add",))
     args = (["add"], tokenizer, tmp_path, 32, 3, 0, None)
-    response, _ = build_datasets(*args)
-    everything, _ = build_datasets(*args, loss_on="all")
+    response, _ = build_datasets(*args, source="bigbench")
+    everything, _ = build_datasets(*args, source="bigbench", loss_on="all")
     assert everything["input_ids"] == response["input_ids"]
     assert everything["labels"] == everything["input_ids"]
 

@@ -1,8 +1,12 @@
 """BIG-bench tasks: fetch them from the PyPI source archive, parse, and split.
 
 BIG-bench (Apache-2.0) ships its JSON tasks inside the ``bigbench==1.0.0`` sdist,
-a 358 MB tar.gz. We download it once with pip and stream it once to pull out only
-the ``task.json`` files we need, so the whole archive is never unpacked.
+a 358 MB tar.gz. We download it once with pip (or take it from a path) and
+stream it once to pull out only the ``task.json`` files we need, so the whole
+archive is never unpacked. The registry stopped serving that release here
+(2026-12-07), so BIG-bench is no longer the default data
+(:mod:`splitft.data.generated` is); :class:`Example` and :func:`split_examples`
+serve every task source.
 """
 
 from __future__ import annotations
@@ -206,8 +210,10 @@ def _pip_download(pip: list[str], dest: Path, *args: str) -> None:
         subprocess.run(cmd, check=True)
     except (OSError, subprocess.CalledProcessError) as err:
         raise RuntimeError(
-            f"could not download {ARCHIVE_NAME} ({err}); put it in {dest} by hand "
-            "or pass archive="
+            f"could not download {ARCHIVE_NAME} ({err}); the registry may no "
+            "longer serve bigbench==1.0.0 (it did not on 2026-12-07). Put the "
+            f"archive in {dest} by hand, or pass it with `splitft prepare "
+            "--bigbench-archive FILE`; or use the default data.source=generated"
         ) from err
 
 

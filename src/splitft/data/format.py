@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from splitft.data.bigbench import Example, fetch_bigbench, load_task, split_examples
+from splitft.data.generated import generate
 from splitft.data.local import FORMATS, Conversation, check_messages, load_local
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
@@ -207,25 +208,27 @@ def build_datasets(
     seed: int,
     max_train_per_task: int | None,
     *,
-    source: str | Path = "bigbench",
+    source: str | Path = "generated",
     data_format: str = "auto",
     loss_on: str = "response",
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Load, split and encode BIG-bench tasks or one local data file.
+    """Load, split and encode generated tasks, BIG-bench tasks or one local file.
 
     A local file is one task named after its stem, split exactly like a
-    BIG-bench task (``split_examples``: seeded shuffle, ``eval_size`` held out,
-    at most half). Alpaca rows are encoded with :func:`encode_example`, chat rows
-    with :func:`encode_conversation`.
+    generated or BIG-bench task (``split_examples``: seeded shuffle,
+    ``eval_size`` held out, at most half). Alpaca rows are encoded with
+    :func:`encode_example`, chat rows with :func:`encode_conversation`.
 
     Args:
-        tasks: BIG-bench task names; ignored for a local ``source``.
+        tasks: generated or BIG-bench task names; ignored for a local ``source``.
         cache_dir: BIG-bench cache; local files keep their Arrow copy in
             ``cache_dir/datasets``.
-        max_train_per_task: BIG-bench only: keep at most this many train examples
-            per task, the first of the task's seeded shuffle (deterministic).
-        source: ``"bigbench"`` or the path of a ``.json``/``.jsonl``/``.csv``/
-            ``.parquet`` file (see :func:`~splitft.data.local.load_local`).
+        max_train_per_task: tasks only (not a local file): keep at most this
+            many train examples per task, the first of the task's seeded
+            shuffle (deterministic).
+        source: ``"generated"`` (:mod:`splitft.data.generated`), ``"bigbench"``
+            or the path of a ``.json``/``.jsonl``/``.csv``/``.parquet`` file
+            (see :func:`~splitft.data.local.load_local`).
         data_format: local files only: ``"alpaca"``, ``"chat"`` or ``"auto"``.
         loss_on: ``"response"`` (answer / assistant turns) or ``"all"`` tokens.
 
@@ -249,7 +252,10 @@ def build_datasets(
     if data_format not in FORMATS:
         raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
     groups: list[list[Example] | list[Conversation]]  # one list per task
-    if str(source) == "bigbench":
+    tasked = str(source) in ("generated", "bigbench")  # not the user's own file
+    if str(source) == "generated":
+        groups = [generate(task) for task in tasks]
+    elif str(source) == "bigbench":
         fetch_bigbench(tasks, cache_dir)
         groups = [load_task(task, cache_dir) for task in tasks]
     else:
@@ -260,7 +266,7 @@ def build_datasets(
         # split_examples only reads .task, so conversations split by the same
         # seeded rule as BIG-bench examples.
         task_train, task_eval = split_examples(records, eval_size, seed)
-        if str(source) == "bigbench":  # a local file is the user's whole data set
+        if tasked:  # a local file is the user's whole data set
             task_train = task_train[:max_train_per_task]  # [:None] keeps all
         train += task_train
         held += task_eval
