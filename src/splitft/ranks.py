@@ -108,3 +108,18 @@ def truncate_to(global_state: State, ranks: Mapping[str, int]) -> dict[str, Tens
             raise KeyError(f"{key!r} is not in the global adapter")
         out[key] = slice_rank(key, global_state[key], rank)
     return out
+
+
+def drift(state: State, keys, new: State, old: State) -> float:
+    """How far one holder's layers ended from the aggregate, relative to how
+    far the aggregate moved: ``|theta_i - new| / |new - old|`` over ``keys``
+    of ``state`` (each compared at the holder's rank; 0 if nothing moved)."""
+    far = moved = 0.0
+    for key in keys:
+        t = state[key]
+        rank = rank_of(key, t)
+        after = slice_rank(key, new[key], rank)
+        before = slice_rank(key, old[key], rank)
+        far += float((t - after).pow(2).sum())
+        moved += float((after - before).pow(2).sum())
+    return (far / moved) ** 0.5 if moved > 0 else 0.0

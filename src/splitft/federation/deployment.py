@@ -398,7 +398,7 @@ def serve_run(
     fed = cfg.federation
 
     def serve(handler: NetworkRounds):
-        limit = message_limit_for(cfg, handler.server.config)
+        limit = message_limit_for(cfg, handler.server.model_config)
         net = NetworkServer(
             handler,
             address,

@@ -2,24 +2,28 @@
 
 The server holds blocks ``[lowest cut, L)``, the final norm and the head once,
 and the global adapter it aggregates into after each round. Its server-side
-LoRA is either one adapter per client, of which the client's blocks ``[k_i, L)``
-count
-(``per_client``, SFL-V1: every copy is averaged after the round) or one
-adapter over all its blocks that every client's step updates in arrival order
-(``shared``, SFL-V2). Cuts may change between rounds (:meth:`open_round`):
-every adapter covers all the server's blocks, a client with cut k runs and
-trains only ``[k, L)`` of it, and the server part grows (and its adapters are
-rebuilt) only when a cut moves below its lowest block.
+LoRA is either one adapter per client, of which the client's blocks
+``[k_i, L)`` count (``per_client``, SFL-V1: every copy is averaged after the
+round) or one adapter over all its blocks that every client's step updates in
+arrival order (``shared``, SFL-V2, :mod:`splitft.split.shared`). Cuts may
+change between rounds (:meth:`open_round`): every adapter covers all the
+server's blocks, a client with cut k runs and trains only ``[k, L)`` of it,
+and the server part grows (and its adapters are rebuilt) only when a cut
+moves below its lowest block.
+
+This module is the server's dispatch and its per-client state machine
+(:mod:`splitft.split.plans`); what a micro-batch does on the model is the
+topology's leg (:mod:`splitft.split.legs`: vanilla, with its batched step,
+or U-shaped), and every check of a request is a pure function in
+:mod:`splitft.split.guards`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,52 +33,25 @@ from transformers import PretrainedConfig
 from splitft import lora, runs
 from splitft.config import SERVER_SIDES, LoraSettings, TrainConfig
 from splitft.models.arch import spec_for
-from splitft.models.parts import (
-    WeightStore,
-    labelled_tokens,
-    loss_share,
-    middle_part,
-    server_part,
-)
-from splitft.ranks import rank_of, slice_rank, truncate_to
-from splitft.split import engine, guards, optim, shared
+from splitft.models.parts import WeightStore
+from splitft.ranks import drift, truncate_to
+from splitft.split import engine, guards, legs, optim, shared
 from splitft.split.compress import compress, decompress
-from splitft.split.errors import (
-    Malformed,
-    NotAllowed,
-    OutOfOrder,
-    Refused,
-)
+from splitft.split.errors import Malformed, NotAllowed, OutOfOrder, Refused
 from splitft.split.messages import (
     Ack,
     AdapterUpdate,
-    Gradient,
     Join,
     RoundPlan,
     RoundRequest,
     SmashedData,
     TailGradient,
-    TailInput,
 )
+from splitft.split.plans import Planned, key_of
 
 log = logging.getLogger(__name__)
 
 SHARED = shared.NAME  # the adapter name of the shared server-side LoRA
-
-
-@dataclass
-class _Planned:
-    """What the server handed one client for the current round, and where the
-    client is in it: the next (step, micro) it must send, then its upload."""
-
-    round: int
-    cut: int
-    lrs: list[float]
-    next: tuple[int, int] = (0, 0)
-    last: tuple[tuple, object] | None = None  # (request key, reply): retries
-    # U-shaped: the micro-batch whose TailGradient is awaited, as
-    # (step, micro, the smashed data's leaf, the server's output (B, T, H))
-    pending: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
 
 
 class SplitServer:
@@ -83,7 +60,7 @@ class SplitServer:
     def __init__(
         self,
         store: WeightStore,
-        config: PretrainedConfig,
+        model_config: PretrainedConfig,
         lora_settings: LoraSettings,
         train: TrainConfig,
         cut_layers: Mapping[int, int],
@@ -101,9 +78,10 @@ class SplitServer:
     ) -> None:
         if server_side not in SERVER_SIDES:
             raise ValueError(f"server_side {server_side!r} not in {SERVER_SIDES}")
-        self.store, self.config = store, config
+        self.store, self.model_config = store, model_config
         self.lora, self.train, self.server_side = lora_settings, train, server_side
-        self.num_layers = config.num_hidden_layers
+        self.shared_side = server_side == SHARED
+        self.num_layers = model_config.num_hidden_layers
         # U-shaped (tail_layers > 0): the server's blocks end at L - tail_layers,
         # and the clients run the rest, the head and the loss
         self.tail_layers = tail_layers
@@ -120,18 +98,21 @@ class SplitServer:
             raise ValueError("batching on a shared adapter needs train.grad_accum=1")
         # handle_many runs the vanilla split's micro-batches as one batch
         self.batching = batching
+        self.leg: legs.Vanilla | legs.UShaped = (
+            legs.UShaped(self, tail_layers) if tail_layers else legs.Vanilla(self)
+        )
         self.cut_layers: dict[int, int] = {}
         self._check_cuts(cut_layers)
         self.cut_layers.update(cut_layers)
         self.total_steps, self.local_steps = total_steps, local_steps
         # bounds on what a request may carry (the model's context if not given)
-        context = getattr(config, "max_position_embeddings", None) or 2**31 - 1
+        context = getattr(model_config, "max_position_embeddings", None) or 2**31 - 1
         self.max_length = min(max_length or context, context)
         self.context = context
         self.limits = guards.Limits(
             num_layers=self.num_layers,
-            hidden_size=config.hidden_size,
-            vocab_size=config.vocab_size,
+            hidden_size=model_config.hidden_size,
+            vocab_size=model_config.vocab_size,
             batch_size=train.batch_size,
             max_length=self.max_length,
             context=context,
@@ -145,13 +126,13 @@ class SplitServer:
         self.compression = compression  # of a U-shaped split's TailInput
         self._round: int | None = None  # the round open_round opened
         self.device = store.device
-        self.spec = spec_for(config.model_type)
+        self.spec = spec_for(model_config.model_type)
         # first: it names lora.target_modules if they match nothing
-        state = lora.init_global_adapter(config, lora_settings, seed)
+        state = lora.init_global_adapter(model_config, lora_settings, seed)
         self.global_state = {k: v.to(self.device) for k, v in state.items()}
         self._build_part(min(self.cut_layers.values()))
         self._open: set[int] | None = None  # this round's clients (None: any)
-        self._planned: dict[int, _Planned] = {}
+        self.planned: dict[int, Planned] = {}
         # batches each client drew in the rounds aggregated so far (its data
         # order resumes there), and who was handed a plan in this round
         self.batches_drawn: dict[int, int] = {}
@@ -172,12 +153,7 @@ class SplitServer:
         for cid, k in cuts.items():
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= L:
                 raise ValueError(f"client {cid}: cut layer {k!r} not in [1, {L}]")
-            if self.tail_layers and k >= self.end:
-                raise ValueError(
-                    f"client {cid}: cut layer {k} not in [1, {self.end - 1}]: a "
-                    f"U-shaped split keeps blocks [{self.end}, {L}) on the client "
-                    f"(tail_layers={self.tail_layers}) and at least one on the server"
-                )
+            self.leg.check_cut(cid, k)
 
     def _build_part(self, lowest: int) -> None:
         """The server part for blocks ``[lowest, L)`` with every adapter on it.
@@ -188,25 +164,16 @@ class SplitServer:
         noticeable fraction of a second). Only growing the part rebuilds them.
         """
         lowest = min(lowest, self.end - 1)
-        if self.tail_layers:
-            self.part = middle_part(self.store, self.config, lowest, self.end)
-        else:
-            self.part = server_part(self.store, self.config, lowest)
-        names = (
-            [SHARED] if self.server_side == SHARED else map(self._name, self.cut_layers)
-        )
+        self.part = self.leg.build_part(lowest)
+        names = [SHARED] if self.shared_side else map(self._name, self.cut_layers)
         ranks = lora.layer_ranks(range(lowest, self.end), self.lora, cut=False)
         with warnings.catch_warnings():  # several adapters on one model is the design
             warnings.filterwarnings("ignore", "Already found a `peft_config`")
             for name in names:
                 lora.inject(self.part.model, self.spec, self.lora, ranks, name)
-        self._active: tuple[str, ...] | None = None  # set by _activate_all
+        self._active: tuple[str, ...] | None = None  # set by activate
 
-    def _activate(self, cid: int) -> None:
-        """Train ``cid``'s adapter (:meth:`_activate_all`)."""
-        self._activate_all((self._adapter_of(cid),))
-
-    def _activate_all(self, names: tuple[str, ...]) -> None:
+    def activate(self, names: tuple[str, ...]) -> None:
         """Train these adapters. PEFT's ``set_adapter`` walks every module
         of the model (some 40 ms a request on SmolLM2 here) and so does
         ``train()``: each runs only when something changes."""
@@ -227,7 +194,7 @@ class SplitServer:
             ValueError: an unknown client or a cut outside ``[1, L]``.
         """
         with self._lock:
-            if self.updates or self._planned:
+            if self.updates or self.planned:
                 raise ValueError(
                     "the previous round is still open: aggregate() it first"
                 )
@@ -248,8 +215,8 @@ class SplitServer:
         and they are left out of its aggregation."""
         with self._lock:
             self._open = set()
-            for cid in set(self._planned) - set(keep):
-                self._planned.pop(cid, None)
+            for cid in set(self.planned) - set(keep):
+                self.planned.pop(cid, None)
                 self.updates.pop(cid, None)
                 self._client_keys.pop(cid, None)
                 self.shared.parked.pop(cid, None)
@@ -267,8 +234,9 @@ class SplitServer:
     def _name(cid: int) -> str:
         return f"c{cid}"
 
-    def _adapter_of(self, cid: int) -> str:
-        return SHARED if self.server_side == SHARED else self._name(cid)
+    def adapter_of(self, cid: int) -> str:
+        """The name of the server-side adapter ``cid``'s steps train."""
+        return SHARED if self.shared_side else self._name(cid)
 
     # ------------------------------------------------------------ requests
     def handle(self, msg, peer: int | None = None):
@@ -286,23 +254,22 @@ class SplitServer:
     def _handle(self, msg, peer: int | None):
         cid = getattr(msg, "client_id", -1)
         try:
-            self._admit(msg, peer)
+            self.admit(msg, peer)
             if isinstance(msg, Join):
                 return self._join(msg)
             if isinstance(msg, RoundRequest):
                 return self._plan(msg)
             if isinstance(msg, SmashedData):
-                forward = self._middle if self.tail_layers else self._forward
-                return self._answer(msg, forward)
+                return self._answer(msg, self.leg.smashed)
             if isinstance(msg, TailGradient):
-                return self._answer(msg, self._backward)
+                return self._answer(msg, self.leg.tail_gradient)
             if isinstance(msg, AdapterUpdate):
                 return self._answer(msg, self._receive)
             raise Malformed(f"unexpected message {type(msg).__name__}")
         except Exception as e:  # noqa: BLE001 - reported to the client, not raised
-            return self._refusal(e, cid, peer)
+            return self.refusal(e, cid, peer)
 
-    def _admit(self, msg, peer: int | None) -> None:
+    def admit(self, msg, peer: int | None) -> None:
         """The checks every request passes first: who sends it."""
         cid = getattr(msg, "client_id", -1)
         if peer is not None and cid != peer:
@@ -312,7 +279,7 @@ class SplitServer:
         if cid not in self.cut_layers:
             raise NotAllowed(f"unknown client_id {cid}")
 
-    def _refusal(self, e: Exception, cid: int, peer: int | None, grads=True) -> Ack:
+    def refusal(self, e: Exception, cid: int, peer: int | None, grads=True) -> Ack:
         """The reply to a request that failed with ``e``: its step is dropped
         (``grads``: with the gradients it left) and the client told why."""
         refused = isinstance(e, Refused)
@@ -327,25 +294,24 @@ class SplitServer:
         """Run a step or an upload once: a retried request (the same client,
         round, step and micro-batch as the last one answered) gets the first
         answer again and is never applied twice."""
-        planned, key, answered = self._retry_of(msg)
+        planned, key, answered = self.retry_of(msg)
         if answered is not None:
             return answered
         reply = run(msg)
         planned.last = (key, reply)
         return reply
 
-    def _retry_of(self, msg) -> tuple[_Planned, tuple, Any]:
+    def retry_of(self, msg) -> tuple[Planned, tuple, Any]:
         """The client's plan, the request's key for retries, and the answer
         it already got (None: it is new)."""
-        planned = self._planned.get(msg.client_id)
+        planned = self.planned.get(msg.client_id)
         if planned is None:
             raise OutOfOrder(
                 f"client {msg.client_id} has no plan for the open round: send "
                 "RoundRequest first"
             )
-        key = _key(msg, planned.round)
-        done = planned.last is not None and planned.last[0] == key
-        return planned, key, planned.last[1] if done else None
+        key = key_of(msg, planned.round)
+        return planned, key, planned.answered(key)
 
     def _drop_step(self, cid, grads: bool = True) -> None:
         """A refused request leaves no gradient behind (``grads``: none is
@@ -355,11 +321,9 @@ class SplitServer:
         opt = self._optimizer(cid)
         if opt is not None and grads:
             opt.zero_grad(set_to_none=True)
-        planned = self._planned.get(cid)
+        planned = self.planned.get(cid)
         if planned is not None:
-            planned.pending = None
-            if planned.next[0] < len(planned.lrs):
-                planned.next = (planned.next[0], 0)
+            planned.restart_step()
 
     def _join(self, msg: Join) -> Ack:
         """A client declares how many examples it holds: the most its uploads
@@ -370,11 +334,9 @@ class SplitServer:
 
     def _optimizer(self, cid) -> torch.optim.Optimizer | None:
         """The optimizer a client's steps use (None: it has none this round)."""
-        if cid not in self._planned:
+        if cid not in self.planned:
             return None
-        if self.server_side == SHARED:
-            return self.shared.optimizer
-        return self._optim.get(cid)
+        return self.shared.optimizer if self.shared_side else self._optim.get(cid)
 
     def client_ranks(self, k: int) -> dict[str, int]:
         """Rank of each adapter key a client with cut ``k`` holds."""
@@ -400,20 +362,17 @@ class SplitServer:
             raise OutOfOrder(f"round {req.round} is not open (round {self._round} is)")
         if self._open is not None and cid not in self._open:
             raise OutOfOrder(f"client {cid} is not in this round")
-        done = self._planned.get(cid)
-        # a reply is kept only for what succeeded: an upload kept is an upload made
-        if done is not None and done.round == req.round and done.last is not None:
-            if done.last[0][0] == "upload":
-                raise OutOfOrder(f"client {cid} already uploaded round {req.round}")
+        done = self.planned.get(cid)
+        if done is not None and done.round == req.round and done.uploaded:
+            raise OutOfOrder(f"client {cid} already uploaded round {req.round}")
         if k < self.num_layers:
             if k < self.part.layers.start:  # open_round grows the part first
                 raise OutOfOrder(f"cut {k} below the server's blocks")
-            if self.server_side == SHARED:
-                held = self._server_keys(self.part.layers.start)
+            held = self._server_keys(self.part.layers.start)
+            if self.shared_side:
                 self.shared.start(self.part.model, held, req.round)
             else:
                 name = self._name(cid)
-                held = self._server_keys(self.part.layers.start)
                 lora.load_adapter_state(self.part.model, held, name)
                 params = lora.adapter_params(self.part.model, name)
                 for p in params:  # a step a dropped client left half-done
@@ -424,30 +383,30 @@ class SplitServer:
             optim.lr_at(first + s, self.total_steps, self.train)
             for s in range(self.local_steps)
         ]
-        self._planned[cid] = _Planned(req.round, k, lrs)
+        self.planned[cid] = Planned(req.round, k, lrs)
         self._drawing.add(cid)
         adapter = truncate_to(self.global_state, self.client_ranks(k))
         drawn = self.batches_drawn.get(cid, 0)
         return RoundPlan(cid, req.round, k, lrs, adapter, drawn, self.tail_layers)
 
-    def _check_smashed(self, msg: SmashedData) -> None:
-        """Refuse a micro-batch before it touches the model (:mod:`guards`)."""
-        planned = self._planned[msg.client_id]
+    # ------------------------------------------------- for the legs (legs.py)
+    def received(self, msg: SmashedData, activate: bool = True) -> torch.Tensor:
+        """Check a micro-batch before it touches the model (:mod:`guards`),
+        switch to its client's adapter (``activate``; a batch switches to all
+        of its clients' at once) and return its smashed data as a leaf
+        ``(B, T, H)`` in the server's precision (a client may compute in
+        another)."""
+        planned = self.planned[msg.client_id]
         pending = planned.pending[:2] if planned.pending is not None else None
         guards.check_smashed(
             msg, self.limits, planned.cut, len(planned.lrs), planned.next, pending
         )
-
-    def _received(self, msg: SmashedData) -> torch.Tensor:
-        """Check a micro-batch, switch to its client's adapter and return its
-        smashed data as a leaf ``(B, T, H)`` in the server's precision (a
-        client may compute in another)."""
-        self._check_smashed(msg)
-        self._activate(msg.client_id)
+        if activate:
+            self.activate((self.adapter_of(msg.client_id),))
         hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
         return hidden.detach().requires_grad_(True)
 
-    def _stepped(
+    def stepped(
         self, cid: int, step: int, micro: int, hidden: torch.Tensor, optimize=True
     ):
         """After a micro-batch's backward: the optimizer step after the step's
@@ -455,47 +414,18 @@ class SplitServer:
         it already), the (step, micro) the client sends next, and the
         gradient of its smashed data as the reply carries it (in the server's
         precision unless compressed; the client casts it to its own)."""
-        planned = self._planned[cid]
-        last = micro == self.train.grad_accum - 1  # = num_micro (_check_smashed)
+        planned = self.planned[cid]
+        last = micro == self.train.grad_accum - 1  # = num_micro (check_smashed)
         if last and optimize:
             optimizer = self._optimizer(cid)
             assert optimizer is not None  # a split client's plan made it
             optim.step(optimizer, planned.lrs[step], self.train.max_grad_norm)
-        if last and self.server_side == SHARED:
+        if last and self.shared_side:
             self.shared.served[cid] = planned.cut
-        planned.next = (step + 1, 0) if last else (step, micro + 1)
+        planned.served(step, micro, self.train.grad_accum)
         runs.fault("server_step")
         grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
         return compress(grad, self.grad_compression)
-
-    def _forward(self, msg: SmashedData) -> Gradient:
-        t0 = time.perf_counter()
-        hidden = self._received(msg)  # (B, T, H)
-        cid = msg.client_id
-        with self.part.cut_at(self._planned[cid].cut):
-            out = self.part.train_loss(
-                msg.labels, msg.attention_mask, msg.position_ids, hidden=hidden
-            )
-        tokens, correct = out.tokens, out.correct
-        if out.loss is not None:
-            if not torch.isfinite(out.loss):
-                raise Malformed("the loss is not finite; step dropped")
-            share = loss_share(tokens, msg.step_tokens, msg.num_micro)
-            (out.loss * share).backward()
-        if self.server_side == SHARED:
-            self.shared.park(self.part.model, cid, msg.micro, msg.num_micro)
-        values, scale = self._stepped(cid, msg.step, msg.micro, hidden)
-        return Gradient(
-            client_id=cid,
-            step=msg.step,
-            micro=msg.micro,
-            loss=float(out.loss.detach()) if out.loss is not None else 0.0,
-            tokens=tokens,
-            server_seconds=time.perf_counter() - t0,
-            grad=values,
-            correct=correct,
-            grad_scale=scale,
-        )
 
     # ------------------------------------------------------------ batches
     def handle_many(self, requests: Sequence[tuple[Any, int | None]]) -> list:
@@ -524,156 +454,10 @@ class SplitServer:
                 else:
                     rest.append(i)
             for batch in batches.values():
-                self._run_batch(requests, batch, replies)
+                self.leg.batch(requests, batch, replies)
             for i in rest:
                 replies[i] = self._handle(*requests[i])
             return replies
-
-    def _run_batch(self, requests, batch: list[int], replies: list) -> None:
-        """Check each request of ``batch``, run those that pass as one batch,
-        step the optimizers and put the replies in ``replies``."""
-        t0 = time.perf_counter()
-        ready: list[tuple[int, SmashedData, tuple, engine.Request]] = []
-        for i in batch:
-            msg, peer = requests[i]
-            cid = msg.client_id
-            try:
-                self._admit(msg, peer)
-                planned, key, answered = self._retry_of(msg)
-                if answered is not None:
-                    replies[i] = answered  # a retry: the first answer
-                    continue
-                self._check_smashed(msg)
-                hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
-                hidden = hidden.detach().requires_grad_(True)
-            except Exception as e:  # noqa: BLE001 - reported to the client
-                replies[i] = self._refusal(e, cid, peer)
-                continue
-            share = loss_share(
-                labelled_tokens(msg.labels), msg.step_tokens, msg.num_micro
-            )
-            shared = self.server_side == SHARED
-            request = engine.Request(
-                hidden,
-                msg.attention_mask,
-                msg.position_ids,
-                msg.labels,
-                planned.cut,
-                share,
-                None if shared else self._name(cid),
-            )
-            ready.append((i, msg, key, request))
-        if not ready:
-            return
-        names = {self._adapter_of(msg.client_id) for _, msg, _, _ in ready}
-        self._activate_all(tuple(sorted(names)))
-        try:
-            results = engine.run(self.part, [r for *_, r in ready])
-        except Exception as e:  # noqa: BLE001 - a fault of the batch, not a request
-            for i, msg, _, _ in ready:
-                replies[i] = self._refusal(e, msg.client_id, requests[i][1])
-            return
-        done = [
-            (i, msg, key, r, res)
-            for (i, msg, key, r), res in zip(ready, results, strict=True)
-        ]
-        for i, msg, _, _, res in done:
-            if not res.finite:
-                error = Malformed("the loss is not finite; step dropped")
-                replies[i] = self._refusal(error, msg.client_id, requests[i][1], False)
-        done = [d for d in done if d[4].finite]
-        optimize = self.server_side != SHARED
-        if not optimize and done:  # one step on the batch's mean gradient
-            lrs = [self._planned[msg.client_id].lrs[msg.step] for _, msg, *_ in done]
-            self.shared.step_batch(self.part.model, lrs)
-        wall = time.perf_counter() - t0
-        work = [r.slots * (self.end - r.cut) for *_, r, _ in done]
-        for (i, msg, key, r, res), w in zip(done, work, strict=True):
-            cid = msg.client_id
-            try:
-                values, scale = self._stepped(
-                    cid, msg.step, msg.micro, r.hidden, optimize
-                )
-            except Exception as e:  # noqa: BLE001 - reported to the client
-                replies[i] = self._refusal(e, cid, requests[i][1])
-                continue
-            reply = Gradient(
-                client_id=cid,
-                step=msg.step,
-                micro=msg.micro,
-                loss=res.loss if res.loss is not None else 0.0,
-                tokens=res.tokens,
-                server_seconds=wall * w / max(sum(work), 1),  # its share of the batch
-                grad=values,
-                correct=res.correct,
-                grad_scale=scale,
-            )
-            self._planned[cid].last = (key, reply)
-            replies[i] = reply
-
-    def _middle(self, msg: SmashedData) -> TailInput:
-        """U-shaped, first leg: blocks [k, L - tail_layers) forward; the graph
-        waits for the client's :class:`TailGradient`."""
-        t0 = time.perf_counter()
-        hidden = self._received(msg)  # (B, T, H)
-        planned = self._planned[msg.client_id]
-        with self.part.cut_at(planned.cut):
-            out = self.part.middle_forward(hidden, msg.attention_mask, msg.position_ids)
-        planned.pending = (msg.step, msg.micro, hidden, out)
-        values, scale = compress(out.detach(), self.compression)
-        return TailInput(
-            client_id=msg.client_id,
-            step=msg.step,
-            micro=msg.micro,
-            server_seconds=time.perf_counter() - t0,
-            hidden=values,
-            hidden_scale=scale,
-        )
-
-    def _backward(self, msg: TailGradient) -> Gradient:
-        """U-shaped, second leg: the client's gradient back through blocks
-        [k, L - tail_layers); the reply is the gradient at the first cut."""
-        t0 = time.perf_counter()
-        cid = msg.client_id
-        planned = self._planned[cid]
-        if planned.pending is None:
-            step, micro = planned.next
-            raise OutOfOrder(
-                f"client {cid}: no forward awaits a TailGradient; expected "
-                f"SmashedData of step {step} micro {micro}"
-            )
-        step, micro, hidden, out = planned.pending
-        if (msg.step, msg.micro) != (step, micro):
-            raise OutOfOrder(
-                f"expected the TailGradient of step {step} micro {micro}, got "
-                f"step {msg.step} micro {msg.micro}"
-            )
-        if tuple(msg.grad.shape) != tuple(out.shape):
-            raise Malformed(
-                f"grad must be {tuple(out.shape)} like the TailInput, got "
-                f"{tuple(msg.grad.shape)}"
-            )
-        grad = decompress(msg.grad, msg.grad_scale, out.dtype)
-        if not torch.isfinite(grad).all():
-            raise Malformed("grad has non-finite values")
-        # other clients' forwards since this one's switched the active adapter,
-        # and PEFT leaves an inactive adapter's weights requires_grad=False:
-        # autograd would then drop their gradients
-        self._activate(cid)
-        if grad.any():  # a micro-batch without loss: no gradient, as in vanilla
-            out.backward(grad)
-        planned.pending = None
-        values, scale = self._stepped(cid, step, micro, hidden)
-        return Gradient(
-            client_id=cid,
-            step=step,
-            micro=micro,
-            loss=0.0,  # the client computed it
-            tokens=0,
-            server_seconds=time.perf_counter() - t0,
-            grad=values,
-            grad_scale=scale,
-        )
 
     def _receive(self, msg: AdapterUpdate) -> Ack:
         """Check an upload against the client's plan, then keep it for
@@ -682,24 +466,21 @@ class SplitServer:
         global adapter's on the same layers, its weight at most what the
         client declared."""
         cid, L = msg.client_id, self.num_layers
-        planned = self._planned[cid]
+        planned = self.planned[cid]
         if planned.round != msg.round:
             raise OutOfOrder(f"client {cid}: no plan of round {msg.round} to answer")
         k = planned.cut
-        if k < L and planned.next[0] < len(planned.lrs):
+        if k < L and not planned.steps_done:
             raise OutOfOrder(
                 f"client {cid} uploads after step {planned.next[0]} of "
                 f"{len(planned.lrs)}: finish the round's steps first"
             )
         expected = self.client_ranks(k)
-        held = f"[0, {k})" + (
-            f" and [{self.end}, {L})" if self.tail_layers and k < L else ""
-        )
         guards.check_upload(
-            msg, expected, self.global_state, held, self.declared.get(cid)
+            msg, expected, self.global_state, self.leg.held(k), self.declared.get(cid)
         )
         state = dict(msg.adapter)
-        if self.server_side != SHARED and k < self.num_layers:
+        if not self.shared_side and k < L:
             # this client's server-side copy: exactly its blocks [k, end)
             server_side = lora.adapter_state(self.part.model, self._name(cid))
             state.update(lora.select_layers(server_side, self.spec, range(k, self.end)))
@@ -718,7 +499,7 @@ class SplitServer:
         drift and the batches each client drew (the global adapter is saved
         on its own, as safetensors)."""
         with self._lock:
-            if self.updates or self._planned:
+            if self.updates or self.planned:
                 raise ValueError("a round is open: checkpoint between rounds")
             return {
                 "cut_layers": dict(self.cut_layers),
@@ -741,21 +522,6 @@ class SplitServer:
                 self._build_part(state["lowest"])
 
     # --------------------------------------------------------- aggregation
-    def _drift(self, cid: int, new: Mapping[str, torch.Tensor]) -> float:
-        """How far a client's own layers ended from the aggregate, relative to
-        how far the aggregate moved: ``|theta_i - new| / |new - old|`` over the
-        client-side keys (each at the client's rank)."""
-        state = self.updates[cid][0]
-        far = moved = 0.0
-        for key in self._client_keys[cid]:
-            t = state[key]
-            rank = rank_of(key, t)
-            after = slice_rank(key, new[key], rank)
-            before = slice_rank(key, self.global_state[key], rank)
-            far += float((t - after).pow(2).sum())
-            moved += float((after - before).pow(2).sum())
-        return (far / moved) ** 0.5 if moved > 0 else 0.0
-
     def round_updates(self) -> list[tuple[dict[str, torch.Tensor], float]]:
         """What this round's aggregation folds into the global adapter: each
         upload (with its client's server-side copy) and its weight, then the
@@ -773,13 +539,21 @@ class SplitServer:
             who = sorted(self.updates)
             self.drift = {}
             if new is not None:
-                self.drift = {cid: self._drift(cid, new) for cid in who}
+                self.drift = {
+                    cid: drift(
+                        self.updates[cid][0],
+                        self._client_keys[cid],
+                        new,
+                        self.global_state,
+                    )
+                    for cid in who
+                }
                 self.global_state = dict(new)
             self._clear_round()
             return who
 
     def _shared_updates(self) -> list[tuple[dict[str, torch.Tensor], float]]:
-        if self.server_side != SHARED:
+        if not self.shared_side:
             return []
         weights = {cid: w for cid, (_s, w) in self.updates.items()}
         return self.shared.holders(self.part.model, weights)
@@ -788,18 +562,9 @@ class SplitServer:
         self.updates.clear()
         self._client_keys.clear()
         self._optim.clear()
-        self._planned.clear()
+        self.planned.clear()
         per_round = self.local_steps * self.train.grad_accum
         for cid in self._drawing:  # dropped clients drew them too
             self.batches_drawn[cid] = self.batches_drawn.get(cid, 0) + per_round
         self._drawing.clear()
         self.shared.end()
-
-
-def _key(msg, round: int) -> tuple:
-    """What identifies a request for retries: (kind, round, step, micro)."""
-    if isinstance(msg, SmashedData):
-        return ("step", round, msg.step, msg.micro)
-    if isinstance(msg, TailGradient):
-        return ("tail", round, msg.step, msg.micro)
-    return ("upload", msg.round)
