@@ -16,11 +16,12 @@ from transformers import AutoTokenizer
 from splitft import runs
 from splitft.config import DEFAULT_TASKS, LoraSettings, RunConfig, cache_dir, from_dict
 from splitft.data import build_datasets
-from splitft.federation.coordinator import TOKENS, row_size
+from splitft.data.federated import TOKENS
 from splitft.federation.simulation import Simulation
 from splitft.models.default import default_model_dir
 from splitft.models.parts import WeightStore, load_model_config
 from splitft.sim.costs import CostModel
+from splitft.sim.predict import row_size
 from splitft.sim.probe import probe
 from splitft.sim.profiles import MB
 

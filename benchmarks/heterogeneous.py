@@ -70,12 +70,14 @@ from common import (  # noqa: E402
 
 from splitft.config import DEFAULT_TASKS, SimConfig  # noqa: E402
 from splitft.federation import planner  # noqa: E402
-from splitft.federation.coordinator import (  # noqa: E402
+from splitft.sim.costs import CostModel  # noqa: E402
+from splitft.sim.predict import (  # noqa: E402
+    Workload,
+    World,
     expected_labelled,
     expected_slots,
+    predict_round,
 )
-from splitft.sim.costs import CostModel  # noqa: E402
-from splitft.sim.predict import Workload, World, predict_round  # noqa: E402
 from splitft.sim.profiles import MB, ServerDevice, devices_at  # noqa: E402
 
 MIX = ["ws", "laptop", "tablet", "phone"]

@@ -73,7 +73,7 @@ ROWS, MAX_LENGTH = 2, 256
 def full_head(self, labels, attention_mask, position_ids, *, hidden=None, **_):
     """The server before issue 19: the HF model's forward with labels (the
     head on every position), the accuracy counted on the full logits."""
-    out = self.server_forward(hidden, attention_mask, position_ids, labels)
+    out = self.logits_from_hidden(hidden, attention_mask, position_ids, labels)
     target = labels[:, 1:]
     mask = target != -100
     n = int(mask.sum())

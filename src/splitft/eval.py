@@ -205,3 +205,14 @@ def task_accuracy(
         }
         for task, s in out.items()
     }
+
+
+def first_per_task(held_out, limit: int) -> list[dict]:
+    """The first ``limit`` held-out examples of each task (the split is seeded)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for row in held_out.to_list():
+        if seen.get(row["task"], 0) < limit:
+            seen[row["task"]] = seen.get(row["task"], 0) + 1
+            keep.append(row)
+    return keep

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from splitft.config import RunConfig, to_dict
 
 
 class MetricsLog:
@@ -164,6 +167,42 @@ def print_table(rounds: list[dict[str, Any]], title: str) -> None:
     scored = [r for r in rounds if "task_accuracy" in r]
     if len(scored) >= 2:
         console.print(accuracy_table(scored[0], scored[-1], "task accuracy"))
+
+
+def run_summary(
+    cfg: RunConfig,
+    model_dir: Path,
+    rounds: list[dict[str, Any]],
+    traffic: Mapping[int, dict[str, int]],
+    sim_time: float,
+    data_info: dict[str, Any],
+    adapter_dir: Path,
+) -> dict[str, Any]:
+    """What ``summary.json`` says of a finished run: its settings, each
+    round's record, the cuts, the bytes each client moved (``traffic``: per
+    client, per kind) and in all, and how far the planner's predictions were
+    off on average."""
+    totals: dict[str, int] = {}
+    for snapshot in traffic.values():
+        for k, v in snapshot.items():
+            totals[k] = totals.get(k, 0) + v
+    trained = [r for r in rounds if r["round"] > 0]
+    errors = [r["prediction_error"] for r in trained]
+    return {
+        "run": cfg.name,
+        "model": str(model_dir),
+        "policy": cfg.federation.policy,
+        "server_side": cfg.federation.server_side,
+        "cut_layers": {str(r["round"]): r["cuts"] for r in trained},
+        "sim_time_s": sim_time,
+        "prediction_error_mean": sum(errors) / len(errors) if errors else None,
+        "data": data_info,
+        "rounds": rounds,
+        "bytes": totals,
+        "bytes_per_client": {str(c): s for c, s in traffic.items()},
+        "adapter": str(adapter_dir),
+        "config": to_dict(cfg),
+    }
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:

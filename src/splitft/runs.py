@@ -264,6 +264,53 @@ def read_status(folder: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------ checkpoints
+
+
+def open_run_dir(run_dir: Path, lock: RunLock, resume: bool) -> Path | None:
+    """Lock a run folder, fresh or as left for a resume; the checkpoint to
+    resume from (None: start at round 0).
+
+    A fresh run moves an earlier run of the same name aside (nothing is
+    lost) unless that run is still live; a resumed one continues in place
+    after :func:`recover` has tidied what a kill mid-write left behind.
+
+    Raises:
+        RunError: ``resume`` of a folder that is not a run's, or a live run
+            of this name.
+    """
+    check_writable(run_dir.parent, 0)
+    if not resume:
+        if run_dir.exists():
+            lock.acquire()  # refuses a live run of this name
+            lock.release()
+            keep_previous(run_dir)
+        run_dir.mkdir()
+        lock.acquire()
+        return None
+    if not (run_dir / "config.yaml").is_file():
+        raise RunError(f"{run_dir}: not a run folder (no config.yaml)")
+    lock.acquire()
+    recover(run_dir)
+    recover(run_dir / CHECKPOINTS)
+    found = checkpoints(run_dir)
+    if not found:
+        log.warning("%s: no complete checkpoint yet; starting at round 0", run_dir)
+        return None
+    log.info("resuming %s from %s", run_dir, found[-1])
+    return found[-1]
+
+
+def keep_previous(run_dir: Path) -> None:
+    """Move an earlier run of the same name aside rather than mix or lose it."""
+    if not run_dir.exists():
+        return
+    n = 1
+    while (old := run_dir.with_name(f"{run_dir.name}.{n}")).exists():
+        n += 1
+    run_dir.rename(old)
+    log.warning("an earlier run %s was moved to %s", run_dir, old)
+
+
 def checkpoint_name(rnd: int) -> str:
     return f"round-{rnd:04d}"
 

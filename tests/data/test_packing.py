@@ -40,7 +40,7 @@ def test_packed_split_forward_equals_each_example_alone(tiny, k):
     assert b["attention_mask"] is None
     with torch.no_grad():
         h = client.client_forward(b["input_ids"], None, b["position_ids"])
-        out = server.server_forward(h, None, b["position_ids"], b["labels"])
+        out = server.logits_from_hidden(h, None, b["position_ids"], b["labels"])
         starts = [(0, 0), (0, 7), (1, 0)]  # (packed row, offset) of each example
         loss_sum = tokens = 0
         for ex, (row, off) in zip(exs, starts, strict=True):

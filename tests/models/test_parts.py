@@ -19,7 +19,7 @@ def test_split_forward_equals_unsplit(tiny, k):
         h = client.client_forward(
             b["input_ids"], b["attention_mask"], b["position_ids"]
         )
-        out = server.server_forward(
+        out = server.logits_from_hidden(
             h, b["attention_mask"], b["position_ids"], b["labels"]
         )
     assert h.shape == (2, 10, config.hidden_size)
@@ -60,7 +60,7 @@ def test_server_cut_view_skips_lower_blocks(tiny):
             b["input_ids"], b["attention_mask"], b["position_ids"]
         )
         with server.cut_at(2):
-            out = server.server_forward(h, b["attention_mask"], b["position_ids"])
+            out = server.logits_from_hidden(h, b["attention_mask"], b["position_ids"])
     torch.testing.assert_close(out.logits, model(**b).logits, atol=1e-5, rtol=0)
 
 
@@ -125,7 +125,7 @@ def test_train_loss_equals_the_full_head(tiny, k, which):
         return loss, tokens, correct, out
 
     def full(hidden):
-        out = server.server_forward(
+        out = server.logits_from_hidden(
             hidden, b["attention_mask"], b["position_ids"], labels
         )
         target = labels[:, 1:]

@@ -66,3 +66,15 @@ def test_the_probe_separates_the_head_from_the_slots(tiny):
     assert costs.act_head >= 4 * model_config.vocab_size
     assert min(costs.head_s, costs.norm_s, costs.act_norm) >= 0
     assert costs.block_s > 0 and costs.batch_gain > 0
+
+
+def test_a_workload_plans_a_client_without_known_rows_at_the_worst():
+    from splitft.sim.predict import Workload, expected_slots
+
+    sizes = {0: [(10, 2), (20, 4), (30, 6)]}
+    w = Workload.of(sizes, 2, local_steps=3, grad_accum=1, batch_size=2, max_length=64)
+    assert w.worst_slots == 128
+    assert w.slots[1] == w.labelled[1] == 128.0  # nothing known of client 1
+    assert w.slots[0] == expected_slots([10, 20, 30], 2)
+    assert 20 <= w.slots[0] <= 60  # B x the longest of two rows drawn
+    assert w.labelled[0] == 2 * 4.0  # B x the mean labelled tokens a row

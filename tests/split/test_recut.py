@@ -49,9 +49,9 @@ def split_logits(server, client, b):
         h = client.part.client_forward(
             b["input_ids"], b["attention_mask"], b["position_ids"]
         )
-        peft.functional.set_adapter(server.part.model, server.adapter_of(0))
+        peft.functional.set_adapter(server.part.model, server.adapters.name_of(0))
         with server.part.cut_at(k):
-            return server.part.server_forward(
+            return server.part.logits_from_hidden(
                 h, b["attention_mask"], b["position_ids"]
             ).logits
 

@@ -48,7 +48,7 @@ def test_exported_adapter_reproduces_split_model(tiny, tmp_path, k):
         )
         peft.functional.set_adapter(server.part.model, "c0")
         with server.part.cut_at(k):
-            split_logits = server.part.server_forward(
+            split_logits = server.part.logits_from_hidden(
                 h, b["attention_mask"], b["position_ids"]
             ).logits
     out = lora.export_peft(

@@ -52,10 +52,10 @@ def test_a_bf16_server_computes_the_fp32_step_to_bf16_precision(tiny):
     for cid in CUTS:
         state = lora.adapter_state(bf16.part.model, f"c{cid}")
         assert state and all(t.dtype == torch.float32 for t in state.values())
-        for group in bf16._optim[cid].param_groups:
+        for group in bf16.adapters.optimizer(cid).param_groups:
             for p in group["params"]:
                 assert p.dtype == torch.float32
-                moments = bf16._optim[cid].state[p]
+                moments = bf16.adapters.optimizer(cid).state[p]
                 assert all(
                     t.dtype == torch.float32
                     for k, t in moments.items()

@@ -56,7 +56,7 @@ def split_step(store, config, k, state, b):
         )
     )
     h = msg.hidden.requires_grad_(True)
-    out = server.server_forward(h, msg.attention_mask, msg.position_ids, msg.labels)
+    out = server.logits_from_hidden(h, msg.attention_mask, msg.position_ids, msg.labels)
     out.loss.backward()
     reply = decode(encode(Gradient(0, 0, 0, float(out.loss.detach()), 0, 0.0, h.grad)))
     hidden.backward(reply.grad)

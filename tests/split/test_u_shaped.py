@@ -55,7 +55,7 @@ def u_step(store, config, k, m, state, b):
     s_out = body.middle_forward(s_in, mask, pos)
     # client: blocks [L - m, L), norm, head and loss
     t_in = wire(s_out).requires_grad_(True)
-    out = tail.server_forward(t_in, mask, pos, b["labels"])
+    out = tail.logits_from_hidden(t_in, mask, pos, b["labels"])
     out.loss.backward()
     s_out.backward(wire(t_in.grad))  # server: backward to k
     h1.backward(wire(s_in.grad))  # client: backward to the embeddings

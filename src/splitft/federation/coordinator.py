@@ -4,7 +4,7 @@ A recipe in the torchtune sense: ``setup`` builds the server, the strategy
 and the evaluator from the config, ``train`` owns the round loop (select the
 clients and their cuts, run the round, aggregate, evaluate, log, checkpoint),
 ``finish`` writes the adapter and the summary. How a round is *run* is the
-one thing that differs, and belongs to a :class:`Rounds` object: in-process
+one thing that differs, and belongs to a :class:`RoundRunner` object: in-process
 clients on the simulated clock (:class:`splitft.federation.simulation.SimulatedRounds`)
 or remote clients over gRPC (:class:`splitft.federation.deployment.NetworkRounds`).
 """
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from splitft import lora, report, runs
-from splitft.config import ConfigError, RunConfig, save_config, to_dict
+from splitft.config import RunConfig, save_config
 from splitft.data.federated import TOKENS, load_run_data
 from splitft.data.format import pad_token_id
-from splitft.eval import evaluate, task_accuracy
+from splitft.eval import evaluate, first_per_task, task_accuracy
 from splitft.federation.aggregate import aggregate
 from splitft.federation.policies import PolicyContext, make_policy
-from splitft.federation.strategy import RoundConfig, RoundResult, Strategy
-from splitft.models.load import load_for_run
+from splitft.federation.strategy import RoundDecision, RoundResult, Strategy
+from splitft.models.load import check_cuts, load_for_run
 from splitft.models.parts import (
     WeightStore,
     full_part,
@@ -47,28 +48,7 @@ from splitft.transport import Traffic
 log = logging.getLogger(__name__)
 
 
-def expected_slots(lengths: list[int], batch_size: int, seed: int = 0) -> float:
-    """Mean token slots of a right-padded batch: B x the longest row drawn."""
-    rng = np.random.default_rng(seed)
-    lengths_arr = np.asarray(lengths)
-    bs = min(batch_size, len(lengths_arr))
-    draws = [
-        lengths_arr[rng.permutation(len(lengths_arr))[:bs]].max() for _ in range(64)
-    ]
-    return float(bs * np.mean(draws))
-
-
-def expected_labelled(labelled: list[int], batch_size: int) -> float:
-    """Mean labelled tokens of a batch: B x the mean labelled tokens a row."""
-    return min(batch_size, len(labelled)) * float(np.mean(labelled))
-
-
-def row_size(row: Mapping[str, list[int]]) -> tuple[int, int]:
-    """A training row's tokens and labelled tokens (a label at the next one)."""
-    return len(row["input_ids"]), sum(t != -100 for t in row["labels"][1:])
-
-
-class Rounds(Protocol):
+class RoundRunner(Protocol):
     """How the selected clients run a round: the part that differs between the
     simulation and the deployment."""
 
@@ -79,7 +59,7 @@ class Rounds(Protocol):
         ...
 
     def run_round(
-        self, planned: RoundConfig, devices: dict[int, Device]
+        self, planned: RoundDecision, devices: dict[int, Device]
     ) -> RoundResult: ...
 
     def declared(self, devices: dict[int, Device]) -> dict[int, Device]:
@@ -106,7 +86,7 @@ class Coordinator:
     def __init__(
         self,
         cfg: RunConfig,
-        rounds: Rounds,
+        rounds: RoundRunner,
         costs: CostModel | None = None,
         resume: bool = False,
     ) -> None:
@@ -119,6 +99,9 @@ class Coordinator:
         self.start_round = 0  # the first round to run (after a resume: the next)
         self.lock = runs.RunLock(self.run_dir)
         self.log: report.MetricsLog | None = None
+        # set once the strategy exists: a deployed server opens its port before
+        # the cost probe, and a client's Join waits on it to check its memory
+        self.strategy_ready = threading.Event()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -127,14 +110,15 @@ class Coordinator:
         loaded = load_for_run(cfg)
         device, self.model_dir = loaded.device, loaded.folder
         self.model_config = loaded.model_config
-        checkpoint = self._open_run_dir()  # before the weights and data load
+        # before the weights and data load
+        checkpoint = runs.open_run_dir(self.run_dir, self.lock, self.resume)
         if checkpoint is not None or self.resume:  # the cost model it ran with
             self.costs = self.costs or CostModel.load(self.run_dir / "costs.json")
         L = self.model_config.num_hidden_layers
         # U-shaped: the client's tail blocks; the deepest cut leaves the server one
         self.tail = fed.client_tail
         self.k_max = fed.k_max or L - 1 - self.tail
-        _check_cuts(fed, self.k_max, L, self.tail)
+        check_cuts(fed, self.k_max, L, self.tail)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_token_id(self.tokenizer)
         self.data = load_run_data(cfg, self.tokenizer)
@@ -174,7 +158,7 @@ class Coordinator:
         self._setup_strategy(sizes)
         self.traffic = {cid: Traffic() for cid in range(fed.num_clients)}
         self.eval_examples = self.data.held_out.select_columns(TOKENS).to_list()
-        self.accuracy_examples = _per_task(
+        self.accuracy_examples = first_per_task(
             self.data.held_out.select_columns(
                 ["task", "prompt", "answer", "choices", "correct"]
             ),
@@ -196,35 +180,6 @@ class Coordinator:
         else:
             self._restore(checkpoint)
         runs.write_status(self.run_dir, "running", round=self.start_round)
-
-    def _open_run_dir(self) -> Path | None:
-        """Lock the run folder (fresh, or as left for a resume); the checkpoint
-        to resume from (None: start at round 0).
-
-        A fresh run moves an earlier run of the same name aside (nothing is
-        lost) unless that run is still live; a resumed one continues in place.
-        """
-        run_dir = self.run_dir
-        runs.check_writable(run_dir.parent, 0)
-        if not self.resume:
-            if run_dir.exists():
-                self.lock.acquire()  # refuses a live run of this name
-                self.lock.release()
-                _keep_previous(run_dir)
-            run_dir.mkdir()
-            self.lock.acquire()
-            return None
-        if not (run_dir / "config.yaml").is_file():
-            raise runs.RunError(f"{run_dir}: not a run folder (no config.yaml)")
-        self.lock.acquire()
-        runs.recover(run_dir)  # what a kill -9 mid-write left behind
-        runs.recover(run_dir / runs.CHECKPOINTS)
-        found = runs.checkpoints(run_dir)
-        if not found:
-            log.warning("%s: no complete checkpoint yet; starting at round 0", run_dir)
-            return None
-        log.info("resuming %s from %s", run_dir, found[-1])
-        return found[-1]
 
     # ---------------------------------------------------------- checkpoints
     def checkpoint(self, rnd: int) -> Path:
@@ -277,7 +232,6 @@ class Coordinator:
         """The cost model, the planner's beliefs, the policy and the strategy."""
         cfg, fed, sim = self.cfg, self.cfg.federation, self.cfg.sim
         bs = cfg.train.batch_size
-        worst = bs * cfg.data.max_length
         if self.costs is None and sim.cost_model:
             self.costs = CostModel.load(sim.cost_model)
         if self.costs is None:
@@ -292,22 +246,14 @@ class Coordinator:
                 compression=(cfg.transport.compression, cfg.transport.grad_compression),
                 batching=cfg.server.batching,
             )
-        workload = Workload(
-            local_steps=fed.local_steps,
-            grad_accum=cfg.train.grad_accum,
-            slots={
-                cid: expected_slots([n for n, _ in sizes[cid]], bs, cfg.seed)
-                if sizes.get(cid)
-                else float(worst)
-                for cid in range(fed.num_clients)
-            },
-            labelled={
-                cid: expected_labelled([n for _, n in sizes[cid]], bs)
-                if sizes.get(cid)
-                else float(worst)
-                for cid in range(fed.num_clients)
-            },
-            worst_slots=worst,
+        workload = Workload.of(
+            sizes,
+            fed.num_clients,
+            fed.local_steps,
+            cfg.train.grad_accum,
+            bs,
+            cfg.data.max_length,
+            cfg.seed,
         )
         self.server_device = server_device(sim, cfg.server)
         devices = devices_at(sim, fed.num_clients, 0)
@@ -327,6 +273,7 @@ class Coordinator:
         self.strategy = Strategy(
             policy, estimator, fed.num_clients, self.per_round, cfg.seed
         )
+        self.strategy_ready.set()
 
     # ---------------------------------------------------------------- train
     def evaluate_global(self, accuracy: bool) -> dict[str, Any]:
@@ -395,7 +342,7 @@ class Coordinator:
         self._bar.close()
         return self.rounds
 
-    def run_round(self, planned: RoundConfig, devices) -> RoundResult:
+    def run_round(self, planned: RoundDecision, devices) -> RoundResult:
         """The selected clients train through the server (the runner's part)."""
         self._bar.set_postfix(round=planned.round + 1)
         self._round_t0 = time.perf_counter()
@@ -403,7 +350,9 @@ class Coordinator:
         self._bar.update(len(result.steps))
         return result
 
-    def finish_round(self, planned: RoundConfig, result: RoundResult) -> dict[str, Any]:
+    def finish_round(
+        self, planned: RoundDecision, result: RoundResult
+    ) -> dict[str, Any]:
         """Aggregate, feed the strategy, evaluate when due, log the round."""
         cfg, rnd = self.cfg, planned.round + 1
         timing, steps = result.timing, result.steps
@@ -465,27 +414,15 @@ class Coordinator:
                 str(self.model_dir),
             )
             runs.fault("export")
-        totals: dict[str, int] = {}
-        for t in self.traffic.values():
-            for k, v in t.snapshot().items():
-                totals[k] = totals.get(k, 0) + v
-        trained = [r for r in self.rounds if r["round"] > 0]
-        errors = [r["prediction_error"] for r in trained]
-        summary = {
-            "run": self.cfg.name,
-            "model": str(self.model_dir),
-            "policy": self.cfg.federation.policy,
-            "server_side": self.cfg.federation.server_side,
-            "cut_layers": {str(r["round"]): r["cuts"] for r in trained},
-            "sim_time_s": self.sim_time,
-            "prediction_error_mean": sum(errors) / len(errors) if errors else None,
-            "data": self.data.info,
-            "rounds": self.rounds,
-            "bytes": totals,
-            "bytes_per_client": {str(c): t.snapshot() for c, t in self.traffic.items()},
-            "adapter": str(adapter_dir),
-            "config": to_dict(self.cfg),
-        }
+        summary = report.run_summary(
+            self.cfg,
+            self.model_dir,
+            self.rounds,
+            {cid: t.snapshot() for cid, t in self.traffic.items()},
+            self.sim_time,
+            self.data.info,
+            adapter_dir,
+        )
         extra = getattr(self.runner, "summary", None)
         if extra is not None:  # what only this kind of round knows
             summary.update(extra())
@@ -520,57 +457,6 @@ class Coordinator:
         if table:
             report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
         return summary
-
-
-def _check_cuts(fed, k_max: int, L: int, tail: int = 0) -> None:
-    """Cuts against the model's layer count, which the config does not know."""
-    if tail:
-        if tail > L - 2:
-            raise ConfigError(
-                f"federation.tail_layers={tail} is not allowed: in [1, {L - 2}] "
-                f"for this {L}-layer model (the client's first block and one on "
-                "the server come before the tail)"
-            )
-        top = L - 1 - tail
-        why = (
-            f"{top} = L - 1 - federation.tail_layers: a U-shaped split leaves "
-            "the server at least one block"
-        )
-    else:
-        top, why = L, f"{L} = the whole model on the client"
-    bad = [k for k in fed.cut_layers if not 1 <= k <= top]
-    if fed.policy == "fixed" and bad:
-        raise ConfigError(
-            f"federation.cut_layers={fed.cut_layers} is not allowed: each cut must "
-            f"be in [1, {top}] for this {L}-layer model ({why})"
-        )
-    if fed.policy != "fixed" and not fed.k_min <= k_max <= top:
-        raise ConfigError(
-            f"federation.k_min={fed.k_min}, federation.k_max={fed.k_max} are not "
-            f"allowed: 1 <= k_min <= k_max <= {top} for this {L}-layer model ({why})"
-        )
-
-
-def _per_task(held_out, limit: int) -> list[dict]:
-    """The first ``limit`` held-out examples of each task (the split is seeded)."""
-    seen: dict[str, int] = {}
-    keep = []
-    for row in held_out.to_list():
-        if seen.get(row["task"], 0) < limit:
-            seen[row["task"]] = seen.get(row["task"], 0) + 1
-            keep.append(row)
-    return keep
-
-
-def _keep_previous(run_dir: Path) -> None:
-    """Move an earlier run of the same name aside rather than mix or lose it."""
-    if not run_dir.exists():
-        return
-    n = 1
-    while (old := run_dir.with_name(f"{run_dir.name}.{n}")).exists():
-        n += 1
-    run_dir.rename(old)
-    log.warning("an earlier run %s was moved to %s", run_dir, old)
 
 
 def aggregate_round(server: SplitServer) -> list[int]:

@@ -33,7 +33,7 @@ from splitft.federation.coordinator import (
     Coordinator,
 )
 from splitft.federation.remote import message_limit_for
-from splitft.federation.strategy import RoundConfig, RoundResult
+from splitft.federation.strategy import RoundDecision, RoundResult
 from splitft.sim.clock import ClientTiming, RoundTiming
 from splitft.split.messages import (
     Ack,
@@ -80,7 +80,7 @@ class NetworkRounds:
         self.timeout_s, self.min_clients = timeout_s, min_clients
         self.retries, self.poll_s = retries, poll_s
         self._cond = threading.Condition()
-        self._open: RoundConfig | None = None
+        self._open: RoundDecision | None = None
         self._next_round = 0
         self._uploaded: dict[int, float] = {}
         self._reports: dict[int, list[dict]] = {}
@@ -106,7 +106,7 @@ class NetworkRounds:
         return {}  # the clients' data sizes are theirs: the planner learns them
 
     def run_round(
-        self, planned: RoundConfig, devices: Mapping[int, Any]
+        self, planned: RoundDecision, devices: Mapping[int, Any]
     ) -> RoundResult:
         """Open the round, wait for its uploads or the deadline, close it."""
         for attempt in range(self.retries + 1):
@@ -130,7 +130,7 @@ class NetworkRounds:
             "then resume the run"
         )
 
-    def _attempt(self, planned: RoundConfig) -> tuple[RoundResult, list[int]]:
+    def _attempt(self, planned: RoundDecision) -> tuple[RoundResult, list[int]]:
         traffic = self.transport.traffic
         before = {
             c: traffic[c].snapshot() if c in traffic else {} for c in planned.cuts
@@ -251,11 +251,8 @@ class NetworkRounds:
         """Why a declared memory budget cannot hold the shallowest cut, or ""."""
         # the port opens before the cost probe so that clients join while it
         # runs and the first plan knows their budgets: a Join may come first
-        until = time.monotonic() + 120.0  # a Join may come while the server
-        while getattr(self.coordinator, "strategy", None) is None:  # probes costs
-            if time.monotonic() > until:
-                return ""  # the planner will see it; it names the client
-            time.sleep(0.05)
+        if not self.coordinator.strategy_ready.wait(timeout=120.0):
+            return ""  # the planner will see it; it names the client
         k_min = self.coordinator.cfg.federation.k_min
         need = self.coordinator.strategy.estimator.world.memory(cid, k_min)
         if memory >= need:

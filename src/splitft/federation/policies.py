@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from splitft import config
 from splitft.config import PlannerConfig
 from splitft.federation import planner
 from splitft.sim.clock import RoundTiming
@@ -256,6 +257,8 @@ class Adaptive(CutPolicy):
 POLICIES: dict[str, type[CutPolicy]] = {
     p.name: p for p in (Fixed, RandomCuts, SplitFTRule, Adaptive)
 }
+# config.py checks federation.policy against its list: the same names, in order
+assert tuple(POLICIES) == config.POLICIES, (tuple(POLICIES), config.POLICIES)
 
 
 def make_policy(name: str, ctx: PolicyContext) -> CutPolicy:

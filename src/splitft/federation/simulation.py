@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from splitft.config import RunConfig
 from splitft.data.federated import client_rows
-from splitft.federation.coordinator import Coordinator, expected_slots, row_size
-from splitft.federation.strategy import RoundConfig, RoundResult
+from splitft.federation.coordinator import Coordinator
+from splitft.federation.strategy import RoundDecision, RoundResult
 from splitft.sim.clock import simulate_round
 from splitft.sim.clocked import ClockedClient, ClockedServer, replay
 from splitft.sim.costs import CostModel
+from splitft.sim.predict import expected_slots, row_size
 from splitft.split.client import SplitClient
 
 __all__ = ["Simulation", "SimulatedRounds", "expected_slots"]
@@ -45,7 +46,7 @@ class SimulatedRounds:
         }
         return {cid: [row_size(r) for r in rs] for cid, rs in rows.items()}
 
-    def run_round(self, planned: RoundConfig, devices) -> RoundResult:
+    def run_round(self, planned: RoundDecision, devices) -> RoundResult:
         """The selected clients train through the server on the simulated clock."""
         c = self.coordinator
         sim = c.cfg.sim

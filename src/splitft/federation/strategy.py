@@ -33,7 +33,7 @@ class RoundResult:
 
 
 @dataclass
-class RoundConfig:
+class RoundDecision:
     """A round's decisions and the prediction they were made on."""
 
     round: int
@@ -72,7 +72,7 @@ class Strategy:
         self.policy.load_state_dict(state["policy"])
         self.estimator.load_state_dict(state["beliefs"])
 
-    def configure_round(self, rnd: int, devices: dict[int, Device]) -> RoundConfig:
+    def configure_round(self, rnd: int, devices: dict[int, Device]) -> RoundDecision:
         """Select this round's clients and plan their cuts."""
         chosen = sorted(
             int(c)
@@ -83,7 +83,7 @@ class Strategy:
         cuts = self.policy.plan(rnd, chosen)
         planner_s = time.perf_counter() - t0
         world = self.estimator.world
-        return RoundConfig(
+        return RoundDecision(
             round=rnd,
             cuts=cuts,
             predicted=predict_round(cuts, world),
@@ -93,7 +93,7 @@ class Strategy:
         )
 
     def observe_round(
-        self, config: RoundConfig, result: RoundResult, drift: dict[int, float]
+        self, config: RoundDecision, result: RoundResult, drift: dict[int, float]
     ) -> dict[str, Any]:
         """Feed the round to the policy and the beliefs; return its metrics."""
         timing = result.timing

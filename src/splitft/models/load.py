@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from splitft.config import ConfigError, RunConfig
+from splitft.config import ConfigError, FederationConfig, RunConfig
 from splitft.models.default import resolve_model_dir
 from splitft.models.parts import load_model_config
 
@@ -64,4 +64,33 @@ def check_context(cfg: RunConfig, model_config) -> None:
         raise ConfigError(
             f"data.max_length={cfg.data.max_length} is not allowed: at most "
             f"{context}, this model's context (max_position_embeddings)"
+        )
+
+
+def check_cuts(fed: FederationConfig, k_max: int, L: int, tail: int = 0) -> None:
+    """Cuts against the model's layer count, which the config does not know."""
+    if tail:
+        if tail > L - 2:
+            raise ConfigError(
+                f"federation.tail_layers={tail} is not allowed: in [1, {L - 2}] "
+                f"for this {L}-layer model (the client's first block and one on "
+                "the server come before the tail)"
+            )
+        top = L - 1 - tail
+        why = (
+            f"{top} = L - 1 - federation.tail_layers: a U-shaped split leaves "
+            "the server at least one block"
+        )
+    else:
+        top, why = L, f"{L} = the whole model on the client"
+    bad = [k for k in fed.cut_layers if not 1 <= k <= top]
+    if fed.policy == "fixed" and bad:
+        raise ConfigError(
+            f"federation.cut_layers={fed.cut_layers} is not allowed: each cut must "
+            f"be in [1, {top}] for this {L}-layer model ({why})"
+        )
+    if fed.policy != "fixed" and not fed.k_min <= k_max <= top:
+        raise ConfigError(
+            f"federation.k_min={fed.k_min}, federation.k_max={fed.k_max} are not "
+            f"allowed: 1 <= k_min <= k_max <= {top} for this {L}-layer model ({why})"
         )

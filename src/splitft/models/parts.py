@@ -190,20 +190,20 @@ class ModelPart:
     def __init__(
         self,
         store: WeightStore,
-        config: PretrainedConfig,
+        model_config: PretrainedConfig,
         layers: range,
         *,
         embed: bool,
         head: bool,
     ) -> None:
-        self.spec: ArchSpec = spec_for(config.model_type)
-        self.config = copy.deepcopy(config)
+        self.spec: ArchSpec = spec_for(model_config.model_type)
+        self.model_config = copy.deepcopy(model_config)
         self.layers, self.has_embed, self.has_head = layers, embed, head
-        num_layers = self.config.num_hidden_layers
+        num_layers = self.model_config.num_hidden_layers
         if not (0 <= layers.start <= layers.stop <= num_layers):
             raise ValueError(f"layers {layers} outside the model's [0, {num_layers})")
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config)
+            self.model = AutoModelForCausalLM.from_config(self.model_config)
         self._strip()
         self._load(store)
         self.model.requires_grad_(False)
@@ -224,7 +224,7 @@ class ModelPart:
             for name in spec.embeddings:  # PEFT inspects them: keep an empty module
                 setattr(dec, name, PassThrough())
             for name, kind in spec.server_neutral.items():
-                neutral = ZeroPositions(self.config.hidden_size)
+                neutral = ZeroPositions(self.model_config.hidden_size)
                 setattr(
                     dec, name, neutral if kind == "zero_positions" else nn.Identity()
                 )
@@ -237,7 +237,11 @@ class ModelPart:
         tensors = {}
         for key, want in self.model.state_dict().items():
             source = key
-            if key not in store and key == head_key and self.config.tie_word_embeddings:
+            if (
+                key not in store
+                and key == head_key
+                and self.model_config.tie_word_embeddings
+            ):
                 source = self.spec.tied_source  # tied head: a frozen copy
             if source not in store:
                 raise ConfigError(
@@ -255,7 +259,7 @@ class ModelPart:
         for name in self.spec.rebuild:  # non-persistent buffers, e.g. RoPE inv_freq
             module = getattr(self.decoder, name)
             with torch.device(store.device):
-                setattr(self.decoder, name, type(module)(config=self.config))
+                setattr(self.decoder, name, type(module)(config=self.model_config))
         still_meta = [n for n, t in self.model.state_dict().items() if t.is_meta]
         if still_meta:
             raise RuntimeError(f"tensors left unloaded: {still_meta[:5]}")
@@ -342,7 +346,7 @@ class ModelPart:
         head = getattr(self.model, self.spec.head)
         return head(final[:, :-1][mask]).float(), target[mask], mask
 
-    def server_forward(
+    def logits_from_hidden(
         self,
         hidden: torch.Tensor,  # (B, T, H) smashed data
         attention_mask: torch.Tensor,
@@ -364,14 +368,16 @@ class ModelPart:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
-def client_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPart:
+def client_part(
+    store: WeightStore, model_config: PretrainedConfig, k: int
+) -> ModelPart:
     """Token embeddings and blocks ``[0, k)``; with ``k == L`` the head too.
 
     A client holding every block trains the whole model locally (FedAvg): it
     needs the final norm and the head to compute its own loss.
     """
-    L = config.num_hidden_layers
-    return ModelPart(store, config, range(0, k), embed=True, head=k == L)
+    L = model_config.num_hidden_layers
+    return ModelPart(store, model_config, range(0, k), embed=True, head=k == L)
 
 
 def labelled_tokens(labels: torch.Tensor) -> int:
@@ -387,27 +393,29 @@ def loss_share(tokens: int, step_tokens: int, num_micro: int) -> float:
     return tokens / step_tokens if step_tokens > 0 else 1 / num_micro
 
 
-def server_part(store: WeightStore, config: PretrainedConfig, k: int) -> ModelPart:
+def server_part(
+    store: WeightStore, model_config: PretrainedConfig, k: int
+) -> ModelPart:
     """Blocks ``[k, L)``, final norm and LM head."""
-    L = config.num_hidden_layers
-    return ModelPart(store, config, range(k, L), embed=False, head=True)
+    L = model_config.num_hidden_layers
+    return ModelPart(store, model_config, range(k, L), embed=False, head=True)
 
 
 def middle_part(
-    store: WeightStore, config: PretrainedConfig, k: int, end: int
+    store: WeightStore, model_config: PretrainedConfig, k: int, end: int
 ) -> ModelPart:
     """Blocks ``[k, end)`` alone: the server's part of a U-shaped split, where
     the client keeps blocks ``[end, L)``, the final norm and the head (a
     :func:`server_part` at ``end``), and with them the labels."""
-    L = config.num_hidden_layers
+    L = model_config.num_hidden_layers
     if not 1 <= k < end < L:
         raise ValueError(
             f"a U-shaped split needs 1 <= k < end < L={L}: k={k}, end={end}"
         )
-    return ModelPart(store, config, range(k, end), embed=False, head=False)
+    return ModelPart(store, model_config, range(k, end), embed=False, head=False)
 
 
-def full_part(store: WeightStore, config: PretrainedConfig) -> ModelPart:
+def full_part(store: WeightStore, model_config: PretrainedConfig) -> ModelPart:
     """The whole model (used to evaluate and export the global adapter)."""
-    L = config.num_hidden_layers
-    return ModelPart(store, config, range(0, L), embed=True, head=True)
+    L = model_config.num_hidden_layers
+    return ModelPart(store, model_config, range(0, L), embed=True, head=True)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from splitft.sim.clock import Outgoing, RoundTiming, simulate_round
 from splitft.sim.costs import CostModel
 from splitft.sim.profiles import Device, ServerDevice
@@ -29,6 +31,36 @@ class Workload:
     # batch_size x max_length: memory is planned for it, every slot labelled
     # (an answer can fill a row, as every token does with data.loss_on=all)
     worst_slots: int
+
+    @classmethod
+    def of(
+        cls,
+        sizes: Mapping[int, list[tuple[int, int]]],
+        num_clients: int,
+        local_steps: int,
+        grad_accum: int,
+        batch_size: int,
+        max_length: int,
+        seed: int = 0,
+    ) -> Workload:
+        """The workload of clients whose rows have these sizes ((tokens,
+        labelled tokens) a row, as far as known: a client without any is
+        planned at the worst, every slot of a full batch labelled)."""
+        worst = batch_size * max_length
+        slots, labelled = {}, {}
+        for cid in range(num_clients):
+            rows = sizes.get(cid)
+            slots[cid] = (
+                expected_slots([n for n, _ in rows], batch_size, seed)
+                if rows
+                else float(worst)
+            )
+            labelled[cid] = (
+                expected_labelled([n for _, n in rows], batch_size)
+                if rows
+                else float(worst)
+            )
+        return cls(local_steps, grad_accum, slots, labelled, worst)
 
 
 @dataclass
@@ -192,3 +224,24 @@ def predict_round(cuts: Mapping[int, int], world: World) -> RoundTiming:
         world.server.batching,
         modelled_serve_many(world),
     )
+
+
+def expected_slots(lengths: list[int], batch_size: int, seed: int = 0) -> float:
+    """Mean token slots of a right-padded batch: B x the longest row drawn."""
+    rng = np.random.default_rng(seed)
+    lengths_arr = np.asarray(lengths)
+    bs = min(batch_size, len(lengths_arr))
+    draws = [
+        lengths_arr[rng.permutation(len(lengths_arr))[:bs]].max() for _ in range(64)
+    ]
+    return float(bs * np.mean(draws))
+
+
+def expected_labelled(labelled: list[int], batch_size: int) -> float:
+    """Mean labelled tokens of a batch: B x the mean labelled tokens a row."""
+    return min(batch_size, len(labelled)) * float(np.mean(labelled))
+
+
+def row_size(row: Mapping[str, list[int]]) -> tuple[int, int]:
+    """A training row's tokens and labelled tokens (a label at the next one)."""
+    return len(row["input_ids"]), sum(t != -100 for t in row["labels"][1:])

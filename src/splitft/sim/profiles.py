@@ -59,8 +59,8 @@ class ServerDevice:
     batching: Batching | None = None  # None: one request at a time
 
 
-def devices_at(sim: SimConfig, num_clients: int, round: int) -> dict[int, Device]:
-    """Each client's device in ``round``: its mix profile with the changes due.
+def devices_at(sim: SimConfig, num_clients: int, rnd: int) -> dict[int, Device]:
+    """Each client's device in round ``rnd``: its mix profile with the changes due.
 
     Changes apply in the order given, each from its round on.
 
@@ -78,7 +78,7 @@ def devices_at(sim: SimConfig, num_clients: int, round: int) -> dict[int, Device
                 f"sim.changes[{i}].client={ch.client} is not allowed: "
                 f"a client id in [0, {num_clients})"
             )
-        if ch.round > round:
+        if ch.round > rnd:
             continue
         dev = devices[ch.client]
         if ch.profile:

@@ -180,7 +180,7 @@ class SplitClient:
         self,
         client_id: int,
         store: WeightStore,
-        config: PretrainedConfig,
+        model_config: PretrainedConfig,
         lora_settings: LoraSettings,
         train: TrainConfig,
         examples: Sequence[dict],
@@ -194,7 +194,7 @@ class SplitClient:
     ) -> None:
         if len(examples) == 0:
             raise ValueError(f"client {client_id} has no training examples")
-        self.client_id, self.store, self.config = client_id, store, config
+        self.client_id, self.store, self.model_config = client_id, store, model_config
         self.lora, self.train = lora_settings, train
         self.examples, self.pad_token_id = examples, pad_token_id
         # aggregation weight: examples held, not rows (packing merges rows)
@@ -231,13 +231,13 @@ class SplitClient:
     def _build(self, k: int) -> None:
         """(Re)build the client part for cut ``k``: the server may move the cut."""
         t0, old = time.perf_counter(), self.cut_layer
-        self.part = client_part(self.store, self.config, k)
-        L = self.config.num_hidden_layers
+        self.part = client_part(self.store, self.model_config, k)
+        L = self.model_config.num_hidden_layers
         ranks = lora.client_layer_ranks(k, L, self.lora, self.tail_layers)
         front = {i: r for i, r in ranks.items() if i < k}
         lora.inject(self.part.model, self.part.spec, self.lora, front)
         if self.tail_layers and self.tail is None and k < L:
-            self.tail = server_part(self.store, self.config, L - self.tail_layers)
+            self.tail = server_part(self.store, self.model_config, L - self.tail_layers)
             back = {i: r for i, r in ranks.items() if i in self.tail.layers}
             lora.inject(self.tail.model, self.tail.spec, self.lora, back)
         if old is None:
@@ -261,15 +261,15 @@ class SplitClient:
             self._build(state["cut"])
 
     # ------------------------------------------------------------ protocol
-    def round_protocol(self, round: int) -> Protocol:
+    def round_protocol(self, rnd: int) -> Protocol:
         """One round: plan, the local steps through the server, upload.
 
-        ``round`` -1 asks for whichever round is open (deployment). Returns (as
+        ``rnd`` -1 asks for whichever round is open (deployment). Returns (as
         the generator's value) one metrics dict per local step, or the
         server's :class:`Wait` or :class:`Stop` if it had no plan for us.
         """
         self.work.clear()  # whoever prices the work reads it as it goes
-        plan = yield from self._start(round)
+        plan = yield from self._start(rnd)
         if not isinstance(plan, RoundPlan):
             return plan
         steps = []
@@ -279,9 +279,9 @@ class SplitClient:
         yield from self._finish(plan.round, steps)
         return steps
 
-    def _start(self, round: int) -> Protocol:
+    def _start(self, rnd: int) -> Protocol:
         """Ask for the plan; (re)build the part for its cut; load its adapters."""
-        reply = yield RoundRequest(self.client_id, round)
+        reply = yield RoundRequest(self.client_id, rnd)
         if isinstance(reply, (Wait, Stop)):
             return reply
         plan = _expect(reply, RoundPlan)
@@ -451,7 +451,7 @@ class SplitClient:
         (out.loss * (out.tokens / max(step_tokens, 1))).backward()
         return out.tokens, out.correct, float(out.loss.detach())
 
-    def _finish(self, round: int, steps: Sequence[dict] = ()) -> Protocol:
+    def _finish(self, rnd: int, steps: Sequence[dict] = ()) -> Protocol:
         """Upload the client-side adapters for aggregation, with the steps'
         metrics (the server logs them: it does not see a local client's)."""
         state = {}
@@ -459,17 +459,17 @@ class SplitClient:
             state.update(lora.adapter_state(part.model))
         report = step_report(list(steps))
         reply = yield AdapterUpdate(
-            self.client_id, round, self.num_samples, state, report
+            self.client_id, rnd, self.num_samples, state, report
         )
         _expect(reply, Ack)
 
     # ----------------------------------------------- blocking conveniences
-    def run_round(self, transport: Caller, round: int) -> list[dict]:
+    def run_round(self, transport: Caller, rnd: int) -> list[dict]:
         """:meth:`round_protocol` over a blocking transport."""
-        return drive(self.round_protocol(round), transport.call)
+        return drive(self.round_protocol(rnd), transport.call)
 
-    def start_round(self, transport: Caller, round: int) -> RoundPlan:
-        return drive(self._start(round), transport.call)
+    def start_round(self, transport: Caller, rnd: int) -> RoundPlan:
+        return drive(self._start(rnd), transport.call)
 
     def train_step(
         self, transport: Caller, step: int, lr: float, *micro_batches: dict
@@ -480,5 +480,5 @@ class SplitClient:
             batches.append(self._next_batch())
         return drive(self._step(step, lr, batches), transport.call)
 
-    def finish_round(self, transport: Caller, round: int) -> None:
-        drive(self._finish(round), transport.call)
+    def finish_round(self, transport: Caller, rnd: int) -> None:
+        drive(self._finish(rnd), transport.call)

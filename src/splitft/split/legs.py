@@ -11,10 +11,11 @@
   the first cut.
 
 A leg is a part of its :class:`~splitft.split.server.SplitServer`: it reads
-the client's plan there and ends each micro-batch with the server's
-``stepped`` (optimizer step, next expected micro-batch, the reply's
-gradient). The server checks who sends a request and whether it is a retry
-before a leg sees it.
+the client's plan there, starts each micro-batch with :func:`received` (the
+request's checks, the client's adapter, the smashed data as a leaf) and ends
+it with :func:`stepped` (optimizer step, next expected micro-batch, the
+reply's gradient). The server checks who sends a request and whether it is a
+retry before a leg sees it.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from splitft import runs
 from splitft.models.parts import (
     labelled_tokens,
     loss_share,
     middle_part,
     server_part,
 )
-from splitft.split import engine
+from splitft.split import engine, guards, optim
 from splitft.split.compress import compress, decompress
 from splitft.split.errors import Malformed, OutOfOrder
 from splitft.split.messages import Gradient, SmashedData, TailGradient, TailInput
@@ -46,6 +48,50 @@ def _no_tail_awaited(cid: int, next_: tuple[int, int]) -> OutOfOrder:
         f"client {cid}: no forward awaits a TailGradient; expected "
         f"SmashedData of step {step} micro {micro}"
     )
+
+
+def received(s: SplitServer, msg: SmashedData, activate: bool = True) -> torch.Tensor:
+    """Check a micro-batch before it touches the model (:mod:`guards`),
+    switch to its client's adapter (``activate``; a batch switches to all
+    of its clients' at once) and return its smashed data as a leaf
+    ``(B, T, H)`` in the server's precision (a client may compute in
+    another)."""
+    planned = s.planned[msg.client_id]
+    pending = planned.pending[:2] if planned.pending is not None else None
+    guards.check_smashed(
+        msg, s.limits, planned.cut, len(planned.lrs), planned.next, pending
+    )
+    if activate:
+        s.adapters.activate((s.adapters.name_of(msg.client_id),))
+    hidden = decompress(msg.hidden, msg.hidden_scale, s.store.dtype)
+    return hidden.detach().requires_grad_(True)
+
+
+def stepped(
+    s: SplitServer,
+    cid: int,
+    step: int,
+    micro: int,
+    hidden: torch.Tensor,
+    optimize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """After a micro-batch's backward: the optimizer step after the step's
+    last micro-batch (``optimize``: a batch on a shared adapter stepped
+    it already), the (step, micro) the client sends next, and the
+    gradient of its smashed data as the reply carries it (in the server's
+    precision unless compressed; the client casts it to its own)."""
+    planned = s.planned[cid]
+    last = micro == s.train.grad_accum - 1  # = num_micro (check_smashed)
+    if last and optimize:
+        optimizer = s.optimizer_of(cid)
+        assert optimizer is not None  # a split client's plan made it
+        optim.step(optimizer, planned.lrs[step], s.train.max_grad_norm)
+    if last and s.shared_side:
+        s.shared.served[cid] = planned.cut
+    planned.served(step, micro, s.train.grad_accum)
+    runs.fault("server_step")
+    grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
+    return compress(grad, s.grad_compression)
 
 
 class Vanilla:
@@ -71,7 +117,7 @@ class Vanilla:
         """One micro-batch: forward from the cut, loss, backward."""
         s = self.server
         t0 = time.perf_counter()
-        hidden = s.received(msg)  # (B, T, H)
+        hidden = received(s, msg)  # (B, T, H)
         cid = msg.client_id
         with s.part.cut_at(s.planned[cid].cut):
             out = s.part.train_loss(
@@ -85,7 +131,7 @@ class Vanilla:
             (out.loss * share).backward()
         if s.shared_side:
             s.shared.park(s.part.model, cid, msg.micro, msg.num_micro)
-        values, scale = s.stepped(cid, msg.step, msg.micro, hidden)
+        values, scale = stepped(s, cid, msg.step, msg.micro, hidden)
         return Gradient(
             client_id=cid,
             step=msg.step,
@@ -116,14 +162,14 @@ class Vanilla:
                 if answered is not None:
                     replies[i] = answered  # a retry: the first answer
                     continue
-                hidden = s.received(msg, activate=False)
+                hidden = received(s, msg, activate=False)
             except Exception as e:  # noqa: BLE001 - reported to the client
                 replies[i] = s.refusal(e, msg.client_id, peer)
                 continue
             share = loss_share(
                 labelled_tokens(msg.labels), msg.step_tokens, msg.num_micro
             )
-            adapter = None if s.shared_side else s.adapter_of(msg.client_id)
+            adapter = None if s.shared_side else s.adapters.name_of(msg.client_id)
             request = engine.Request(
                 hidden,
                 msg.attention_mask,
@@ -136,7 +182,8 @@ class Vanilla:
             ready.append((i, msg, key, request))
         if not ready:
             return
-        s.activate(tuple(sorted({s.adapter_of(m.client_id) for _, m, _, _ in ready})))
+        names = {s.adapters.name_of(m.client_id) for _, m, _, _ in ready}
+        s.adapters.activate(tuple(sorted(names)))
         try:
             results = engine.run(s.part, [r for *_, r in ready])
         except Exception as e:  # noqa: BLE001 - a fault of the batch, not a request
@@ -158,8 +205,8 @@ class Vanilla:
         for (i, msg, key, request, res), w in zip(done, work, strict=True):
             cid = msg.client_id
             try:
-                values, scale = s.stepped(
-                    cid, msg.step, msg.micro, request.hidden, not s.shared_side
+                values, scale = stepped(
+                    s, cid, msg.step, msg.micro, request.hidden, not s.shared_side
                 )
             except Exception as e:  # noqa: BLE001 - reported to the client
                 replies[i] = s.refusal(e, cid, requests[i][1])
@@ -209,7 +256,7 @@ class UShaped:
         for the client's :class:`TailGradient`."""
         s = self.server
         t0 = time.perf_counter()
-        hidden = s.received(msg)  # (B, T, H)
+        hidden = received(s, msg)  # (B, T, H)
         planned = s.planned[msg.client_id]
         with s.part.cut_at(planned.cut):
             out = s.part.middle_forward(hidden, msg.attention_mask, msg.position_ids)
@@ -250,11 +297,11 @@ class UShaped:
         # other clients' forwards since this one's switched the active adapter,
         # and PEFT leaves an inactive adapter's weights requires_grad=False:
         # autograd would then drop their gradients
-        s.activate((s.adapter_of(cid),))
+        s.adapters.activate((s.adapters.name_of(cid),))
         if grad.any():  # a micro-batch without loss: no gradient, as in vanilla
             out.backward(grad)
         planned.pending = None
-        values, scale = s.stepped(cid, step, micro, hidden)
+        values, scale = stepped(s, cid, step, micro, hidden)
         return Gradient(
             client_id=cid,
             step=step,

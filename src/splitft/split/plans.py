@@ -59,10 +59,10 @@ class Planned:
             self.next = (self.next[0], 0)
 
 
-def key_of(msg, round: int) -> tuple:
+def key_of(msg, rnd: int) -> tuple:
     """What identifies a request for retries: (kind, round, step, micro)."""
     if isinstance(msg, SmashedData):
-        return ("step", round, msg.step, msg.micro)
+        return ("step", rnd, msg.step, msg.micro)
     if isinstance(msg, TailGradient):
-        return ("tail", round, msg.step, msg.micro)
+        return ("tail", rnd, msg.step, msg.micro)
     return ("upload", msg.round)

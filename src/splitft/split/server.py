@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from peft.functional import set_adapter
 from transformers import PretrainedConfig
 
-from splitft import lora, runs
+from splitft import lora
 from splitft.config import SERVER_SIDES, LoraSettings, TrainConfig
 from splitft.models.arch import spec_for
-from splitft.models.parts import WeightStore
+from splitft.models.parts import ModelPart, WeightStore
 from splitft.ranks import drift, truncate_to
-from splitft.split import engine, guards, legs, optim, shared
-from splitft.split.compress import compress, decompress
+from splitft.split import engine, guards, legs, optim
+from splitft.split.adapters import SHARED, ServerAdapters
 from splitft.split.errors import Malformed, NotAllowed, OutOfOrder, Refused
 from splitft.split.messages import (
     Ack,
@@ -50,8 +48,6 @@ from splitft.split.messages import (
 from splitft.split.plans import Planned, key_of
 
 log = logging.getLogger(__name__)
-
-SHARED = shared.NAME  # the adapter name of the shared server-side LoRA
 
 
 class SplitServer:
@@ -130,15 +126,21 @@ class SplitServer:
         # first: it names lora.target_modules if they match nothing
         state = lora.init_global_adapter(model_config, lora_settings, seed)
         self.global_state = {k: v.to(self.device) for k, v in state.items()}
-        self._build_part(min(self.cut_layers.values()))
+        self.adapters = ServerAdapters(
+            self.leg.build_part,
+            self.spec,
+            lora_settings,
+            train,
+            self.shared_side,
+            self.end,
+        )
+        self.adapters.build(min(self.cut_layers.values()), self.cut_layers)
         self._open: set[int] | None = None  # this round's clients (None: any)
         self.planned: dict[int, Planned] = {}
         # batches each client drew in the rounds aggregated so far (its data
         # order resumes there), and who was handed a plan in this round
         self.batches_drawn: dict[int, int] = {}
         self._drawing: set[int] = set()
-        self._optim: dict[int, torch.optim.Optimizer] = {}  # per_client
-        self.shared = shared.SharedAdapter(train, self.spec)  # server_side=shared
         self.updates: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
         self._client_keys: dict[int, set[str]] = {}  # what each update held client-side
         self.drift: dict[int, float] = {}  # of the last aggregation, per client
@@ -155,36 +157,18 @@ class SplitServer:
                 raise ValueError(f"client {cid}: cut layer {k!r} not in [1, {L}]")
             self.leg.check_cut(cid, k)
 
-    def _build_part(self, lowest: int) -> None:
-        """The server part for blocks ``[lowest, L)`` with every adapter on it.
+    @property
+    def part(self) -> ModelPart:
+        """The frozen blocks the server runs, with every adapter on them."""
+        return self.adapters.part
 
-        Each adapter covers all the part's blocks, whatever a client's cut: a
-        client with cut k simply never runs (nor trains) the blocks below k,
-        so a cut that moves needs no new adapter (injecting one takes PEFT a
-        noticeable fraction of a second). Only growing the part rebuilds them.
-        """
-        lowest = min(lowest, self.end - 1)
-        self.part = self.leg.build_part(lowest)
-        names = [SHARED] if self.shared_side else map(self._name, self.cut_layers)
-        ranks = lora.layer_ranks(range(lowest, self.end), self.lora, cut=False)
-        with warnings.catch_warnings():  # several adapters on one model is the design
-            warnings.filterwarnings("ignore", "Already found a `peft_config`")
-            for name in names:
-                lora.inject(self.part.model, self.spec, self.lora, ranks, name)
-        self._active: tuple[str, ...] | None = None  # set by activate
+    @property
+    def shared(self):
+        """The shared server-side adapter (``server_side=shared``)."""
+        return self.adapters.shared
 
-    def activate(self, names: tuple[str, ...]) -> None:
-        """Train these adapters. PEFT's ``set_adapter`` walks every module
-        of the model (some 40 ms a request on SmolLM2 here) and so does
-        ``train()``: each runs only when something changes."""
-        if names != self._active:
-            set_adapter(self.part.model, list(names) if len(names) > 1 else names[0])
-            self._active = names
-        if not self.part.model.training:
-            self.part.model.train()
-
-    def open_round(self, round: int, cuts: Mapping[int, int]) -> None:
-        """Start ``round`` with these clients at these cuts (between rounds only).
+    def open_round(self, rnd: int, cuts: Mapping[int, int]) -> None:
+        """Start round ``rnd`` with these clients at these cuts (between rounds only).
 
         A cut below the server part's lowest block rebuilds the part (it only
         holds frozen weights; adapters are loaded from the global state when a
@@ -196,7 +180,8 @@ class SplitServer:
         with self._lock:
             if self.updates or self.planned:
                 raise ValueError(
-                    "the previous round is still open: aggregate() it first"
+                    "the previous round is still open: end it first "
+                    "(coordinator.aggregate_round)"
                 )
             unknown = sorted(set(cuts) - set(self.cut_layers))
             if unknown:
@@ -205,9 +190,9 @@ class SplitServer:
             self.cut_layers.update(cuts)
             split = [k for k in cuts.values() if k < self.num_layers]
             if split and min(split) < self.part.layers.start:
-                self._build_part(min(split))
+                self.adapters.build(min(split), self.cut_layers)
             self._open = set(cuts)
-            self._round = round
+            self._round = rnd
 
     def close_round(self, keep) -> None:
         """No more plans this round; drop the clients not in ``keep`` (they
@@ -219,24 +204,14 @@ class SplitServer:
                 self.planned.pop(cid, None)
                 self.updates.pop(cid, None)
                 self._client_keys.pop(cid, None)
-                self.shared.parked.pop(cid, None)
-                self._optim.pop(cid, None)
+                self.adapters.drop(cid)
 
     def abandon_round(self) -> None:
         """Forget the round without aggregating it (it is to be run again)."""
         self.close_round([])
         with self._lock:
-            self._optim.clear()
             self._drawing.clear()  # a round run again draws the same batches
-            self.shared.end()
-
-    @staticmethod
-    def _name(cid: int) -> str:
-        return f"c{cid}"
-
-    def adapter_of(self, cid: int) -> str:
-        """The name of the server-side adapter ``cid``'s steps train."""
-        return SHARED if self.shared_side else self._name(cid)
+            self.adapters.end_round()
 
     # ------------------------------------------------------------ requests
     def handle(self, msg, peer: int | None = None):
@@ -318,7 +293,7 @@ class SplitServer:
         left to clear), and the step it was part of starts again at its first
         micro-batch."""
         self.shared.parked.pop(cid, None)
-        opt = self._optimizer(cid)
+        opt = self.optimizer_of(cid)
         if opt is not None and grads:
             opt.zero_grad(set_to_none=True)
         planned = self.planned.get(cid)
@@ -332,11 +307,9 @@ class SplitServer:
         self.declared[msg.client_id] = msg.num_samples
         return Ack(msg.client_id)
 
-    def _optimizer(self, cid) -> torch.optim.Optimizer | None:
+    def optimizer_of(self, cid) -> torch.optim.Optimizer | None:
         """The optimizer a client's steps use (None: it has none this round)."""
-        if cid not in self.planned:
-            return None
-        return self.shared.optimizer if self.shared_side else self._optim.get(cid)
+        return self.adapters.optimizer(cid) if cid in self.planned else None
 
     def client_ranks(self, k: int) -> dict[str, int]:
         """Rank of each adapter key a client with cut ``k`` holds."""
@@ -369,15 +342,7 @@ class SplitServer:
             if k < self.part.layers.start:  # open_round grows the part first
                 raise OutOfOrder(f"cut {k} below the server's blocks")
             held = self._server_keys(self.part.layers.start)
-            if self.shared_side:
-                self.shared.start(self.part.model, held, req.round)
-            else:
-                name = self._name(cid)
-                lora.load_adapter_state(self.part.model, held, name)
-                params = lora.adapter_params(self.part.model, name)
-                for p in params:  # a step a dropped client left half-done
-                    p.grad = None
-                self._optim[cid] = optim.make_optimizer(params, self.train)
+            self.adapters.start(cid, held, req.round)
         first = req.round * self.local_steps
         lrs = [
             optim.lr_at(first + s, self.total_steps, self.train)
@@ -388,44 +353,6 @@ class SplitServer:
         adapter = truncate_to(self.global_state, self.client_ranks(k))
         drawn = self.batches_drawn.get(cid, 0)
         return RoundPlan(cid, req.round, k, lrs, adapter, drawn, self.tail_layers)
-
-    # ------------------------------------------------- for the legs (legs.py)
-    def received(self, msg: SmashedData, activate: bool = True) -> torch.Tensor:
-        """Check a micro-batch before it touches the model (:mod:`guards`),
-        switch to its client's adapter (``activate``; a batch switches to all
-        of its clients' at once) and return its smashed data as a leaf
-        ``(B, T, H)`` in the server's precision (a client may compute in
-        another)."""
-        planned = self.planned[msg.client_id]
-        pending = planned.pending[:2] if planned.pending is not None else None
-        guards.check_smashed(
-            msg, self.limits, planned.cut, len(planned.lrs), planned.next, pending
-        )
-        if activate:
-            self.activate((self.adapter_of(msg.client_id),))
-        hidden = decompress(msg.hidden, msg.hidden_scale, self.store.dtype)
-        return hidden.detach().requires_grad_(True)
-
-    def stepped(
-        self, cid: int, step: int, micro: int, hidden: torch.Tensor, optimize=True
-    ):
-        """After a micro-batch's backward: the optimizer step after the step's
-        last micro-batch (``optimize``: a batch on a shared adapter stepped
-        it already), the (step, micro) the client sends next, and the
-        gradient of its smashed data as the reply carries it (in the server's
-        precision unless compressed; the client casts it to its own)."""
-        planned = self.planned[cid]
-        last = micro == self.train.grad_accum - 1  # = num_micro (check_smashed)
-        if last and optimize:
-            optimizer = self._optimizer(cid)
-            assert optimizer is not None  # a split client's plan made it
-            optim.step(optimizer, planned.lrs[step], self.train.max_grad_norm)
-        if last and self.shared_side:
-            self.shared.served[cid] = planned.cut
-        planned.served(step, micro, self.train.grad_accum)
-        runs.fault("server_step")
-        grad = hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)
-        return compress(grad, self.grad_compression)
 
     # ------------------------------------------------------------ batches
     def handle_many(self, requests: Sequence[tuple[Any, int | None]]) -> list:
@@ -482,8 +409,7 @@ class SplitServer:
         state = dict(msg.adapter)
         if not self.shared_side and k < L:
             # this client's server-side copy: exactly its blocks [k, end)
-            server_side = lora.adapter_state(self.part.model, self._name(cid))
-            state.update(lora.select_layers(server_side, self.spec, range(k, self.end)))
+            state.update(self.adapters.client_state(cid, k))
         guards.check_finite(cid, state)
         guards.check_norm(
             cid, msg.adapter, expected, self.global_state, self.upload_norm_bound
@@ -519,7 +445,7 @@ class SplitServer:
             self.drift = dict(state["drift"])
             self.batches_drawn = dict(state.get("batches_drawn", {}))
             if state["lowest"] != self.part.layers.start:
-                self._build_part(state["lowest"])
+                self.adapters.build(state["lowest"], self.cut_layers)
 
     # --------------------------------------------------------- aggregation
     def round_updates(self) -> list[tuple[dict[str, torch.Tensor], float]]:
@@ -527,9 +453,9 @@ class SplitServer:
         upload (with its client's server-side copy) and its weight, then the
         shared adapter as holder of the layers its clients trained."""
         with self._lock:
-            return [self.updates[c] for c in sorted(self.updates)] + (
-                self._shared_updates()
-            )
+            weights = {cid: w for cid, (_s, w) in self.updates.items()}
+            listed = [self.updates[c] for c in sorted(self.updates)]
+            return listed + self.adapters.holders(weights)
 
     def end_round(self, new: Mapping[str, torch.Tensor] | None) -> list[int]:
         """Close the round with ``new`` as the global adapter (None: nothing
@@ -552,19 +478,12 @@ class SplitServer:
             self._clear_round()
             return who
 
-    def _shared_updates(self) -> list[tuple[dict[str, torch.Tensor], float]]:
-        if not self.shared_side:
-            return []
-        weights = {cid: w for cid, (_s, w) in self.updates.items()}
-        return self.shared.holders(self.part.model, weights)
-
     def _clear_round(self) -> None:
         self.updates.clear()
         self._client_keys.clear()
-        self._optim.clear()
         self.planned.clear()
         per_round = self.local_steps * self.train.grad_accum
         for cid in self._drawing:  # dropped clients drew them too
             self.batches_drawn[cid] = self.batches_drawn.get(cid, 0) + per_round
         self._drawing.clear()
-        self.shared.end()
+        self.adapters.end_round()

@@ -34,18 +34,18 @@ class SharedAdapter:
         self.served: dict[int, int] = {}  # client -> the cut of its steps
 
     def start(
-        self, model: nn.Module, held: Mapping[str, torch.Tensor], round: int
+        self, model: nn.Module, held: Mapping[str, torch.Tensor], rnd: int
     ) -> None:
-        """The round's first plan loads the adapter from the global one
+        """Round ``rnd``'s first plan loads the adapter from the global one
         (``held``: its layers) with a fresh optimizer; later plans keep it."""
-        if self.round == round:
+        if self.round == rnd:
             return
         lora.load_adapter_state(model, held, NAME)
         params = lora.adapter_params(model, NAME)
         for p in params:
             p.grad = None
         self.optimizer = optim.make_optimizer(params, self.train)
-        self.round, self.served = round, {}
+        self.round, self.served = rnd, {}
         self.parked.clear()
 
     def park(self, model: nn.Module, cid: int, micro: int, num_micro: int) -> None:
