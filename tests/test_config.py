@@ -26,6 +26,15 @@ def test_defaults_yaml_then_dotted_overrides(tmp_path):
         ("train.schedule=step", "train.schedule='step' is not allowed"),
         ("train.batch_size=two", "train.batch_size='two' is not allowed: an integer"),
         ("federation.cut_layers=3", "federation.cut_layers=3 is not allowed: a list"),
+        (
+            "federation.aggregation=trimmed",
+            "federation.aggregation='trimmed' is not allowed: ('mean', 'median')",
+        ),
+        (
+            "federation.max_samples_per_client=-1",
+            "federation.max_samples_per_client=-1 is not allowed: >= 0",
+        ),
+        ("data.tasks=[addition, squares]", "data.tasks=['squares'] is not allowed"),
         ("rounds", "must look like section.key=value"),
     ],
 )

@@ -178,6 +178,7 @@ class TrainConfig:
 POLICIES = ("fixed", "random", "splitft", "adaptive")
 SERVER_SIDES = ("per_client", "shared")
 TOPOLOGIES = ("vanilla", "u_shaped")
+AGGREGATIONS = ("mean", "median")
 
 
 @dataclass
@@ -242,6 +243,19 @@ class FederationConfig:
         "who miss it are left out of the round",
     )
     round_retries: int = _f(1, "deployment: runs of a round short of min_clients")
+    max_samples_per_client: int = _f(
+        0,
+        "the most examples a client may declare at Join, and so the most its "
+        "upload weighs in aggregation (0 = the config's training set: no client "
+        "of its federation holds more; set it when deployed clients bring more "
+        "data of their own)",
+    )
+    aggregation: str = _f(
+        "mean",
+        "how each adapter component is averaged over its holders: 'mean' "
+        "(weighted by samples, FedAvg) or 'median' (coordinate-wise, unweighted: "
+        "robust to a few poisoned uploads, docs/aggregation.md)",
+    )
 
     @property
     def client_tail(self) -> int:
@@ -288,6 +302,16 @@ class FederationConfig:
         _check(ok, "federation.round_timeout_s", self.round_timeout_s, "> 0")
         ok = self.round_retries >= 0
         _check(ok, "federation.round_retries", self.round_retries, ">= 0")
+        ok = self.max_samples_per_client >= 0
+        allowed = ">= 0 (0: the config's training set)"
+        _check(
+            ok,
+            "federation.max_samples_per_client",
+            self.max_samples_per_client,
+            allowed,
+        )
+        ok = self.aggregation in AGGREGATIONS
+        _check(ok, "federation.aggregation", self.aggregation, AGGREGATIONS)
 
 
 @dataclass

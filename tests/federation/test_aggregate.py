@@ -279,3 +279,48 @@ def test_property_convex_and_normalised(scenario):
             assert (o[c] <= stack.max(0).values + tol).all()
             # the weights of a component's holders sum to one
             torch.testing.assert_close(o1[c], torch.ones_like(o1[c]))
+
+
+# -- median (federation.aggregation=median) -----------------------------------
+
+
+def test_the_median_ignores_one_poisoned_holder_whatever_its_weight():
+    g = rand_state([0], seed=0)
+    honest = [rand_state([0], seed=s) for s in (1, 2, 3)]
+    poison = {k: torch.full_like(v, 1e6) for k, v in honest[0].items()}
+    updates = [(h, 1.0) for h in honest] + [(poison, 1e9)]
+    out = aggregate(g, updates, "median")
+    for k in g:
+        stacked = torch.stack([h[k] for h in honest] + [poison[k]])
+        torch.testing.assert_close(out[k], stacked.median(dim=0).values)
+        assert out[k].abs().max() < 10  # the poisoned values never win
+    mean = aggregate(g, updates)
+    assert mean[a_key(0)].abs().max() > 1e5  # the weighted mean is pulled
+
+
+def test_the_median_votes_per_component_over_its_holders_only():
+    g = rand_state([0], seed=0)
+    x = rand_state([0], rank=4, seed=1)
+    y = rand_state([0], rank=8, seed=2)
+    z = rand_state([0], rank=8, seed=3)
+    out = aggregate(g, [(x, 1.0), (y, 1.0), (z, 1.0)], "median")
+    A, xa, ya, za = out[a_key(0)], x[a_key(0)], y[a_key(0)], z[a_key(0)]
+    torch.testing.assert_close(
+        A[:4], torch.stack([xa, ya[:4], za[:4]]).median(0).values
+    )
+    # components 4-7: two holders (the lower of the two middle values)
+    torch.testing.assert_close(A[4:], torch.minimum(ya[4:], za[4:]))
+    g2 = rand_state([0, 1], seed=0)
+    alone = aggregate(g2, [(rand_state([1], seed=4), 1.0)], "median")
+    assert torch.equal(alone[a_key(0)], g2[a_key(0)])  # held by nobody: kept
+
+
+def test_identical_adapters_are_the_median_too():
+    g, x = rand_state([0, 1], seed=0), rand_state([0, 1], seed=5)
+    out = aggregate(g, [(x, 1.0), (copy.deepcopy(x), 7.0)], "median")
+    assert all(torch.equal(out[k], x[k]) for k in x)
+
+
+def test_an_unknown_rule_is_named():
+    with pytest.raises(ValueError, match="'trimmed' is not one of"):
+        aggregate(rand_state([0]), [(rand_state([0]), 1.0)], "trimmed")

@@ -10,7 +10,7 @@ from tiny import make_tiny, token_rows
 
 from splitft import lora
 from splitft.config import LoraSettings, TrainConfig
-from splitft.federation.coordinator import aggregate_round
+from splitft.federation.coordinator import RoundFailed, aggregate_round
 from splitft.models.parts import WeightStore
 from splitft.split.client import SplitClient, drive
 from splitft.split.messages import (
@@ -21,6 +21,8 @@ from splitft.split.messages import (
     RoundPlan,
     RoundRequest,
     SmashedData,
+    decode,
+    encode,
 )
 from splitft.split.server import SplitServer
 
@@ -211,6 +213,42 @@ def test_an_upload_may_not_weigh_more_than_declared(world):
     # and a retried upload is acknowledged again, not counted twice
     assert server.handle(AdapterUpdate(0, 0, 8, upload.adapter)).code == ""
     assert aggregate_round(server) == [0]
+
+
+def test_an_upload_of_a_client_that_never_joined_is_refused(world):
+    server, clients, _ = world
+    upload = run_steps(server, clients[0])
+    server.declared.pop(0)  # as if it had never sent Join
+    refused(server.handle(upload), "FAILED_PRECONDITION", "has not joined this run")
+    assert server.updates == {}
+    server.handle(Join(0, 8))
+    assert server.handle(upload).code == ""
+
+
+@pytest.mark.parametrize("n", [10**6, 10**18, 10**308, 10**400])
+def test_a_join_over_the_bound_is_refused_over_the_wire(tmp_path, n):
+    """However large the number, the server answers with what is allowed
+    (it once took 1e308 and aggregated inf, and 10**400 ended in INTERNAL)."""
+    server, _, _ = make_world(tmp_path, TRAIN)
+    server.max_samples = 1000
+    join = decode(encode(Join(1, n)))  # JSON carries any integer
+    refused(server.handle(join), "RESOURCE_EXHAUSTED", "max_samples_per_client=1000")
+    assert server.declared == {0: 8, 1: 8}
+
+
+def test_a_non_finite_aggregate_never_becomes_the_global_adapter(world):
+    server, clients, _ = world
+    upload = run_steps(server, clients[0])
+    assert server.handle(upload).code == ""
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    key = next(iter(server.updates[0][0]))
+    inf = {k: v.clone() for k, v in server.updates[0][0].items()}
+    inf[key] = torch.full_like(inf[key], float("inf"))
+    server.updates[0] = (inf, 8.0)  # past every check: defence in depth
+    with pytest.raises(RoundFailed, match="not finite"):
+        aggregate_round(server)
+    for k, v in before.items():
+        assert torch.equal(server.global_state[k], v)
 
 
 def test_join_declares_the_weight_once(world):

@@ -76,11 +76,11 @@ def test_a_u_shaped_server_refuses_labels_and_an_awaited_tail():
 
 
 def test_joins_uploads_and_norms():
-    guards.check_join(Join(0, 10), None)
-    with pytest.raises(Malformed, match="num_samples must be > 0"):
-        guards.check_join(Join(0, 0), None)
+    guards.check_join(Join(0, 10), None, 10)
+    with pytest.raises(Malformed, match="num_samples must be a whole number > 0"):
+        guards.check_join(Join(0, 0), None, 10)
     with pytest.raises(OutOfOrder, match="cannot change to 11"):
-        guards.check_join(Join(0, 11), 10)
+        guards.check_join(Join(0, 11), 10, 100)
     key = "model.layers.0.self_attn.q_proj.lora_A.weight"
     global_state = {key: torch.ones(4, 8)}
     up = AdapterUpdate(0, 0, 5, {key: torch.ones(2, 8)})
@@ -91,8 +91,36 @@ def test_joins_uploads_and_norms():
         guards.check_upload(up, {key: 2}, global_state, "[0, 1)", 4)
     with pytest.raises(Malformed, match="missing"):
         guards.check_upload(AdapterUpdate(0, 0, 5, {}), {key: 2}, global_state, "", 5)
+    with pytest.raises(OutOfOrder, match="has not joined this run"):
+        guards.check_upload(up, {key: 2}, global_state, "[0, 1)", None)
     guards.check_norm(0, up.adapter, {key: 2}, global_state, 1.0)  # equal norms
     big = {key: torch.full((2, 8), 3.0)}
     with pytest.raises(Malformed, match="upload_norm_bound=2.0"):
         guards.check_norm(0, big, {key: 2}, global_state, 2.0)
     guards.check_norm(0, big, {key: 2}, global_state, 0.0)  # 0: no bound
+
+
+@pytest.mark.parametrize(
+    ("n", "error", "words"),
+    [
+        (0, Malformed, "whole number > 0"),
+        (-3, Malformed, "whole number > 0"),
+        (True, Malformed, "whole number > 0"),
+        (2.5, Malformed, "whole number > 0"),
+        (float("inf"), Malformed, "whole number > 0"),
+        (101, TooLarge, "federation.max_samples_per_client=100"),
+        (10**18, TooLarge, "federation.max_samples_per_client=100"),
+        (10**400, TooLarge, "federation.max_samples_per_client=100"),
+    ],
+)
+def test_a_join_declares_a_bounded_whole_number_of_samples(n, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        guards.check_join(Join(0, n), None, 100)
+
+
+@pytest.mark.parametrize("n", [0, -1, True, 1e308, 10**400, 9])
+def test_an_upload_weighs_at_most_what_its_client_declared(n):
+    key = "model.layers.0.self_attn.q_proj.lora_A.weight"
+    up = AdapterUpdate(0, 0, n, {key: torch.ones(2, 8)})
+    with pytest.raises(Malformed, match="num_samples"):
+        guards.check_upload(up, {key: 2}, {key: torch.ones(4, 8)}, "[0, 1)", 8)

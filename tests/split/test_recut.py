@@ -12,7 +12,7 @@ from splitft.federation.coordinator import aggregate_round
 from splitft.models.parts import WeightStore
 from splitft.ranks import rank_of, truncate_to
 from splitft.split.client import ServerRefused, SplitClient
-from splitft.split.messages import AdapterUpdate, RoundRequest, SmashedData
+from splitft.split.messages import AdapterUpdate, Join, RoundRequest, SmashedData
 from splitft.split.server import SHARED, SplitServer
 from splitft.transport import InProcessTransport
 
@@ -246,6 +246,7 @@ def test_a_refused_local_client_does_not_crash_the_server(tiny, server_side):
     server, clients, transport = federation(
         folder, config, {0: L}, CUT, server_side=server_side
     )
+    transport.call(Join(0, 5))
     transport.call(RoundRequest(0, 0))
     nan = {
         k: torch.full_like(v, float("nan"))

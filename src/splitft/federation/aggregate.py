@@ -25,6 +25,7 @@ from splitft.ranks import LORA_A, LORA_B, State, kind_of, rank_dim, rank_of
 __all__ = ["aggregate", "holders_by_key"]
 
 Update = tuple[State, float]
+HOW = ("mean", "median")  # federation.aggregation
 
 
 def holders_by_key(updates: Sequence[Update]) -> dict[str, list[int]]:
@@ -89,8 +90,11 @@ def _check_shape(key: str, i: int, g: Tensor, t: Tensor) -> None:
         )
 
 
-def _aggregate_key(key: str, g: Tensor, held: list[tuple[Tensor, float]]) -> Tensor:
-    """Per-component weighted mean over the holders of each component."""
+def _aggregate_key(
+    key: str, g: Tensor, held: list[tuple[Tensor, float]], how: str = "mean"
+) -> Tensor:
+    """Per-component weighted mean (or median) over the holders of each
+    component."""
     acc = torch.float64  # accumulate in float64; cast back to the global dtype
     g_cf = _component_first(key, g).to(acc)
     n_comp = g_cf.shape[0]
@@ -111,6 +115,10 @@ def _aggregate_key(key: str, g: Tensor, held: list[tuple[Tensor, float]]) -> Ten
     expand = (n_comp,) + (1,) * (g_cf.ndim - 1)
     held_any = (den > 0).view(expand)
     mean = num / den.clamp_min(torch.finfo(acc).tiny).view(expand)
+    if how == "median":  # holders without a component do not vote on it
+        votes = mask.view(*mask.shape, *(1,) * (g_cf.ndim - 1))
+        nan = torch.full_like(stacked, float("nan"))
+        mean = torch.where(votes, stacked, nan).nanmedian(dim=0).values
     # where nobody holds a component, keep the global value bit for bit
     out_cf = torch.where(held_any, mean, g_cf).to(g.dtype)
     kind = kind_of(key)
@@ -122,13 +130,17 @@ def _aggregate_key(key: str, g: Tensor, held: list[tuple[Tensor, float]]) -> Ten
     return out.contiguous()
 
 
-def aggregate(global_state: State, updates: Sequence[Update]) -> dict[str, Tensor]:
+def aggregate(
+    global_state: State, updates: Sequence[Update], how: str = "mean"
+) -> dict[str, Tensor]:
     """New global adapter from holders' updates of mixed ranks and key subsets.
 
     For every key and every rank component ``c`` (row ``c`` of ``lora_A``,
     column ``c`` of ``lora_B``), the result is the sample-weighted mean over
-    the holders that hold the key with rank ``> c``. Components and keys held
-    by nobody keep their global value.
+    the holders that hold the key with rank ``> c`` (``how="median"``: their
+    coordinate-wise median, unweighted, the lower of the two middle values
+    for an even count). Components and keys held by nobody keep their global
+    value.
 
     Args:
         global_state: full-rank global adapter (key -> tensor).
@@ -141,10 +153,12 @@ def aggregate(global_state: State, updates: Sequence[Update]) -> dict[str, Tenso
 
     Raises:
         ValueError: a weight is not ``> 0`` (names the update index), a shape is
-            incompatible other than by a smaller rank, or a module's A and B
-            ranks disagree (names the key and shapes).
+            incompatible other than by a smaller rank, a module's A and B
+            ranks disagree (names the key and shapes), or ``how`` is unknown.
         KeyError: a holder has a key the global adapter lacks (names the key).
     """
+    if how not in HOW:
+        raise ValueError(f"how={how!r} is not one of {HOW}")
     weights = _check_weights(updates)
     _check_paired_ranks(global_state, "global adapter")
     for i, (state, _w) in enumerate(updates):
@@ -167,5 +181,5 @@ def aggregate(global_state: State, updates: Sequence[Update]) -> dict[str, Tenso
             t = updates[i][0][key]
             _check_shape(key, i, g, t)
             held.append((t, weights[i]))
-        out[key] = _aggregate_key(key, g, held)
+        out[key] = _aggregate_key(key, g, held, how)
     return out

@@ -48,6 +48,11 @@ from splitft.transport import Traffic
 log = logging.getLogger(__name__)
 
 
+class RoundFailed(runs.RunError):
+    """A round cannot be taken into the run: too few clients uploaded it,
+    even after its retries (deployment), or its aggregate is not finite."""
+
+
 class RoundRunner(Protocol):
     """How the selected clients run a round: the part that differs between the
     simulation and the deployment."""
@@ -153,6 +158,7 @@ class Coordinator:
             tail_layers=self.tail,
             compression=cfg.transport.compression,
             batching=cfg.server.batching,
+            max_samples=fed.max_samples_per_client or len(self.data.train),
         )
         sizes = self.runner.setup(self)
         self._setup_strategy(sizes)
@@ -357,7 +363,7 @@ class Coordinator:
         cfg, rnd = self.cfg, planned.round + 1
         timing, steps = result.timing, result.steps
         t0 = time.perf_counter()
-        counted = aggregate_round(self.server)
+        counted = aggregate_round(self.server, cfg.federation.aggregation)
         aggregate_s = (time.perf_counter() - t0) / self.server_device.speed
         wall_s = time.perf_counter() - self._round_t0  # training + aggregation
         if cfg.sim.timing == "predicted":  # not in the cost model: negligible
@@ -459,9 +465,23 @@ class Coordinator:
         return summary
 
 
-def aggregate_round(server: SplitServer) -> list[int]:
+def aggregate_round(server: SplitServer, how: str = "mean") -> list[int]:
     """The round's aggregation: every holder's update folded into the global
-    adapter, layer by layer (``docs/aggregation.md``); returns who counted."""
+    adapter, layer by layer (``docs/aggregation.md``); returns who counted.
+
+    Raises:
+        RoundFailed: the aggregate is not finite; it never replaces the
+            global adapter, and the last checkpoint stays the one to resume.
+    """
     updates = server.round_updates()
-    new = aggregate(server.global_state, updates) if updates else None
+    new = aggregate(server.global_state, updates, how) if updates else None
+    if new is not None:
+        bad = [key for key, t in new.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise RoundFailed(
+                f"the round's aggregate is not finite ({len(bad)} tensors, e.g. "
+                f"{bad[0]}); the global adapter stays the last round's. Resume "
+                "from the last checkpoint (splitft run --resume); if a client "
+                "is suspect, federation.aggregation=median"
+            )
     return server.end_round(new)

@@ -27,11 +27,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from splitft import runs
 from splitft.config import ConfigError, RunConfig
-from splitft.federation.coordinator import (
-    Coordinator,
-)
+from splitft.federation.coordinator import Coordinator, RoundFailed
 from splitft.federation.remote import message_limit_for
 from splitft.federation.strategy import RoundDecision, RoundResult
 from splitft.sim.clock import ClientTiming, RoundTiming
@@ -48,10 +45,6 @@ from splitft.split.messages import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class RoundFailed(runs.RunError):
-    """Too few clients uploaded a round, even after its retries."""
 
 
 class NetworkRounds:

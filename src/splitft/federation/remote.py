@@ -55,7 +55,7 @@ def run_client(
                 reply = transport.call(join)
                 if isinstance(reply, Ack) and reply.error:
                     raise JoinRefused(f"the server refused to join: {reply.error}")
-                joined = True
+                joined = client.joined = True
             result = client.run_round(transport, -1)
             away_since = None
         except ConnectionError as e:
@@ -64,7 +64,7 @@ def run_client(
             if now - away_since > give_up_s:
                 raise
             log.warning("client %d: %s; trying again", client.client_id, e)
-            joined = False
+            joined = client.joined = False
             time.sleep(retry_s)
             continue
         except ServerRefused as e:

@@ -10,7 +10,7 @@ links and the server queue shape each round's simulated time.
 
 from __future__ import annotations
 
-from splitft.config import RunConfig
+from splitft.config import ConfigError, RunConfig
 from splitft.data.federated import client_rows
 from splitft.federation.coordinator import Coordinator
 from splitft.federation.strategy import RoundDecision, RoundResult
@@ -19,6 +19,7 @@ from splitft.sim.clocked import ClockedClient, ClockedServer, replay
 from splitft.sim.costs import CostModel
 from splitft.sim.predict import expected_slots, row_size
 from splitft.split.client import SplitClient
+from splitft.split.messages import Join
 
 __all__ = ["Simulation", "SimulatedRounds", "expected_slots"]
 
@@ -31,7 +32,6 @@ class SimulatedRounds:
         cfg = c.cfg
         partitions = c.data.partitions
         rows = {cid: client_rows(cfg, p) for cid, p in enumerate(partitions)}
-        c.server.declared.update({cid: len(p) for cid, p in enumerate(partitions)})
         self.clients = {
             cid: SplitClient.from_run(
                 cfg,
@@ -44,6 +44,11 @@ class SimulatedRounds:
             )
             for cid in rows
         }
+        for cid, client in self.clients.items():  # before the clock starts
+            reply = c.server.handle(Join(cid, client.num_samples))
+            if reply.code:
+                raise ConfigError(f"client {cid} cannot join: {reply.error}")
+            client.joined = True
         return {cid: [row_size(r) for r in rs] for cid, rs in rows.items()}
 
     def run_round(self, planned: RoundDecision, devices) -> RoundResult:

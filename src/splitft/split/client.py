@@ -33,6 +33,7 @@ from splitft.split.messages import (
     Ack,
     AdapterUpdate,
     Gradient,
+    Join,
     RoundPlan,
     RoundRequest,
     SmashedData,
@@ -199,6 +200,9 @@ class SplitClient:
         self.examples, self.pad_token_id = examples, pad_token_id
         # aggregation weight: examples held, not rows (packing merges rows)
         self.num_samples = num_samples or len(examples)
+        # whether the server has this client's Join (num_samples: what its
+        # uploads may weigh); the first plan's request sends it if not
+        self.joined = False
         self.compression = compression  # of the smashed data it sends
         self.noise, self._seed = noise, seed  # privacy.noise
         # U-shaped (federation.tail_layers > 0): the client also runs blocks
@@ -280,7 +284,11 @@ class SplitClient:
         return steps
 
     def _start(self, rnd: int) -> Protocol:
-        """Ask for the plan; (re)build the part for its cut; load its adapters."""
+        """Join if not yet joined; ask for the plan; (re)build the part for
+        its cut; load its adapters."""
+        if not self.joined:
+            _expect((yield Join(self.client_id, self.num_samples)), Ack)
+            self.joined = True
         reply = yield RoundRequest(self.client_id, rnd)
         if isinstance(reply, (Wait, Stop)):
             return reply

@@ -121,10 +121,18 @@ def _check_labels(labels: torch.Tensor | None, limits: Limits) -> None:
         raise Malformed(f"labels must be -100 or token ids in [0, {V})")
 
 
-def check_join(msg: Join, known: int | None) -> None:
-    """A Join's declared examples (positive, fixed for the run) and memory."""
-    if msg.num_samples <= 0:
-        raise Malformed(f"num_samples must be > 0, got {msg.num_samples}")
+def check_join(msg: Join, known: int | None, max_samples: int) -> None:
+    """A Join's declared examples (a whole number in ``[1, max_samples]``,
+    fixed for the run: what the client's uploads may weigh in aggregation)
+    and memory."""
+    n = msg.num_samples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise Malformed(f"num_samples must be a whole number > 0, got {n!r}")
+    if n > max_samples:
+        raise TooLarge(
+            f"client {msg.client_id}: num_samples={n} is over "
+            f"federation.max_samples_per_client={max_samples} on this server"
+        )
     if msg.memory_bytes < 0:
         raise Malformed(f"memory_bytes must be >= 0, got {msg.memory_bytes}")
     if known is not None and known != msg.num_samples:
@@ -142,8 +150,9 @@ def check_upload(
     declared: int | None,
 ) -> None:
     """An upload's keys (exactly the client's layers, ``held`` names them),
-    shapes (its ranks) and dtype (the global adapter's), and its weight (at
-    most what it declared)."""
+    shapes (its ranks) and dtype (the global adapter's), and its weight: at
+    most what the client ``declared`` when it joined (None: it did not, and
+    an upload of a client that never joined is refused)."""
     cid = msg.client_id
     missing, extra = set(ranks) - set(msg.adapter), set(msg.adapter) - set(ranks)
     if missing or extra:
@@ -163,9 +172,15 @@ def check_upload(
                 f"client {cid}: {key} is {t.dtype}, the global adapter "
                 f"{reference.dtype}"
             )
-    if msg.num_samples <= 0:
-        raise Malformed(f"client {cid}: num_samples must be > 0")
-    if declared is not None and msg.num_samples > declared:
+    n = msg.num_samples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise Malformed(f"client {cid}: num_samples must be a whole number > 0")
+    if declared is None:
+        raise OutOfOrder(
+            f"client {cid} has not joined this run: send Join (num_samples) "
+            "before uploading"
+        )
+    if msg.num_samples > declared:
         raise Malformed(
             f"client {cid}: num_samples={msg.num_samples}, more than the "
             f"{declared} it declared"

@@ -71,6 +71,7 @@ class SplitServer:
         tail_layers: int = 0,
         compression: str = "none",
         batching: bool = False,
+        max_samples: int = 2**31 - 1,
     ) -> None:
         if server_side not in SERVER_SIDES:
             raise ValueError(f"server_side {server_side!r} not in {SERVER_SIDES}")
@@ -117,6 +118,10 @@ class SplitServer:
         )
         # the most samples each client may weigh in aggregation (Join sets it)
         self.declared: dict[int, int] = dict(num_samples or {})
+        # the most a Join may declare (federation.max_samples_per_client): an
+        # upload's weight is at most its client's declaration, so aggregation
+        # weights stay bounded
+        self.max_samples = max_samples
         self.upload_norm_bound = upload_norm_bound
         self.grad_compression = grad_compression  # of the gradients it returns
         self.compression = compression  # of a U-shaped split's TailInput
@@ -303,7 +308,7 @@ class SplitServer:
     def _join(self, msg: Join) -> Ack:
         """A client declares how many examples it holds: the most its uploads
         may weigh in aggregation."""
-        guards.check_join(msg, self.declared.get(msg.client_id))
+        guards.check_join(msg, self.declared.get(msg.client_id), self.max_samples)
         self.declared[msg.client_id] = msg.num_samples
         return Ack(msg.client_id)
 
@@ -432,6 +437,7 @@ class SplitServer:
                 "lowest": self.part.layers.start,
                 "drift": dict(self.drift),
                 "batches_drawn": dict(self.batches_drawn),
+                "declared": dict(self.declared),
             }
 
     def load_state_dict(
@@ -444,6 +450,8 @@ class SplitServer:
             self.cut_layers.update(state["cut_layers"])
             self.drift = dict(state["drift"])
             self.batches_drawn = dict(state.get("batches_drawn", {}))
+            # a resumed server remembers who joined (their uploads count)
+            self.declared.update(state.get("declared", {}))
             if state["lowest"] != self.part.layers.start:
                 self.adapters.build(state["lowest"], self.cut_layers)
 
