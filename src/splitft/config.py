@@ -588,6 +588,13 @@ class ServerConfig:
     max_batch_tokens: int = _f(
         0, "batching: the most token slots in one batch (0 = no limit)"
     )
+    max_calls_per_client: int = _f(
+        4,
+        "deployment: the most calls one client may have in flight at once; "
+        "more get RESOURCE_EXHAUSTED at once, so no client can hold the "
+        "server's workers (a client makes one call at a time, two while it "
+        "retries one whose answer was lost)",
+    )
 
     def __post_init__(self) -> None:
         ok = self.batch_window_ms >= 0
@@ -596,6 +603,8 @@ class ServerConfig:
         _check(
             ok, "server.max_batch_tokens", self.max_batch_tokens, ">= 0 (0 = no limit)"
         )
+        ok = self.max_calls_per_client >= 1
+        _check(ok, "server.max_calls_per_client", self.max_calls_per_client, ">= 1")
 
 
 @dataclass

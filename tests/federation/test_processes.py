@@ -251,3 +251,92 @@ def test_a_live_server_refuses_malformed_tensors_and_carries_on(assets, tmp_path
     finally:
         proc.kill()
         proc.wait()
+
+
+def _server_start(assets, tmp_path, certs, *extra):
+    settings = [*base_settings(assets, tmp_path), "name=bad", *SETTINGS]
+    where = ["--address", f"127.0.0.1:{_free_port()}", "--certs", str(certs)]
+    return _splitft("server", *settings, *where, *extra)
+
+
+def test_a_server_with_bad_certs_or_tokens_stops_naming_the_file(assets, tmp_path):
+    import shutil
+
+    def copy(name):
+        folder = tmp_path / name
+        shutil.copytree(assets / "certs", folder)
+        return folder
+
+    empty = copy("empty")
+    (empty / "tokens.json").write_text("{}")
+    few = copy("few")
+    tokens = json.loads((few / "tokens.json").read_text())
+    (few / "tokens.json").write_text(json.dumps({"0": tokens["0"]}))
+    other = tmp_path / "other"
+    made = _splitft("certs", str(other), "--server-name", "x", "--clients", "3")
+    assert made.returncode == 0, made.stderr
+    mismatched = copy("mismatched")
+    shutil.copy(other / "server.key", mismatched / "server.key")
+    cases = [
+        (empty, "tokens.json: no client tokens in it"),
+        (few, "tokens.json: no token for client(s) [1, 2]"),
+        (mismatched, "server.key is not the key of"),
+    ]
+    for certs, words in cases:
+        done = _server_start(assets, tmp_path, certs)
+        assert done.returncode == 2, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert words in last and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_client_refused_for_who_it_is_stops_at_once_naming_the_flag(assets, tmp_path):
+    """A wrong token, a token of another id, a CA that did not sign the
+    server's certificate, a server name the certificate lacks: `splitft
+    client` ends with one line (exit 2) instead of retrying for its 600 s."""
+    port = _free_port()
+    proc = server(assets, tmp_path, "net", port)
+    certs = assets / "certs"
+    other = tmp_path / "other"
+    made = _splitft("certs", str(other), "--server-name", "x", "--clients", "3")
+    assert made.returncode == 0, made.stderr
+    common = [
+        *base_settings(assets, tmp_path),
+        *SETTINGS,
+        "--server",
+        f"127.0.0.1:{port}",
+    ]
+
+    def run(cid, token, ca, *extra):
+        return _splitft(
+            "client",
+            *common,
+            "--client-id",
+            str(cid),
+            "--token-file",
+            str(token),
+            "--ca",
+            str(ca),
+            *extra,
+        )
+
+    token = certs / "clients" / "client-0.token"
+    cases = [
+        (
+            run(0, other / "clients" / "client-0.token", certs / "ca.pem"),
+            "--token-file",
+        ),
+        (run(1, token, certs / "ca.pem"), "--token-file"),
+        (run(0, token, other / "ca.pem"), "not signed by --ca"),
+        (
+            run(0, token, certs / "ca.pem", "--server-name", "gpu.example.org"),
+            "--server-name",
+        ),
+    ]
+    try:
+        for done, words in cases:
+            assert done.returncode == 2, done.stderr
+            last = done.stderr.strip().splitlines()[-1]
+            assert words in last and "Traceback" not in done.stderr, done.stderr
+    finally:
+        proc.kill()
+        proc.wait()

@@ -24,7 +24,10 @@ from splitft.transport.network import (
     NetworkServer,
     NetworkTransport,
     ServerUnreachable,
+    TlsFailed,
+    TransportFailed,
     pack,
+    tls_failure,
     unpack,
 )
 from splitft.transport.security import load_token_hashes, make_certs, read_token
@@ -258,9 +261,10 @@ def test_a_server_signed_by_another_ca_is_not_trusted(certs, tmp_path):
     make_certs(tmp_path, "localhost", clients=1)
     server = serve(certs, Echo())
     try:
-        with connect(certs, server.port, ca=(tmp_path / "ca.pem").read_bytes()) as link:
-            with pytest.raises(ServerUnreachable):
-                link.call(RoundRequest(0, 0))
+        other = (tmp_path / "ca.pem").read_bytes()
+        with connect(certs, server.port, ca=other, retries=5) as link:
+            with pytest.raises(TlsFailed, match="not signed by --ca"):
+                link.call(RoundRequest(0, 0))  # at once: no retry would help
         with connect(certs, server.port, ca=b"") as plaintext:  # no TLS at all
             with pytest.raises(ServerUnreachable):
                 plaintext.call(RoundRequest(0, 0))
@@ -359,3 +363,124 @@ def test_unpack_accepts_envelopes_only(data):
     except Malformed:
         return
     assert pack(payload) == data or data == b""
+
+
+def test_a_server_name_the_certificate_lacks_names_the_flag(certs):
+    server = serve(certs, Echo())
+    try:
+        kw = dict(server_name="gpu.example.org", retries=5)
+        with connect(certs, server.port, **kw) as link:
+            with pytest.raises(TlsFailed, match="--server-name NAME"):
+                link.call(RoundRequest(0, 0))
+        assert issubclass(TlsFailed, ConfigError)  # splitft client: one line, exit 2
+    finally:
+        server.stop()
+
+
+# what grpcio 1.85 said, by cause (tests/transport: the real ones above)
+HANDSHAKES = {
+    "ca": "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:"
+    "45909: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1a00"
+    "0064:ECDSA routines:OPENSSL_internal:BAD_SIGNATURE: certificate signature "
+    "failure: OK",
+    "verify": "failed to connect to all addresses; last error: UNKNOWN: ipv4:1.2.3.4:"
+    "1: Ssl handshake failed: SSL_ERROR_SSL: error:1000007d:SSL routines:"
+    "OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
+    "name": "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0."
+    "1:45909: Custom verification check failed with error: UNAUTHENTICATED: "
+    "Hostname Verification Check failed.",
+    "plaintext": "failed to connect to all addresses; last error: UNKNOWN: ipv4:127."
+    "0.0.1:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:10"
+    "00010b:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER",
+    "down": "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127."
+    "0.0.1:1: Connection refused",
+}
+
+
+@pytest.mark.parametrize(
+    ("cause", "words"),
+    [
+        ("ca", "--ca"),
+        ("verify", "--ca"),
+        ("name", "--server-name"),
+        ("plaintext", "--insecure"),
+        ("down", ""),
+    ],
+)
+def test_each_handshake_failure_names_its_flag(cause, words):
+    said = tls_failure(HANDSHAKES[cause], "gpu:50051")
+    assert (said == "") == (words == "") and words in said
+
+
+def test_a_status_no_retry_can_mend_ends_the_call_at_once(certs):
+    """Only UNAVAILABLE and DEADLINE_EXCEEDED are retried: a server that does
+    not serve SplitFT's method answers UNIMPLEMENTED."""
+    server = serve(certs, Echo())
+    try:
+        with connect(certs, server.port, retries=5) as link:
+            link._call = link._channel.unary_unary("/not.splitft/Call")
+            with pytest.raises(TransportFailed, match="UNIMPLEMENTED"):
+                link.call(RoundRequest(0, 0))
+    finally:
+        server.stop()
+
+
+class Held(Echo):
+    """Holds client 0's calls until released (a flood of long polls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release, self.holding = threading.Event(), threading.Semaphore(0)
+
+    def handle(self, msg, peer=None):
+        if peer == 0:
+            self.holding.release()
+            self.release.wait(timeout=60)
+        return super().handle(msg, peer)
+
+
+def test_one_client_cannot_hold_the_servers_workers(certs):
+    """Client 0 floods the server with calls that do not return: past
+    max_calls_per_client it gets RESOURCE_EXHAUSTED at once, and client 1 is
+    still served while client 0's calls hold their workers."""
+    handler = Held()
+    server = NetworkServer(
+        handler,
+        "127.0.0.1:0",
+        tls=((certs / "server.pem").read_bytes(), (certs / "server.key").read_bytes()),
+        token_hashes=load_token_hashes(certs / "tokens.json"),
+        max_message_bytes=8 * 2**20,
+        workers=6,
+        max_calls_per_client=3,
+    )
+    server.start()
+    flood = [connect(certs, server.port, cid=0, timeout_s=60.0) for _ in range(3)]
+    replies = []
+    threads = [
+        threading.Thread(target=lambda t=t: replies.append(t.call(RoundRequest(0, 0))))
+        for t in flood
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for _ in threads:  # all three are inside the handler, holding workers
+            assert handler.holding.acquire(timeout=60)
+        with connect(certs, server.port, cid=0) as extra:
+            over = extra.call(RoundRequest(0, 0))
+        assert over.code == "RESOURCE_EXHAUSTED", over
+        assert "server.max_calls_per_client=3" in over.error
+        with connect(certs, server.port, cid=1) as other:
+            assert isinstance(other.call(RoundRequest(1, 0)), RoundPlan)
+        handler.release.set()
+        for t in threads:
+            t.join(timeout=60)
+        with connect(certs, server.port, cid=0) as again:  # its calls came back
+            assert isinstance(again.call(RoundRequest(0, 0)), RoundPlan)
+    finally:
+        handler.release.set()
+        for t in threads:
+            t.join(timeout=60)
+        for t in flood:
+            t.close()
+        server.stop()
+    assert len(replies) == 3 and all(isinstance(r, RoundPlan) for r in replies)

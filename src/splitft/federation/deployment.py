@@ -371,7 +371,11 @@ def serve_run(
 ) -> dict:
     """``splitft server``: the coordinator with networked rounds, until done."""
     from splitft.transport.network import NetworkServer, check_address, read_file
-    from splitft.transport.security import load_token_hashes
+    from splitft.transport.security import (
+        check_key_pair,
+        check_tokens_cover,
+        load_token_hashes,
+    )
 
     check_address(address, insecure, allow_insecure_remote)
     if not insecure and certs is None:
@@ -382,9 +386,12 @@ def serve_run(
     if tokens is None:
         raise ConfigError("--tokens FILE is required with --insecure (no --certs)")
     hashes = load_token_hashes(tokens)
+    check_tokens_cover(hashes, tokens, cfg.federation.num_clients)
     tls = None
     if not insecure:
-        tls = (read_file(certs / "server.pem"), read_file(certs / "server.key"))
+        cert, key = certs / "server.pem", certs / "server.key"
+        tls = (read_file(cert), read_file(key))
+        check_key_pair(*tls, cert, key)
     fed = cfg.federation
 
     def serve(handler: NetworkRounds):
@@ -397,6 +404,7 @@ def serve_run(
             max_message_bytes=limit,
             insecure=insecure,
             workers=fed.num_clients + 8,  # a long poll holds a worker
+            max_calls_per_client=cfg.server.max_calls_per_client,
             allow_insecure_remote=allow_insecure_remote,
         )
         net.start()

@@ -31,6 +31,26 @@ class JoinRefused(runs.RunError):
     """The server would not have this client (its reason says why)."""
 
 
+# refusals of who the client is: asking again would not help
+IDENTITY = {
+    "UNAUTHENTICATED": "check --token-file and --client-id: the token "
+    "`splitft certs` wrote for this id, and the server's tokens.json",
+    "PERMISSION_DENIED": "check --client-id: this token belongs to another id",
+}
+
+
+class IdentityRefused(ConfigError):
+    """The server refused who this client is: a flag to fix, not a server to
+    wait for (one line, exit 2)."""
+
+
+def _identity_refused(client_id: int, code: str, error: str) -> IdentityRefused:
+    return IdentityRefused(
+        f"client {client_id}: the server refused this client ({code}: {error}); "
+        f"{IDENTITY[code]}"
+    )
+
+
 def run_client(
     client: SplitClient,
     transport,
@@ -53,6 +73,8 @@ def run_client(
             if not joined:
                 join = Join(client.client_id, client.num_samples, memory_bytes)
                 reply = transport.call(join)
+                if isinstance(reply, Ack) and reply.code in IDENTITY:
+                    raise _identity_refused(client.client_id, reply.code, reply.error)
                 if isinstance(reply, Ack) and reply.error:
                     raise JoinRefused(f"the server refused to join: {reply.error}")
                 joined = client.joined = True
@@ -68,6 +90,8 @@ def run_client(
             time.sleep(retry_s)
             continue
         except ServerRefused as e:
+            if e.code in IDENTITY:
+                raise _identity_refused(client.client_id, e.code, str(e)) from None
             log.warning("client %d: round refused: %s", client.client_id, e)
             time.sleep(retry_s)
             continue
@@ -173,4 +197,10 @@ def message_limit_for(cfg: RunConfig, model_config) -> int:
     )
 
 
-__all__ = ["JoinRefused", "build_client", "client_main", "run_client"]
+__all__ = [
+    "IdentityRefused",
+    "JoinRefused",
+    "build_client",
+    "client_main",
+    "run_client",
+]

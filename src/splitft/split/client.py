@@ -56,7 +56,12 @@ class Caller(TypingProtocol):
 
 
 class ServerRefused(RuntimeError):
-    """The server answered a request with an error."""
+    """The server answered a request with an error (``code``: its class's
+    status name, :mod:`splitft.split.errors`)."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def drive(protocol: Protocol, call: Callable[[object], object]):
@@ -127,7 +132,7 @@ def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
 
 def _expect(reply, cls):
     if isinstance(reply, Ack) and reply.error:
-        raise ServerRefused(reply.error)
+        raise ServerRefused(reply.error, reply.code)
     if not isinstance(reply, cls):
         raise ServerRefused(f"expected {cls.__name__}, got {type(reply).__name__}")
     return reply

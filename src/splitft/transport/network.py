@@ -133,6 +133,10 @@ class NetworkServer:
         max_message_bytes: the largest request or reply.
         insecure: plaintext, on a loopback address unless
             ``allow_insecure_remote``.
+        workers: the threads that serve calls (a long poll holds one).
+        max_calls_per_client: calls one client may have in flight; more get
+            ``RESOURCE_EXHAUSTED`` at once, so one client cannot hold every
+            worker (``workers`` should exceed it).
     """
 
     def __init__(
@@ -146,6 +150,7 @@ class NetworkServer:
         insecure: bool = False,
         allow_insecure_remote: bool = False,
         workers: int = 8,
+        max_calls_per_client: int = 4,
     ) -> None:
         host = address.rpartition(":")[0].strip("[]")
         if tls is None and not insecure:
@@ -159,6 +164,8 @@ class NetworkServer:
         self.hashes = token_hashes
         self.traffic: dict[int, Traffic] = defaultdict(Traffic)
         self._lock = threading.Lock()
+        self.max_calls = max_calls_per_client
+        self._in_flight: dict[int, int] = defaultdict(int)
         # how a request is run: the handler may take it to another thread
         self._run = getattr(handler, "run", None) or (lambda msg, fn, peer: fn())
         self._server = grpc.server(
@@ -201,6 +208,22 @@ class NetworkServer:
 
     def _call(self, request: bytes, context) -> bytes:
         peer = self._peer(context)
+        with self._lock:
+            if self._in_flight[peer] >= self.max_calls:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"client {peer} has {self.max_calls} calls in flight "
+                    f"(server.max_calls_per_client={self.max_calls}); wait for "
+                    "their answers",
+                )
+            self._in_flight[peer] += 1
+        try:
+            return self._serve(request, context, peer)
+        finally:
+            with self._lock:
+                self._in_flight[peer] -= 1
+
+    def _serve(self, request: bytes, context, peer: int) -> bytes:
         try:
             payload = unpack(request)
             msg = decode(payload, getattr(self.handler, "device", "cpu"))
@@ -228,13 +251,48 @@ class ServerUnreachable(ConnectionError):
     """The server did not answer, after every retry."""
 
 
+class TransportFailed(ConfigError):
+    """A call failed in a way that waiting would not mend: only UNAVAILABLE
+    and DEADLINE_EXCEEDED are retried."""
+
+
+class TlsFailed(TransportFailed):
+    """The TLS handshake failed: a setting to fix, not a server to wait for."""
+
+
+def tls_failure(details: str, address: str) -> str:
+    """What an UNAVAILABLE's details say of a failed handshake, as one line
+    naming the flag to fix ("" if the server was simply not there)."""
+    text = details.lower()
+    if "hostname verification" in text or "no match found for server name" in text:
+        return (
+            f"the server at {address} has a certificate for another name: pass "
+            "--server-name NAME, the name given to `splitft certs --server-name`"
+        )
+    if "handshake failed" not in text:
+        return ""
+    if "certificate" in text or "verify" in text or "signature" in text:
+        return (
+            f"the certificate of the server at {address} is not signed by --ca: "
+            "pass the ca.pem of the `splitft certs` folder the server's "
+            "certificate came from"
+        )
+    return (
+        f"the TLS handshake with {address} failed ({details.strip()[-120:]}); is "
+        "the server plaintext (--insecure) or not SplitFT?"
+    )
+
+
 class NetworkTransport:
     """A client's connection to the server (the :class:`Transport` protocol).
 
     Every call has a deadline; one that meets ``UNAVAILABLE`` or
     ``DEADLINE_EXCEEDED`` is sent again after an exponential, jittered
     backoff (the server answers a repeated request from its first result,
-    so every call is safe to repeat), then :class:`ServerUnreachable`.
+    so every call is safe to repeat), then :class:`ServerUnreachable`. A
+    failed TLS handshake (a CA that did not sign the server's certificate, a
+    server name it does not hold) is :class:`TlsFailed` at once: waiting
+    would not fix it.
     Refusals come back as ``Ack(error, code)``, as in process. Bytes are
     payload bytes (``len(encode(msg))``, as in process), counted once per
     call however often it was sent; a refused call counts its request only.
@@ -285,7 +343,16 @@ class NetworkTransport:
                     self.traffic.record("up", msg.kind, len(payload))
                     cid = getattr(msg, "client_id", self.client_id)
                     return Ack(cid, error=e.details() or code.name, code=code.name)
-                if code not in RETRIED or attempt == self.retries:
+                tls = tls_failure(e.details() or "", self.address)
+                if code == grpc.StatusCode.UNAVAILABLE and tls:
+                    raise TlsFailed(f"client {self.client_id}: {tls}") from None
+                if code not in RETRIED:  # a fault no retry would mend
+                    raise TransportFailed(
+                        f"client {self.client_id}: the server at {self.address} "
+                        f"answered {code.name}: {e.details()}; is it a SplitFT "
+                        "server of this version?"
+                    ) from None
+                if attempt == self.retries:
                     raise ServerUnreachable(
                         f"server {self.address}: {code.name}: {e.details()}"
                     ) from None

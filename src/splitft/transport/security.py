@@ -149,7 +149,45 @@ def load_token_hashes(path: Path) -> dict[int, bytes]:
                 f"{path}: entry {cid!r} is not a client id with a 'sha256:<hex>' hash"
             )
         hashes[int(cid)] = digest
+    if not hashes:
+        raise ConfigError(
+            f"{path}: no client tokens in it; make them with `splitft certs DIR "
+            "--server-name NAME --clients N`"
+        )
     return hashes
+
+
+def check_tokens_cover(hashes: dict[int, bytes], path: Path, num_clients: int) -> None:
+    """Every client id of the federation has a token in ``path``."""
+    missing = sorted(set(range(num_clients)) - set(hashes))
+    if missing:
+        raise ConfigError(
+            f"{path}: no token for client(s) {missing[:8]} of "
+            f"federation.num_clients={num_clients}; make the certs again with "
+            f"--clients {num_clients}"
+        )
+
+
+def check_key_pair(cert_pem: bytes, key_pem: bytes, cert: Path, key: Path) -> None:
+    """The server's key is its certificate's (else TLS would fail every
+    handshake while the server seemed to run)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        public = x509.load_pem_x509_certificate(cert_pem).public_key()
+    except ValueError as e:
+        raise ConfigError(f"{cert}: not a PEM certificate ({e})") from None
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: not an unencrypted PEM private key ({e})") from None
+    raw = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if public.public_bytes(*raw) != private.public_key().public_bytes(*raw):
+        raise ConfigError(
+            f"{key} is not the key of {cert}: use the server.key made with that "
+            "certificate (splitft certs)"
+        )
 
 
 def read_token(path: Path) -> str:
