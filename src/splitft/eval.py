@@ -11,9 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
+from splitft import lora, runs
+from splitft.config import RunConfig
 from splitft.data import collate
+from splitft.data.federated import TOKENS
 from splitft.data.format import encode_example, pad_token_id, render_prompt
-from splitft.models.parts import ModelPart
+from splitft.models.parts import ModelPart, WeightStore, full_part
 
 
 def _labelled_logits(
@@ -216,3 +219,59 @@ def first_per_task(held_out, limit: int) -> list[dict]:
             seen[row["task"]] = seen.get(row["task"], 0) + 1
             keep.append(row)
     return keep
+
+
+class GlobalEvaluator:
+    """The unsplit model with the global adapter loaded: the held-out loss
+    every time, task accuracy (exact match, multiple choice) when due."""
+
+    def __init__(
+        self,
+        store: WeightStore,
+        model_config,
+        cfg: RunConfig,
+        tokenizer,
+        held_out,
+    ) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.pad_id = pad_token_id(tokenizer)
+        self.examples = held_out.select_columns(TOKENS).to_list()
+        columns = ["task", "prompt", "answer", "choices", "correct"]
+        self.accuracy_examples = first_per_task(
+            held_out.select_columns(columns), cfg.eval.accuracy_examples
+        )
+        self.part = full_part(store, model_config)
+        L = model_config.num_hidden_layers
+        ranks = lora.layer_ranks(range(L), cfg.lora, cut=False)
+        lora.inject(self.part.model, self.part.spec, cfg.lora, ranks)
+
+    def accuracy_due(self, rnd: int) -> bool:
+        """Task accuracy after round ``rnd`` (0: the base model): first, last
+        and every ``eval.accuracy_every`` rounds."""
+        e, last = self.cfg.eval, self.cfg.federation.rounds
+        if not e.accuracy:
+            return False
+        return rnd in (0, last) or (
+            e.accuracy_every > 0 and rnd % e.accuracy_every == 0
+        )
+
+    def __call__(self, global_state, accuracy: bool) -> dict:
+        runs.fault("eval")
+        lora.load_adapter_state(self.part.model, global_state)
+        bs = self.cfg.train.batch_size * 2
+        result: dict = evaluate(self.part, self.examples, bs, self.pad_id)
+        if accuracy:
+            per_task = task_accuracy(
+                self.part,
+                self.tokenizer,
+                self.accuracy_examples,
+                self.cfg.eval.max_new_tokens,
+                self.cfg.data.max_length,
+                bs,
+            )
+            result["task_accuracy"] = per_task
+            for metric in ("exact_match", "mc_accuracy"):
+                values = [t[metric] for t in per_task.values() if metric in t]
+                if values:  # macro average over the tasks that have it
+                    result[metric] = sum(values) / len(values)
+        return result

@@ -25,16 +25,15 @@ from tqdm.auto import tqdm
 
 from splitft import lora, report, runs
 from splitft.config import RunConfig, save_config
-from splitft.data.federated import TOKENS, load_run_data
+from splitft.data.federated import load_run_data
 from splitft.data.format import pad_token_id
-from splitft.eval import evaluate, first_per_task, task_accuracy
+from splitft.eval import GlobalEvaluator
 from splitft.federation.aggregate import aggregate
 from splitft.federation.policies import PolicyContext, make_policy
 from splitft.federation.strategy import RoundDecision, RoundResult, Strategy
 from splitft.models.load import check_cuts, load_for_run
 from splitft.models.parts import (
     WeightStore,
-    full_part,
     load_tokenizer,
 )
 from splitft.sim.costs import CostModel
@@ -163,16 +162,9 @@ class Coordinator:
         sizes = self.runner.setup(self)
         self._setup_strategy(sizes)
         self.traffic = {cid: Traffic() for cid in range(fed.num_clients)}
-        self.eval_examples = self.data.held_out.select_columns(TOKENS).to_list()
-        self.accuracy_examples = first_per_task(
-            self.data.held_out.select_columns(
-                ["task", "prompt", "answer", "choices", "correct"]
-            ),
-            cfg.eval.accuracy_examples,
+        self.evaluator = GlobalEvaluator(
+            self.store, self.model_config, cfg, self.tokenizer, self.data.held_out
         )
-        self.evaluator = full_part(self.store, self.model_config)
-        ranks = lora.layer_ranks(range(L), cfg.lora, cut=False)
-        lora.inject(self.evaluator.model, self.evaluator.spec, cfg.lora, ranks)
         adapter_bytes = sum(
             t.numel() * t.element_size() for t in self.server.global_state.values()
         )
@@ -284,35 +276,7 @@ class Coordinator:
     # ---------------------------------------------------------------- train
     def evaluate_global(self, accuracy: bool) -> dict[str, Any]:
         """Evaluate the global adapter on the unsplit model (what is exported)."""
-        runs.fault("eval")
-        lora.load_adapter_state(self.evaluator.model, self.server.global_state)
-        bs = self.cfg.train.batch_size * 2
-        result: dict[str, Any] = evaluate(
-            self.evaluator, self.eval_examples, bs, self.pad_id
-        )
-        if accuracy:
-            per_task = task_accuracy(
-                self.evaluator,
-                self.tokenizer,
-                self.accuracy_examples,
-                self.cfg.eval.max_new_tokens,
-                self.cfg.data.max_length,
-                bs,
-            )
-            result["task_accuracy"] = per_task
-            for metric in ("exact_match", "mc_accuracy"):
-                values = [t[metric] for t in per_task.values() if metric in t]
-                if values:  # macro average over the tasks that have it
-                    result[metric] = sum(values) / len(values)
-        return result
-
-    def _accuracy_due(self, rnd: int) -> bool:
-        e, last = self.cfg.eval, self.cfg.federation.rounds
-        if not e.accuracy:
-            return False
-        return rnd in (0, last) or (
-            e.accuracy_every > 0 and rnd % e.accuracy_every == 0
-        )
+        return self.evaluator(self.server.global_state, accuracy)
 
     def train(
         self, stop: Callable[[dict[str, Any]], bool] | None = None
@@ -324,7 +288,7 @@ class Coordinator:
             base = {
                 "type": "round",
                 "round": 0,
-                **self.evaluate_global(self._accuracy_due(0)),
+                **self.evaluate_global(self.evaluator.accuracy_due(0)),
                 "sim_time_s": 0.0,
                 "elapsed_s": time.perf_counter() - self._t_start,
             }
@@ -398,7 +362,7 @@ class Coordinator:
                 for c, k in planned.cuts.items()
             },
         )
-        accuracy = self._accuracy_due(rnd)
+        accuracy = self.evaluator.accuracy_due(rnd)
         last = rnd == cfg.federation.rounds
         if accuracy or rnd % cfg.eval.every == 0 or last:
             record.update(self.evaluate_global(accuracy))

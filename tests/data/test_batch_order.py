@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitft.split.client import BatchOrder
+from splitft.data.order import BatchOrder
 
 
 def order(n, batch_size, seed=0):
