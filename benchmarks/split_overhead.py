@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from splitft import lora
 from splitft.config import DEFAULT_TASKS, LoraSettings, TrainConfig, cache_dir
 from splitft.data import build_datasets, collate
+from splitft.federation.coordinator import aggregate_round
 from splitft.models.default import default_model_dir
 from splitft.models.parts import WeightStore, client_part, load_model_config
 from splitft.split import optim
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
         )
     for k, (server, client, transport) in split.items():
         overhead[k] += timed(client.finish_round, transport, 0)
-        overhead[k] += timed(server.aggregate)
+        overhead[k] += timed(aggregate_round, server)
 
     tokens = [int(b["attention_mask"].sum()) for b in batches[1:]]
     plain = seconds["plain"][1:]

@@ -147,7 +147,8 @@ class DataConfig:
             self.tasks = list(defaults[self.source])
         if self.source == "generated":
             bad = [t for t in self.tasks if t not in GENERATED_TASKS]
-            _check(not bad, "data.tasks", bad, f"generated tasks {GENERATED_TASKS}")
+            allowed = f"generated tasks {GENERATED_TASKS} (or data.source=bigbench)"
+            _check(not bad, "data.tasks", bad, allowed)
         _check(self.max_length >= 8, "data.max_length", self.max_length, ">= 8")
         _check(self.eval_size >= 1, "data.eval_size", self.eval_size, ">= 1")
         ok = self.max_train_per_task >= 0
@@ -589,11 +590,12 @@ class ServerConfig:
         0, "batching: the most token slots in one batch (0 = no limit)"
     )
     max_calls_per_client: int = _f(
-        4,
+        8,
         "deployment: the most calls one client may have in flight at once; "
         "more get RESOURCE_EXHAUSTED at once, so no client can hold the "
-        "server's workers (a client makes one call at a time, two while it "
-        "retries one whose answer was lost)",
+        "server's workers (an honest client makes one call at a time, up to "
+        "6 while it retries calls whose deadline passed: the server finishes "
+        "a call its client gave up on)",
     )
 
     def __post_init__(self) -> None:

@@ -261,6 +261,25 @@ def test_the_planner_keeps_a_client_within_the_memory_it_declared(assets, tmp_pa
     assert [r["cuts"]["0"] for r in trained] == [1, 1]
 
 
+def test_a_client_whose_join_the_server_lost_joins_again(assets, tmp_path, monkeypatch):
+    """A server restarted before its first checkpoint holds no Join: a
+    client's upload is refused (it has not joined this run), and the client
+    joins again and trains the round, as if nothing had happened."""
+    from splitft.split.server import SplitServer
+
+    end_round = SplitServer.end_round
+
+    def forgetting(self, new):
+        who = end_round(self, new)
+        self.declared.pop(0, None)  # as a server restarted now would have
+        return who
+
+    monkeypatch.setattr(SplitServer, "end_round", forgetting)
+    dep, _ = deploy(config(assets, tmp_path, "name=lost", *settings()))
+    trained = [r for r in dep.rounds if r["round"] > 0]
+    assert [r["counted"] for r in trained] == [[0, 1, 2], [0, 1, 2]]
+
+
 def test_a_client_that_declares_too_little_memory_is_refused(assets, tmp_path):
     from splitft.federation.remote import JoinRefused
 

@@ -394,6 +394,8 @@ HANDSHAKES = {
     "00010b:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER",
     "down": "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127."
     "0.0.1:1: Connection refused",
+    "reset": "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0"
+    ".1:1: Ssl handshake failed: SSL_ERROR_SYSCALL: Connection reset by peer",
 }
 
 
@@ -405,6 +407,7 @@ HANDSHAKES = {
         ("name", "--server-name"),
         ("plaintext", "--insecure"),
         ("down", ""),
+        ("reset", ""),  # a passing fault: retried
     ],
 )
 def test_each_handshake_failure_names_its_flag(cause, words):

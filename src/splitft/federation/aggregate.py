@@ -20,12 +20,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from splitft.config import AGGREGATIONS
 from splitft.ranks import LORA_A, LORA_B, State, kind_of, rank_dim, rank_of
 
 __all__ = ["aggregate", "holders_by_key"]
 
 Update = tuple[State, float]
-HOW = ("mean", "median")  # federation.aggregation
+HOW = AGGREGATIONS  # federation.aggregation
 
 
 def holders_by_key(updates: Sequence[Update]) -> dict[str, list[int]]:
@@ -118,7 +119,7 @@ def _aggregate_key(
     if how == "median":  # holders without a component do not vote on it
         votes = mask.view(*mask.shape, *(1,) * (g_cf.ndim - 1))
         nan = torch.full_like(stacked, float("nan"))
-        mean = torch.where(votes, stacked, nan).nanmedian(dim=0).values
+        mean = torch.where(votes, stacked, nan).nanquantile(0.5, dim=0)
     # where nobody holds a component, keep the global value bit for bit
     out_cf = torch.where(held_any, mean, g_cf).to(g.dtype)
     kind = kind_of(key)
@@ -138,7 +139,7 @@ def aggregate(
     For every key and every rank component ``c`` (row ``c`` of ``lora_A``,
     column ``c`` of ``lora_B``), the result is the sample-weighted mean over
     the holders that hold the key with rank ``> c`` (``how="median"``: their
-    coordinate-wise median, unweighted, the lower of the two middle values
+    coordinate-wise median, unweighted, the mean of the two middle values
     for an even count). Components and keys held by nobody keep their global
     value.
 
@@ -147,6 +148,7 @@ def aggregate(
         updates: ``(holder_state, weight)`` pairs; ``holder_state`` holds a
             subset of the global keys at ranks ``<=`` the global rank, and
             ``weight`` is the holder's number of training samples (``> 0``).
+        how: ``"mean"`` or ``"median"`` (``federation.aggregation``).
 
     Returns:
         A new state dict with the keys, shapes and dtypes of ``global_state``.

@@ -442,10 +442,13 @@ def aggregate_round(server: SplitServer, how: str = "mean") -> list[int]:
     if new is not None:
         bad = [key for key, t in new.items() if not torch.isfinite(t).all()]
         if bad:
+            server.abandon_round()
             raise RoundFailed(
                 f"the round's aggregate is not finite ({len(bad)} tensors, e.g. "
                 f"{bad[0]}); the global adapter stays the last round's. Resume "
-                "from the last checkpoint (splitft run --resume); if a client "
-                "is suspect, federation.aggregation=median"
+                "from the last checkpoint (splitft run --resume): a simulated "
+                "round runs again as it ran, so change what made it diverge "
+                "first (train.lr; federation.aggregation=median if a client "
+                "is suspect)"
             )
     return server.end_round(new)

@@ -35,7 +35,8 @@ class JoinRefused(runs.RunError):
 IDENTITY = {
     "UNAUTHENTICATED": "check --token-file and --client-id: the token "
     "`splitft certs` wrote for this id, and the server's tokens.json",
-    "PERMISSION_DENIED": "check --client-id: this token belongs to another id",
+    "PERMISSION_DENIED": "check --client-id: an id below the server's "
+    "federation.num_clients, the one this token was made for",
 }
 
 
@@ -93,6 +94,10 @@ def run_client(
             if e.code in IDENTITY:
                 raise _identity_refused(client.client_id, e.code, str(e)) from None
             log.warning("client %d: round refused: %s", client.client_id, e)
+            # a server restarted without this client's Join (killed before
+            # its first checkpoint) refuses its upload: join again (the same
+            # num_samples is accepted again; another is refused, and says so)
+            joined = client.joined = False
             time.sleep(retry_s)
             continue
         if isinstance(result, Stop):
