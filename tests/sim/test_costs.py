@@ -65,7 +65,10 @@ def test_the_probe_separates_the_head_from_the_slots(tiny):
     costs = probe(store, model_config, settings, 2, 12, repeats=1, batching=True)
     assert costs.act_head >= 4 * model_config.vocab_size
     assert min(costs.head_s, costs.norm_s, costs.act_norm) >= 0
-    assert costs.block_s > 0 and costs.batch_gain > 0
+    # a block's time is a difference of two measured times, clamped at 0: on
+    # a tiny model under load it can come out 0 (it did beside a CI run)
+    assert costs.block_s >= 0 and costs.embed_s + costs.block_s > 0
+    assert costs.batch_gain > 0
 
 
 def test_a_workload_plans_a_client_without_known_rows_at_the_worst():

@@ -37,6 +37,7 @@ from torch import nn
 
 from splitft.models.arch import PassThrough
 from splitft.models.parts import ModelPart
+from splitft.split.messages import SmashedData
 
 
 @dataclass
@@ -79,6 +80,23 @@ class Result:
 def batch_key(attention_mask: torch.Tensor | None) -> bool:
     """Requests that may share a batch have the same key (a mask or none)."""
     return attention_mask is None
+
+
+def group(msgs: Sequence) -> tuple[list[list[int]], list[int]]:
+    """Which of these requests run as batches (indices, each batch one
+    client's micro-batch at most, masked and packed apart) and which alone
+    (every other message, and a client's second micro-batch)."""
+    batches: dict[bool, list[int]] = {}
+    taken: set[int] = set()
+    rest = []
+    for i, msg in enumerate(msgs):
+        cid = getattr(msg, "client_id", -1)
+        if isinstance(msg, SmashedData) and cid not in taken:
+            taken.add(cid)
+            batches.setdefault(batch_key(msg.attention_mask), []).append(i)
+        else:
+            rest.append(i)
+    return list(batches.values()), rest
 
 
 def run(part: ModelPart, requests: Sequence[Request]) -> list[Result]:

@@ -32,6 +32,22 @@ class Limits:
     grad_accum: int  # micro-batches a step has
     tail_layers: int  # a U-shaped split's client tail (0: vanilla)
 
+    @classmethod
+    def of(cls, model_config, train, max_length: int | None, tail_layers: int):
+        """The model's and the config's bounds (``max_length`` None: the
+        model's context)."""
+        context = getattr(model_config, "max_position_embeddings", None) or 2**31 - 1
+        return cls(
+            num_layers=model_config.num_hidden_layers,
+            hidden_size=model_config.hidden_size,
+            vocab_size=model_config.vocab_size,
+            batch_size=train.batch_size,
+            max_length=min(max_length or context, context),
+            context=context,
+            grad_accum=train.grad_accum,
+            tail_layers=tail_layers,
+        )
+
 
 def within(t: torch.Tensor, low: int, high: int) -> bool:
     return bool(((t >= low) & (t < high)).all())

@@ -94,6 +94,21 @@ def stepped(
     return compress(grad, s.grad_compression)
 
 
+def choose(s: SplitServer, tail_layers: int, batching: bool, grad_accum: int):
+    """The server's leg (U-shaped with a client tail, else vanilla), after
+    checking that the server's settings go together."""
+    L = s.num_layers
+    if not 0 <= tail_layers < L - 1:
+        raise ValueError(f"tail_layers={tail_layers} not in [0, {L - 2}]")
+    if tail_layers and s.shared_side:
+        raise ValueError("a U-shaped split needs server_side='per_client'")
+    if batching and tail_layers:
+        raise ValueError("batching serves a vanilla split only (tail_layers=0)")
+    if batching and s.shared_side and grad_accum > 1:
+        raise ValueError("batching on a shared adapter needs train.grad_accum=1")
+    return UShaped(s, tail_layers) if tail_layers else Vanilla(s)
+
+
 class Vanilla:
     """The server runs blocks ``[k, L)``, the head and the loss."""
 

@@ -83,39 +83,15 @@ class SplitServer:
         # and the clients run the rest, the head and the loss
         self.tail_layers = tail_layers
         self.end = self.num_layers - tail_layers
-        if not 0 <= tail_layers < self.num_layers - 1:
-            raise ValueError(
-                f"tail_layers={tail_layers} not in [0, {self.num_layers - 2}]"
-            )
-        if tail_layers and server_side == SHARED:
-            raise ValueError("a U-shaped split needs server_side='per_client'")
-        if batching and tail_layers:
-            raise ValueError("batching serves a vanilla split only (tail_layers=0)")
-        if batching and server_side == SHARED and train.grad_accum > 1:
-            raise ValueError("batching on a shared adapter needs train.grad_accum=1")
         # handle_many runs the vanilla split's micro-batches as one batch
         self.batching = batching
-        self.leg: legs.Vanilla | legs.UShaped = (
-            legs.UShaped(self, tail_layers) if tail_layers else legs.Vanilla(self)
-        )
+        self.leg = legs.choose(self, tail_layers, batching, train.grad_accum)
         self.cut_layers: dict[int, int] = {}
         self._check_cuts(cut_layers)
         self.cut_layers.update(cut_layers)
         self.total_steps, self.local_steps = total_steps, local_steps
-        # bounds on what a request may carry (the model's context if not given)
-        context = getattr(model_config, "max_position_embeddings", None) or 2**31 - 1
-        self.max_length = min(max_length or context, context)
-        self.context = context
-        self.limits = guards.Limits(
-            num_layers=self.num_layers,
-            hidden_size=model_config.hidden_size,
-            vocab_size=model_config.vocab_size,
-            batch_size=train.batch_size,
-            max_length=self.max_length,
-            context=context,
-            grad_accum=train.grad_accum,
-            tail_layers=tail_layers,
-        )
+        # bounds on what a request may carry
+        self.limits = guards.Limits.of(model_config, train, max_length, tail_layers)
         # the most samples each client may weigh in aggregation (Join sets it)
         self.declared: dict[int, int] = dict(num_samples or {})
         # the most a Join may declare (federation.max_samples_per_client): an
@@ -373,19 +349,11 @@ class SplitServer:
         """
         with self._lock:
             replies: list = [None] * len(requests)
-            batches: dict[bool, list[int]] = {}
-            taken: set[int] = set()
-            rest = []
-            for i, (msg, _peer) in enumerate(requests):
-                cid = getattr(msg, "client_id", -1)
-                if self.batching and isinstance(msg, SmashedData) and cid not in taken:
-                    taken.add(cid)
-                    batches.setdefault(engine.batch_key(msg.attention_mask), []).append(
-                        i
-                    )
-                else:
-                    rest.append(i)
-            for batch in batches.values():
+            msgs = [msg for msg, _peer in requests]
+            batches, rest = (
+                engine.group(msgs) if self.batching else ([], range(len(msgs)))
+            )
+            for batch in batches:
                 self.leg.batch(requests, batch, replies)
             for i in rest:
                 replies[i] = self._handle(*requests[i])
