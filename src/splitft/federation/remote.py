@@ -20,8 +20,8 @@ from splitft.data.federated import client_rows, load_run_data
 from splitft.data.format import pad_token_id
 from splitft.models.load import load_for_run
 from splitft.models.parts import WeightStore, load_tokenizer
-from splitft.split.client import ServerRefused, SplitClient
-from splitft.split.messages import Ack, Join, Stop, Wait
+from splitft.split.client import JoinFailed, ServerRefused, SplitClient
+from splitft.split.messages import Stop, Wait
 from splitft.transport.network import check_address, read_file
 
 log = logging.getLogger(__name__)
@@ -68,17 +68,10 @@ def run_client(
     client asks again; a server that cannot be reached is retried for
     ``give_up_s`` seconds. Returns the number of rounds trained.
     """
-    trained, joined, away_since = 0, False, None
+    client.memory_bytes = memory_bytes  # declared in its Join (run_round sends it)
+    trained, away_since = 0, None
     while True:
         try:
-            if not joined:
-                join = Join(client.client_id, client.num_samples, memory_bytes)
-                reply = transport.call(join)
-                if isinstance(reply, Ack) and reply.code in IDENTITY:
-                    raise _identity_refused(client.client_id, reply.code, reply.error)
-                if isinstance(reply, Ack) and reply.error:
-                    raise JoinRefused(f"the server refused to join: {reply.error}")
-                joined = client.joined = True
             result = client.run_round(transport, -1)
             away_since = None
         except ConnectionError as e:
@@ -87,9 +80,13 @@ def run_client(
             if now - away_since > give_up_s:
                 raise
             log.warning("client %d: %s; trying again", client.client_id, e)
-            joined = client.joined = False
+            client.joined = False  # the server may have restarted: join again
             time.sleep(retry_s)
             continue
+        except JoinFailed as e:
+            if e.code in IDENTITY:
+                raise _identity_refused(client.client_id, e.code, str(e)) from None
+            raise JoinRefused(f"the server refused to join: {e}") from None
         except ServerRefused as e:
             if e.code in IDENTITY:
                 raise _identity_refused(client.client_id, e.code, str(e)) from None
@@ -97,7 +94,7 @@ def run_client(
             # a server restarted without this client's Join (killed before
             # its first checkpoint) refuses its upload: join again (the same
             # num_samples is accepted again; another is refused, and says so)
-            joined = client.joined = False
+            client.joined = False
             time.sleep(retry_s)
             continue
         if isinstance(result, Stop):

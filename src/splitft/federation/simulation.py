@@ -18,8 +18,7 @@ from splitft.sim.clock import simulate_round
 from splitft.sim.clocked import ClockedClient, ClockedServer, replay
 from splitft.sim.costs import CostModel
 from splitft.sim.predict import expected_slots, row_size
-from splitft.split.client import SplitClient
-from splitft.split.messages import Join
+from splitft.split.client import JoinFailed, SplitClient
 
 __all__ = ["Simulation", "SimulatedRounds", "expected_slots"]
 
@@ -45,10 +44,10 @@ class SimulatedRounds:
             for cid in rows
         }
         for cid, client in self.clients.items():  # before the clock starts
-            reply = c.server.handle(Join(cid, client.num_samples))
-            if reply.code:
-                raise ConfigError(f"client {cid} cannot join: {reply.error}")
-            client.joined = True
+            try:
+                client.join(c.server.handle)
+            except JoinFailed as e:
+                raise ConfigError(f"client {cid} cannot join: {e}") from None
         return {cid: [row_size(r) for r in rs] for cid, rs in rows.items()}
 
     def run_round(self, planned: RoundDecision, devices) -> RoundResult:

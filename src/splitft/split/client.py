@@ -65,6 +65,10 @@ class ServerRefused(RuntimeError):
         self.code = code
 
 
+class JoinFailed(ServerRefused):
+    """The server refused this client's Join (its reason says why)."""
+
+
 def drive(protocol: Protocol, call: Callable[[object], object]):
     """Run a client protocol against a blocking ``call`` (request -> reply)."""
     try:
@@ -155,8 +159,10 @@ class SplitClient:
         # aggregation weight: examples held, not rows (packing merges rows)
         self.num_samples = num_samples or len(examples)
         # whether the server has this client's Join (num_samples: what its
-        # uploads may weigh); the first plan's request sends it if not
+        # uploads may weigh); the first plan's request sends it if not, with
+        # the memory its part of the model may use (0: not declared)
         self.joined = False
+        self.memory_bytes = 0
         self.compression = compression  # of the smashed data it sends
         self.noise, self._seed = noise, seed  # privacy.noise
         # U-shaped (federation.tail_layers > 0): the client also runs blocks
@@ -241,8 +247,7 @@ class SplitClient:
         """Join if not yet joined; ask for the plan; (re)build the part for
         its cut; load its adapters."""
         if not self.joined:
-            _expect((yield Join(self.client_id, self.num_samples)), Ack)
-            self.joined = True
+            yield from self._join()
         reply = yield RoundRequest(self.client_id, rnd)
         if isinstance(reply, (Wait, Stop)):
             return reply
@@ -271,6 +276,22 @@ class SplitClient:
         self._opt = optim.make_optimizer(params, self.train)
         self._round = plan.round
         return plan
+
+    def _join(self) -> Protocol:
+        """Declare this client's examples (and memory) to the server.
+
+        Raises:
+            JoinFailed: the server refused it.
+        """
+        reply = yield Join(self.client_id, self.num_samples, self.memory_bytes)
+        if isinstance(reply, Ack) and reply.error:
+            raise JoinFailed(reply.error, reply.code)
+        _expect(reply, Ack)
+        self.joined = True
+
+    def join(self, call: Callable[[object], object]) -> None:
+        """Join now, through ``call`` (request -> reply)."""
+        drive(self._join(), call)
 
     def _parts(self) -> list[ModelPart]:
         """The parts this client trains: its front, and its tail if U-shaped."""

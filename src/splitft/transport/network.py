@@ -345,8 +345,9 @@ class NetworkTransport:
                     self.traffic.record("up", msg.kind, len(payload))
                     cid = getattr(msg, "client_id", self.client_id)
                     return Ack(cid, error=e.details() or code.name, code=code.name)
-                tls = tls_failure(e.details() or "", self.address)
-                if code == grpc.StatusCode.UNAVAILABLE and tls:
+                if code == grpc.StatusCode.UNAVAILABLE and (
+                    tls := tls_failure(e.details() or "", self.address)
+                ):
                     raise TlsFailed(f"client {self.client_id}: {tls}") from None
                 if code not in RETRIED:  # a fault no retry would mend
                     raise TransportFailed(
