@@ -1,7 +1,7 @@
 """The layers contract: no module imports a module of a layer above it.
 
 From the bottom: settings, set-up and what runs on a model (``config``,
-``runs``, ``ranks``, ``lora``, ``models/``, ``data/``, ``eval``,
+``interrupts``, ``runs``, ``ranks``, ``lora``, ``models/``, ``data/``, ``eval``,
 ``report``), the split step (``split/``), the transports (``transport/``: of
 ``split/`` only the messages and refusals it carries), the simulation
 (``sim/``), the federation (``federation/``), and the command line
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "splitft"
-BASE = ("splitft.config", "splitft.runs", "splitft.ranks", "splitft.lora")
+BASE = ("splitft.config", "splitft.interrupts", "splitft.runs", "splitft.ranks")
+BASE += ("splitft.lora",)
 BASE += ("splitft.models", "splitft.data", "splitft.eval", "splitft.report")
 ABOVE_SPLIT = ("splitft.transport", "splitft.sim", "splitft.federation")
 ENTRY = ("splitft.cli",)

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from splitft.config import ConfigError, RunConfig, cache_dir, load_config
+from splitft.interrupts import Interrupted, interruptible
 
 
 def _settings(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, str, str]]:
@@ -103,9 +104,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = cfg.run_dir
     try:
         Simulation(cfg, resume=bool(args.resume)).run()
-    except runs.Interrupted as e:
+    except Interrupted as e:
         print(f"\n{_interrupted(run_dir, str(e))}", file=sys.stderr)
-        return 130
+        return e.exit_code
     except OSError as e:
         if not runs.disk_full(e):
             raise
@@ -126,7 +127,6 @@ def cmd_server(args: argparse.Namespace) -> int:
         if args.resume
         else load_config(args.config, args.overrides)
     )
-    from splitft import runs
     from splitft.federation.deployment import serve_run
 
     run_dir = cfg.run_dir
@@ -140,9 +140,9 @@ def cmd_server(args: argparse.Namespace) -> int:
             allow_insecure_remote=args.allow_insecure_remote,
             resume=bool(args.resume),
         )
-    except runs.Interrupted as e:
+    except Interrupted as e:
         print(f"\n{_interrupted(run_dir, str(e), 'server')}", file=sys.stderr)
-        return 130
+        return e.exit_code
     print(f"outputs in {run_dir}/ (adapter: {run_dir / 'adapter'})")
     return 0
 
@@ -152,18 +152,47 @@ def cmd_client(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from splitft.federation.remote import client_main
 
-    client_main(
-        cfg,
-        args.server,
-        args.client_id,
-        Path(args.token_file),
-        Path(args.ca) if args.ca else None,
-        server_name=args.server_name,
-        insecure=args.insecure,
-        data=Path(args.data) if args.data else None,
-        memory_mb=args.memory_mb,
-    )
+    try:
+        client_main(
+            cfg,
+            args.server,
+            args.client_id,
+            Path(args.token_file),
+            Path(args.ca) if args.ca else None,
+            server_name=args.server_name,
+            insecure=args.insecure,
+            data=Path(args.data) if args.data else None,
+            memory_mb=args.memory_mb,
+            wait_for_server_s=args.wait_for_server,
+        )
+    except Interrupted as e:
+        print(
+            f"\nsplitft: client {args.client_id} interrupted ({e}); the server "
+            "leaves it out of this round; start it again to rejoin the run",
+            file=sys.stderr,
+        )
+        return e.exit_code
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """A server's health check (grpc.health.v1): exit 0 if SERVING."""
+    from splitft.transport.health import channel, health_status
+
+    if not args.insecure and not args.ca:
+        raise ConfigError(
+            "--ca FILE is required (the CA from `splitft certs`), or --insecure"
+        )
+    try:
+        ca = None if args.insecure else Path(args.ca).read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"--ca {args.ca}: cannot read it ({e.strerror or e})"
+        ) from None
+    with channel(args.server, ca, args.server_name) as link:
+        status = health_status(link, args.server, args.timeout)
+    print(f"{args.server}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -287,7 +316,29 @@ def parser() -> argparse.ArgumentParser:
         help="memory its part of the model may use, for the server's cut planner "
         "(default: the config's device profile for this client)",
     )
+    client.add_argument(
+        "--wait-for-server",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for the server's health check to say SERVING, at "
+        "start and whenever it is away (it may be restarting)",
+    )
     client.set_defaults(func=cmd_client)
+    health = sub.add_parser(
+        "health",
+        help="ask a server's health check (exit 0 if SERVING): for probes",
+    )
+    health.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    health.add_argument("--ca", metavar="FILE", help="the CA that signed the server")
+    health.add_argument(
+        "--server-name", help="the name in the server's certificate (default: host)"
+    )
+    health.add_argument("--insecure", action="store_true", help="plaintext")
+    health.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="of the check"
+    )
+    health.set_defaults(func=cmd_health)
     certs = sub.add_parser("certs", help="make a CA, server certificate, client tokens")
     certs.add_argument("out_dir", metavar="OUT_DIR")
     certs.add_argument("--server-name", required=True, help="DNS name or IP")
@@ -350,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     from splitft.runs import RunError
 
     try:
-        return args.func(args)
+        with interruptible():  # SIGINT/SIGTERM: Interrupted, wherever we are
+            return args.func(args)
+    except Interrupted as e:  # a command that does not say more
+        print(f"\nsplitft: interrupted ({e})", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, RunError, FileNotFoundError, ValueError) as e:
         if os.environ.get("SPLITFT_DEBUG"):
             raise

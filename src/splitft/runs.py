@@ -32,14 +32,15 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,9 @@ def save_checkpoint(
     root.mkdir(exist_ok=True)
     path = root / checkpoint_name(rnd)
     with atomic_folder(path) as tmp:
+        import torch
+        from safetensors.torch import save_file
+
         tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
         save_file(tensors, str(tmp / ADAPTER), metadata={"round": str(rnd)})
         torch.save(state, tmp / STATE)
@@ -358,47 +362,12 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(global adapter, training state) of one checkpoint folder."""
+    import torch
+    from safetensors.torch import load_file
+
     adapter = load_file(str(Path(path) / ADAPTER))
     state = torch.load(Path(path) / STATE, weights_only=True)
     return adapter, state
-
-
-# ------------------------------------------------------------ interrupts
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM: the run stops; its last checkpoint stays.
-
-    A BaseException, like KeyboardInterrupt, so that no handler meant for a
-    failing client or step swallows it.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into :class:`Interrupted` (a second SIGINT: at once).
-
-    Only installable in the main thread; elsewhere the signals keep their
-    handlers.
-    """
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, _frame):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise Interrupted(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # ------------------------------------------------------------- fault points
@@ -410,10 +379,11 @@ def fault(point: str) -> None:
     """Signal this process (SIGKILL) at the n-th pass of a named point.
 
     ``SPLITFT_FAULT=step:5`` kills at the fifth training step,
-    ``SPLITFT_FAULT=step:5:SIGINT`` presses Ctrl-C there; the crash tests use
-    it to ``kill -9`` or interrupt a real run at an exact instant (points:
-    ``step``, ``server_step`` (a deployed server's), ``eval``, ``checkpoint``,
-    ``export``). Unset, it costs an
+    ``SPLITFT_FAULT=step:5:SIGTERM`` sends SIGTERM there (and says when, on
+    stderr); the crash and stop tests use it to ``kill -9`` or interrupt a
+    real run at an exact instant (points: ``step`` (a client's), ``server_step``
+    (the server's), ``poll`` (a deployed server holding a client's long poll),
+    ``aggregate``, ``eval``, ``checkpoint``, ``export``). Unset, it costs an
     environment lookup.
     """
     spec = os.environ.get("SPLITFT_FAULT")
@@ -425,6 +395,9 @@ def fault(point: str) -> None:
     n, _, sig = rest.partition(":")
     _FAULTS[point] = _FAULTS.get(point, 0) + 1
     if _FAULTS[point] == int(n or 1):
+        if sig:  # the stop tests time the exit from here
+            note = f"splitft-fault: {sig} at {spec} t={time.time():.3f}"
+            print(note, file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.Signals[sig or "SIGKILL"])
 
 

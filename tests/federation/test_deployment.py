@@ -32,6 +32,9 @@ class Loopback:
         self.handler = handler
         self.traffic = defaultdict(Traffic)
 
+    def serving(self, up):
+        self.up = up
+
     def stop(self, grace=None):
         pass
 
@@ -67,14 +70,22 @@ class LoopbackTransport:
 
 
 def deploy(
-    cfg, drop=None, timeout_s=None, restart=(), drop_at=None, memory=None, errors=None
+    cfg,
+    drop=None,
+    timeout_s=None,
+    restart=(),
+    drop_at=None,
+    memory=None,
+    errors=None,
+    give_up_s=600.0,
 ):
     """Run ``cfg`` as a deployment: the coordinator here, each client in a
     thread; ``drop[cid]`` kills that client after so many calls (``drop_at``:
     as it sends that many activations), and a client in ``restart`` then
     starts again (a new process: its model and data order afresh).
     ``memory[cid](coordinator)`` is the memory a client declares; a client's
-    exception goes to ``errors[cid]``."""
+    exception goes to ``errors[cid]``; a client gives up on a server away
+    for ``give_up_s``."""
     drop, drop_at, memory = drop or {}, drop_at or {}, memory or {}
     loop = {}
 
@@ -102,7 +113,9 @@ def deploy(
         )
         declared = int(memory[cid](coordinator)) if cid in memory else 0
         try:
-            run_client(c, transport, retry_s=0.01, memory_bytes=declared)
+            run_client(
+                c, transport, retry_s=0.01, give_up_s=give_up_s, memory_bytes=declared
+            )
         except Exception as e:  # noqa: BLE001 - the test looks at it
             if errors is None:
                 raise
@@ -326,3 +339,39 @@ def test_a_u_shaped_deployment_trains_the_simulations_adapter(assets, tmp_path):
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-5)
     for key in ("up_smashed", "down_smashed", "up_gradients", "down_gradients"):
         assert summary["bytes"][key] == simulated["bytes"][key] > 0, key
+
+
+def test_an_interrupt_in_a_server_step_stops_the_run_and_tells_the_clients(
+    assets, tmp_path, monkeypatch
+):
+    """SIGTERM while the coordinator's thread runs a client's micro-batch: the
+    interrupt is not that request's error; it stops the run (status
+    interrupted), and every client hears why and waits for the server."""
+    import signal
+
+    from splitft import runs
+    from splitft.interrupts import Interrupted
+    from splitft.split.server import SplitServer
+
+    steps = []
+    original = SplitServer.handle
+
+    def handle(self, msg, peer=None):
+        if isinstance(msg, SmashedData):
+            steps.append(msg.client_id)
+            if len(steps) == 3:  # as the signal handler raises it, mid-step
+                raise Interrupted(signal.SIGTERM)
+        return original(self, msg, peer)
+
+    monkeypatch.setattr(SplitServer, "handle", handle)
+    cfg = config(assets, tmp_path, "name=stop", *settings())
+    errors = {}
+    with pytest.raises(Interrupted):
+        deploy(cfg, errors=errors, give_up_s=0.5)
+    assert runs.read_status(tmp_path / "stop")["state"] == "interrupted"
+    until = time.monotonic() + 60
+    while len(errors) < 3 and time.monotonic() < until:  # they wait 0.5 s
+        time.sleep(0.05)
+    assert sorted(errors) == [0, 1, 2]
+    for e in errors.values():
+        assert "the server was interrupted (SIGTERM)" in str(e), e

@@ -2,112 +2,32 @@
 `splitft client`s over gRPC with TLS and tokens, on the tiny model."""
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
-import torch
+from deployed import (
+    SETTINGS,
+    assert_same,
+    client,
+    finish,
+    free_port,
+    make_deployment_assets,
+    server,
+    simulated,
+    splitft,
+)
 from safetensors.torch import load_file
-from simrun import base_settings, make_assets
-
-from splitft.config import load_config
-from splitft.federation.simulation import Simulation
+from simrun import base_settings
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = make_assets(tmp_path_factory.mktemp("assets"))
-    certs = root / "certs"
-    done = _splitft("certs", str(certs), "--server-name", "localhost", "--clients", "3")
-    assert done.returncode == 0, done.stderr
-    return root
-
-
-SETTINGS = [
-    "federation.num_clients=3",
-    "federation.rounds=2",
-    "federation.local_steps=2",
-    "federation.cut_layers=[1, 2, 3]",
-    "federation.round_timeout_s=60",
-]
-
-
-def _splitft(*args, **kw):
-    cmd = [sys.executable, "-m", "splitft.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(*args, env=None):
-    cmd = [sys.executable, "-m", "splitft.cli", *args]
-    return subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def server(assets, out, name, port, *extra, resume=None, env=None):
-    certs = assets / "certs"
-    where = ["--address", f"127.0.0.1:{port}", "--certs", str(certs)]
-    if resume:
-        return _start("server", "--resume", str(resume), *where, env=env)
-    settings = [*base_settings(assets, out), f"name={name}", *SETTINGS, *extra]
-    return _start("server", *settings, *where, env=env)
-
-
-def client(assets, out, cid, port, *extra, env=None):
-    certs = assets / "certs"
-    return _start(
-        "client",
-        *base_settings(assets, out),
-        *SETTINGS,
-        *extra,
-        "--server",
-        f"127.0.0.1:{port}",
-        "--client-id",
-        str(cid),
-        "--token-file",
-        str(certs / "clients" / f"client-{cid}.token"),
-        "--ca",
-        str(certs / "ca.pem"),
-        env=env,
-    )
-
-
-def finish(*procs, timeout=240):
-    outs = []
-    for p in procs:
-        out, _ = p.communicate(timeout=timeout)
-        outs.append((p.returncode, out))
-    return outs
-
-
-def simulated(assets, tmp_path):
-    cfg = load_config(None, [*base_settings(assets, tmp_path), "name=sim", *SETTINGS])
-    Simulation(cfg).run(table=False)
-    return load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    return make_deployment_assets(tmp_path_factory.mktemp("assets"))
 
 
 def test_server_and_three_clients_train_the_simulations_adapter(assets, tmp_path):
-    port = _free_port()
+    port = free_port()
     procs = [server(assets, tmp_path, "net", port)]
     procs += [client(assets, tmp_path, cid, port) for cid in range(3)]
     for code, out in finish(*procs):
@@ -117,7 +37,7 @@ def test_server_and_three_clients_train_the_simulations_adapter(assets, tmp_path
 
 
 def test_a_killed_server_resumes_and_ends_as_if_never_stopped(assets, tmp_path):
-    port = _free_port()
+    port = free_port()
     # the server dies (SIGKILL, no clean-up) at the second round's 3rd step
     first = server(
         assets, tmp_path, "net", port, env={"SPLITFT_FAULT": "server_step:9"}
@@ -135,7 +55,7 @@ def test_a_killed_server_resumes_and_ends_as_if_never_stopped(assets, tmp_path):
 
 def test_plaintext_on_a_public_address_is_refused(assets, tmp_path):
     settings = [*base_settings(assets, tmp_path), "name=open", *SETTINGS]
-    done = _splitft(
+    done = splitft(
         "server",
         *settings,
         "--address",
@@ -150,7 +70,7 @@ def test_plaintext_on_a_public_address_is_refused(assets, tmp_path):
 
 @pytest.mark.parametrize("step", [2, 3], ids=["in-round-1", "in-round-2"])
 def test_a_killed_client_that_comes_back_is_counted(assets, tmp_path, step):
-    port = _free_port()
+    port = free_port()
     procs = [server(assets, tmp_path, "net", port)]
     procs += [client(assets, tmp_path, cid, port) for cid in (0, 2)]
     # client 1 dies (SIGKILL) after its step-th step (2 a round); a new
@@ -179,7 +99,7 @@ def test_over_the_network_a_client_cannot_act_for_another(assets, tmp_path):
     from splitft.transport.network import NetworkTransport
     from splitft.transport.security import read_token
 
-    port = _free_port()
+    port = free_port()
     proc = server(assets, tmp_path, "net", port)
     certs = assets / "certs"
     token = read_token(certs / "clients" / "client-0.token")
@@ -210,7 +130,7 @@ def test_a_live_server_refuses_malformed_tensors_and_carries_on(assets, tmp_path
     from splitft.transport.network import METHOD, NetworkTransport, pack
     from splitft.transport.security import read_token
 
-    port = _free_port()
+    port = free_port()
     proc = server(assets, tmp_path, "net", port)
     certs = assets / "certs"
     token = read_token(certs / "clients" / "client-0.token")
@@ -255,8 +175,8 @@ def test_a_live_server_refuses_malformed_tensors_and_carries_on(assets, tmp_path
 
 def _server_start(assets, tmp_path, certs, *extra):
     settings = [*base_settings(assets, tmp_path), "name=bad", *SETTINGS]
-    where = ["--address", f"127.0.0.1:{_free_port()}", "--certs", str(certs)]
-    return _splitft("server", *settings, *where, *extra)
+    where = ["--address", f"127.0.0.1:{free_port()}", "--certs", str(certs)]
+    return splitft("server", *settings, *where, *extra)
 
 
 def test_a_server_with_bad_certs_or_tokens_stops_naming_the_file(assets, tmp_path):
@@ -273,7 +193,7 @@ def test_a_server_with_bad_certs_or_tokens_stops_naming_the_file(assets, tmp_pat
     tokens = json.loads((few / "tokens.json").read_text())
     (few / "tokens.json").write_text(json.dumps({"0": tokens["0"]}))
     other = tmp_path / "other"
-    made = _splitft("certs", str(other), "--server-name", "x", "--clients", "3")
+    made = splitft("certs", str(other), "--server-name", "x", "--clients", "3")
     assert made.returncode == 0, made.stderr
     mismatched = copy("mismatched")
     shutil.copy(other / "server.key", mismatched / "server.key")
@@ -293,11 +213,11 @@ def test_a_client_refused_for_who_it_is_stops_at_once_naming_the_flag(assets, tm
     """A wrong token, a token of another id, a CA that did not sign the
     server's certificate, a server name the certificate lacks: `splitft
     client` ends with one line (exit 2) instead of retrying for its 600 s."""
-    port = _free_port()
+    port = free_port()
     proc = server(assets, tmp_path, "net", port)
     certs = assets / "certs"
     other = tmp_path / "other"
-    made = _splitft("certs", str(other), "--server-name", "x", "--clients", "3")
+    made = splitft("certs", str(other), "--server-name", "x", "--clients", "3")
     assert made.returncode == 0, made.stderr
     common = [
         *base_settings(assets, tmp_path),
@@ -307,7 +227,7 @@ def test_a_client_refused_for_who_it_is_stops_at_once_naming_the_flag(assets, tm
     ]
 
     def run(cid, token, ca, *extra):
-        return _splitft(
+        return splitft(
             "client",
             *common,
             "--client-id",

@@ -102,7 +102,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path):
 
     from safetensors.torch import load_file
 
-    from splitft import runs
+    from splitft import interrupts, runs
 
     def cfg(name):
         return load_config(
@@ -131,10 +131,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path):
 
     def interrupt(record):
         if record["round"] == 1:
-            raise runs.Interrupted(signal.SIGINT)
+            raise interrupts.Interrupted(signal.SIGINT)
         return False
 
-    with pytest.raises(runs.Interrupted):
+    with pytest.raises(interrupts.Interrupted):
         Simulation(cfg("cut"), whole.costs).run(interrupt, table=False)
     assert runs.read_status(tmp_path / "cut")["state"] == "interrupted"
     resumed = Simulation(cfg("cut"), resume=True)

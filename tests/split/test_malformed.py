@@ -32,6 +32,7 @@ GOOD = [
     RoundPlan(0, 1, 2, [1e-3, 5e-4], {"a.lora_A.weight": torch.ones(2, 4)}),
     Wait(0, 3, 0.5),
     Stop(0, "done"),
+    Stop(1, "the server was interrupted (SIGTERM)", resumes=True),
     SmashedData(
         0,
         0,
@@ -240,6 +241,10 @@ smashed_fields = {
                 },
             ),
             "expected a number",
+        ),
+        (
+            crafted("Stop", {"client_id": 0, "reason": "", "resumes": 1}, {}),
+            "Stop.resumes: expected true or false",
         ),
         (save({}, metadata={"fields": "{}"}), "no type and fields"),
         (save({}, metadata={"type": "Ack", "fields": "[1]"}), "JSON object"),

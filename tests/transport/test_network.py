@@ -487,3 +487,47 @@ def test_one_client_cannot_hold_the_servers_workers(certs):
             t.close()
         server.stop()
     assert len(replies) == 3 and all(isinstance(r, RoundPlan) for r in replies)
+
+
+def test_health_is_not_serving_until_ready_and_again_when_stopping(certs):
+    """grpc.health.v1 on the same port, TLS, no token: NOT_SERVING once the
+    port is open, SERVING when the run is ready, NOT_SERVING when it stops,
+    then nothing there (UNAVAILABLE)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from splitft.transport.health import channel, health_status
+
+    server = serve(certs, Echo())
+    address = f"127.0.0.1:{server.port}"
+    ca = (certs / "ca.pem").read_bytes()
+    with channel(address, ca) as link:
+        assert health_status(link, address) == "NOT_SERVING"
+        server.serving(True)
+        assert health_status(link, address) == "SERVING"
+        overall = health_pb2_grpc.HealthStub(link).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        assert overall.status == health_pb2.HealthCheckResponse.SERVING
+        server.serving(False)
+        assert health_status(link, address) == "NOT_SERVING"
+    with channel(address, ca, "gpu.example.org") as link:
+        with pytest.raises(TlsFailed, match="--server-name"):
+            health_status(link, address)
+    server.stop(grace=0)
+    with channel(address, ca) as link:
+        assert health_status(link, address, timeout_s=1.0) == "UNAVAILABLE"
+
+
+def test_a_client_waits_for_serving_and_gives_up_naming_what_it_heard(certs):
+    server = serve(certs, Echo())
+    link = connect(certs, server.port)
+    threading.Timer(0.3, server.serving, args=(True,)).start()
+    link.wait_for_server(30.0, poll_s=0.05)  # returns once SERVING
+    server.serving(False)
+    link.wait_for_server(1.0, poll_s=0.05, setting_up=True)  # the port is open
+    with pytest.raises(ServerUnreachable, match="health check: NOT_SERVING"):
+        link.wait_for_server(0.2, poll_s=0.05)
+    server.stop(grace=0)
+    with pytest.raises(ServerUnreachable, match="health check: UNAVAILABLE"):
+        link.wait_for_server(0.2, poll_s=0.05)
+    link.close()

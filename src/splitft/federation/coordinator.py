@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from splitft import lora, report, runs
+from splitft import interrupts, lora, report, runs
 from splitft.config import RunConfig, save_config
 from splitft.data.federated import load_run_data
 from splitft.data.format import pad_token_id
@@ -74,7 +74,15 @@ class RoundRunner(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
-    def close(self) -> None: ...
+    def ready(self) -> None:
+        """Set-up is done: the first round may start (a server says so to
+        health checks)."""
+        ...
+
+    def close(self, reason: str, resumes: bool = False) -> None:
+        """Release what it holds; clients still waiting are told ``reason``
+        (``resumes``: the run goes on from its last checkpoint when resumed)."""
+        ...
 
 
 class Coordinator:
@@ -198,14 +206,15 @@ class Coordinator:
             "metrics_bytes": self.log.sync(),
             "torch_rng": torch.get_rng_state(),
         }
-        path = runs.save_checkpoint(
-            self.run_dir,
-            rnd,
-            self.server.global_state,
-            state,
-            self.cfg.checkpoint.keep,
-        )
-        runs.write_status(self.run_dir, "running", round=rnd, checkpoint=str(path))
+        with interrupts.deferred():  # a signal now: after the round is kept
+            path = runs.save_checkpoint(
+                self.run_dir,
+                rnd,
+                self.server.global_state,
+                state,
+                self.cfg.checkpoint.keep,
+            )
+            runs.write_status(self.run_dir, "running", round=rnd, checkpoint=str(path))
         return path
 
     def _restore(self, path: Path) -> None:
@@ -407,26 +416,45 @@ class Coordinator:
         table: bool = True,
     ) -> dict[str, Any]:
         """setup, train, finish; an interrupt or error leaves the folder
-        marked ``interrupted`` / ``failed`` with its last checkpoint intact."""
-        try:
-            with runs.interruptible():
+        marked ``interrupted`` / ``failed`` with its last checkpoint intact,
+        and the runner tells its clients why it stopped."""
+        reason, resumes = "the run is over", False
+        with interrupts.interruptible():  # a second signal, even in clean-up
+            try:
                 self.setup()
+                self.runner.ready()
                 self.train(stop)
                 summary = self.finish()
-        except BaseException as e:
-            if self.lock.held:
-                state = "interrupted" if isinstance(e, runs.Interrupted) else "failed"
-                with contextlib.suppress(OSError):  # a full disk: keep the cause
-                    runs.write_status(self.run_dir, state, error=str(e)[:500])
-            raise
-        finally:
-            self.runner.close()
-            if self.log is not None:
-                self.log.close()
-            self.lock.release()
+            except BaseException as e:
+                reason = _stopped_because(e)
+                resumes = isinstance(e, interrupts.Interrupted)
+                if self.lock.held:
+                    state = (
+                        "interrupted"
+                        if isinstance(e, interrupts.Interrupted)
+                        else "failed"
+                    )
+                    with contextlib.suppress(OSError):  # a full disk: keep the cause
+                        runs.write_status(self.run_dir, state, error=str(e)[:500])
+                raise
+            finally:
+                self.runner.close(reason, resumes)
+                if self.log is not None:
+                    self.log.close()
+                self.lock.release()
         if table:
             report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
         return summary
+
+
+def _stopped_because(e: BaseException) -> str:
+    """What the clients are told when the run stops on ``e``."""
+    if isinstance(e, interrupts.Interrupted):
+        return (
+            f"the server was interrupted ({e}); it goes on from its last "
+            "checkpoint when resumed"
+        )
+    return f"the server stopped: {type(e).__name__}: {e}"[:300]
 
 
 def aggregate_round(server: SplitServer, how: str = "mean") -> list[int]:
@@ -438,6 +466,7 @@ def aggregate_round(server: SplitServer, how: str = "mean") -> list[int]:
             global adapter, and the last checkpoint stays the one to resume.
     """
     updates = server.round_updates()
+    runs.fault("aggregate")
     new = aggregate(server.global_state, updates, how) if updates else None
     if new is not None:
         bad = [key for key, t in new.items() if not torch.isfinite(t).all()]

@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from splitft import runs
 from splitft.config import ConfigError, RunConfig
 from splitft.federation.coordinator import Coordinator, RoundFailed
 from splitft.federation.remote import message_limit_for
@@ -78,12 +79,15 @@ class NetworkRounds:
         self._uploaded: dict[int, float] = {}
         self._reports: dict[int, list[dict]] = {}
         self.memory: dict[int, int] = {}  # bytes each client declared at Join
-        self._stopped = ""
+        self._stopped = ""  # why the run stopped, once it has
+        self._resumes = False  # ...and whether it goes on when resumed
+        self._told: set[int] = set()  # the clients answered Stop
         self.transport = None
         # the model's work during a round, run by the coordinator's thread:
         # (fn, future, request, peer)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._held: collections.deque = collections.deque()  # taken, not yet run
+        self._running: list[tuple] = []  # being run (a signal may cut them short)
         self._pumping = False
 
     # ------------------------------------------------------ the coordinator
@@ -142,7 +146,9 @@ class NetworkRounds:
                     break
             jobs = self._take(min(0.05, deadline - time.monotonic()))
             if jobs:
+                self._running = jobs
                 self._do_all(jobs)
+                self._running = []
         with self._cond:
             self._pumping = False
             self._open = None  # no more plans; late steps are refused
@@ -223,7 +229,7 @@ class NetworkRounds:
             return
         try:
             replies = self.server.handle_many([(job[2], job[3]) for job in batch])
-        except BaseException as e:  # noqa: BLE001 - the waiting requests get it
+        except Exception as e:  # noqa: BLE001 - the waiting requests get it
             for job in batch:
                 job[1].set_exception(e)
             return
@@ -244,8 +250,10 @@ class NetworkRounds:
         """Why a declared memory budget cannot hold the shallowest cut, or ""."""
         # the port opens before the cost probe so that clients join while it
         # runs and the first plan knows their budgets: a Join may come first
-        if not self.coordinator.strategy_ready.wait(timeout=120.0):
-            return ""  # the planner will see it; it names the client
+        until = time.monotonic() + 120.0
+        while not self.coordinator.strategy_ready.wait(timeout=0.25):
+            if self._stopped or time.monotonic() > until:
+                return ""  # the planner will see it; it names the client
         k_min = self.coordinator.cfg.federation.k_min
         need = self.coordinator.strategy.estimator.world.memory(cid, k_min)
         if memory >= need:
@@ -267,14 +275,60 @@ class NetworkRounds:
         traffic = getattr(self.transport, "traffic", {})
         return {"transport_bytes": {str(c): t.snapshot() for c, t in traffic.items()}}
 
-    def close(self) -> None:
+    def ready(self) -> None:
+        """Set-up is done: health checks hear SERVING."""
+        self.transport.serving(True)
+
+    def close(self, reason: str = "", resumes: bool = False) -> None:
+        """Stop: every waiting request is answered :class:`Stop` with
+        ``reason`` (the jobs a signal cut short too), health checks hear
+        NOT_SERVING, then the port closes. Leaves no thread waiting.
+
+        The port stays open a little for the clients that were not waiting
+        to hear it: ``min(2 poll_s, 2 s)`` when the run stops to resume later
+        (``resumes``: a grace period is short, and they wait for the server
+        anyway), up to ``5 poll_s`` for every client to hear that it is over
+        (one away checks the server's health every second)."""
         with self._cond:
-            self._stopped = self._stopped or "the run is over"
-            self._cond.notify_all()
-        if self.transport is not None:
-            # let waiting clients hear Stop before the port closes
-            time.sleep(min(2 * self.poll_s, 2.0))
-            self.transport.stop(grace=1.0)
+            self._stopped = self._stopped or reason or "the run is over"
+            self._resumes = resumes
+            self._pumping, self._open = False, None
+            # run() queues nothing once _stopped is set: these are all there are
+            waiting = [*self._running, *self._held]
+            self._running, self._held = [], collections.deque()
+            while not self._jobs.empty():
+                waiting.append(self._jobs.get_nowait())
+            for _fn, future, msg, _peer in waiting:
+                if not future.done():
+                    future.set_result(self._stop(msg.client_id))
+            self._cond.notify_all()  # the long polls
+        if self.transport is None:
+            return
+        self.transport.serving(False)
+        t0 = time.monotonic()
+        everyone = set(range(self.coordinator.cfg.federation.num_clients))
+        with self._cond:
+            while True:
+                left = (
+                    min(2 * self.poll_s, 2.0)
+                    if resumes or everyone <= self._told
+                    else 5 * self.poll_s
+                ) - (time.monotonic() - t0)
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        if not resumes and not everyone <= self._told:
+            log.warning(
+                "clients %s did not hear that the run is over (gone?)",
+                sorted(everyone - self._told),
+            )
+        self.transport.stop(grace=1.0)
+
+    def _stop(self, cid: int) -> Stop:
+        """The Stop a client is told (under ``_cond``)."""
+        self._told.add(cid)
+        self._cond.notify_all()
+        return Stop(cid, self._stopped, self._resumes)
 
     # --------------------------------------------------------- the clients
     def run(self, msg, fn, peer: int | None = None):
@@ -283,11 +337,12 @@ class NetworkRounds:
         one: PyTorch on CPU ran the same server step 1.45x slower on another
         thread here (docs/benchmarks.md, the network transport); with
         ``server.batching`` the micro-batches waiting there run as one batch."""
-        if not isinstance(msg, (SmashedData, TailGradient)):
-            return fn()
         future: Future | None = None
         with self._cond:
-            if self._pumping:
+            if self._stopped:  # whatever it asked: the run is over for it
+                return self._stop(getattr(msg, "client_id", -1))
+            # plans, joins and uploads run on the transport's thread
+            if self._pumping and isinstance(msg, (SmashedData, TailGradient)):
                 future = Future()
                 self._jobs.put((fn, future, msg, peer))
         return fn() if future is None else future.result()
@@ -302,13 +357,14 @@ class NetworkRounds:
                 until = time.monotonic() + self.poll_s
                 while True:
                     if self._stopped:
-                        return Stop(cid, self._stopped)
+                        return self._stop(cid)
                     open_ = self._open
                     if open_ and cid in open_.cuts and cid not in self._uploaded:
                         break
                     if time.monotonic() >= until:
                         nxt = open_.round if open_ is not None else self._next_round
                         return Wait(cid, nxt, 0.0)  # ask again at once
+                    runs.fault("poll")
                     self._cond.wait(until - time.monotonic())
             msg = RoundRequest(cid, open_.round)
         if isinstance(msg, Join):
@@ -318,6 +374,8 @@ class NetworkRounds:
                 if short:
                     return Ack(cid, f"client {cid}: {short}", "FAILED_PRECONDITION")
                 with self._cond:
+                    if self._stopped:  # it waited for a run that stopped
+                        return self._stop(cid)
                     self.memory[cid] = msg.memory_bytes
             return reply
         if not isinstance(msg, AdapterUpdate):
@@ -345,9 +403,11 @@ def _slots(jobs) -> int:
 
 
 def _do(fn, future: Future) -> None:
+    """Run a request's work; its failure is the request's (an interrupt is
+    not: it goes on to the coordinator, and close() answers the request)."""
     try:
         future.set_result(fn())
-    except BaseException as e:  # noqa: BLE001 - the waiting request gets it
+    except Exception as e:  # noqa: BLE001 - the waiting request gets it
         future.set_exception(e)
 
 

@@ -20,7 +20,7 @@ from splitft.data.federated import client_rows, load_run_data
 from splitft.data.format import pad_token_id
 from splitft.models.load import load_for_run
 from splitft.models.parts import WeightStore, load_tokenizer
-from splitft.split.client import JoinFailed, ServerRefused, SplitClient
+from splitft.split.client import JoinFailed, ServerRefused, ServerStopped, SplitClient
 from splitft.split.messages import Stop, Wait
 from splitft.transport.network import check_address, read_file
 
@@ -65,46 +65,71 @@ def run_client(
     this client's part of the model within it.
 
     A refused round (it closed, or the server restarted) is logged and the
-    client asks again; a server that cannot be reached is retried for
-    ``give_up_s`` seconds. Returns the number of rounds trained.
+    client asks again. A server that cannot be reached, or that stopped to
+    resume later (``Stop(resumes=True)``: it was interrupted), is waited for
+    ``give_up_s`` seconds; the client joins it again when it is back.
+    Returns the number of rounds trained.
+
+    Raises:
+        ConnectionError: the server was away for more than ``give_up_s``.
     """
     client.memory_bytes = memory_bytes  # declared in its Join (run_round sends it)
+    cid = client.client_id
     trained, away_since = 0, None
+
+    def away(why: str) -> None:
+        nonlocal away_since
+        now = time.monotonic()
+        if away_since is None:
+            log.warning("client %d: %s; waiting for the server", cid, why)
+        away_since = away_since or now
+        if now - away_since > give_up_s:
+            raise ConnectionError(
+                f"client {cid}: the server has been away for {give_up_s:g} s "
+                f"({why}); start this client again once it is back"
+            )
+        client.joined = False  # the server may have restarted: join again
+        time.sleep(retry_s)
+        wait = getattr(transport, "wait_for_server", None)
+        if wait is not None:  # back as soon as its port opens (health checks)
+            wait(max(give_up_s - (now - away_since), 0.0), setting_up=True)
+
     while True:
         try:
             result = client.run_round(transport, -1)
-            away_since = None
         except ConnectionError as e:
-            now = time.monotonic()
-            away_since = away_since or now
-            if now - away_since > give_up_s:
-                raise
-            log.warning("client %d: %s; trying again", client.client_id, e)
-            client.joined = False  # the server may have restarted: join again
-            time.sleep(retry_s)
+            away(str(e))
             continue
+        except ServerStopped as e:  # mid-round: it will not answer this round
+            result = Stop(cid, str(e), e.resumes)
         except JoinFailed as e:
             if e.code in IDENTITY:
-                raise _identity_refused(client.client_id, e.code, str(e)) from None
+                raise _identity_refused(cid, e.code, str(e)) from None
             raise JoinRefused(f"the server refused to join: {e}") from None
         except ServerRefused as e:
             if e.code in IDENTITY:
-                raise _identity_refused(client.client_id, e.code, str(e)) from None
-            log.warning("client %d: round refused: %s", client.client_id, e)
+                raise _identity_refused(cid, e.code, str(e)) from None
+            log.warning("client %d: round refused: %s", cid, e)
             # a server restarted without this client's Join (killed before
             # its first checkpoint) refuses its upload: join again (the same
             # num_samples is accepted again; another is refused, and says so)
             client.joined = False
             time.sleep(retry_s)
             continue
+        if isinstance(result, Stop) and result.resumes:
+            away(f"the server stopped: {result.reason}")
+            continue
+        if away_since is not None:
+            log.info("client %d: the server is back", cid)
+            away_since = None
         if isinstance(result, Stop):
-            log.info("client %d: stop (%s)", client.client_id, result.reason)
+            log.info("client %d: the server stopped (%s)", cid, result.reason)
             return trained
         if isinstance(result, Wait):
             time.sleep(result.retry_after_seconds)
             continue
         trained += 1
-        log.info("client %d: trained a round", client.client_id)
+        log.info("client %d: trained a round", cid)
 
 
 def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
@@ -151,8 +176,17 @@ def client_main(
     insecure: bool = False,
     data: Path | None = None,
     memory_mb: float = 0.0,
+    wait_for_server_s: float = 600.0,
 ) -> int:
-    """``splitft client``: one client on its own data, until the server stops."""
+    """``splitft client``: one client on its own data, until the server stops.
+
+    It waits up to ``wait_for_server_s`` for the server's health check to say
+    SERVING before it joins, and as long for a server that went away (it may
+    be restarting from its last checkpoint)."""
+    if not (wait_for_server_s >= 0 and math.isfinite(wait_for_server_s)):
+        raise ConfigError(
+            f"--wait-for-server {wait_for_server_s} is not allowed: seconds >= 0"
+        )
     if not (memory_mb >= 0 and math.isfinite(memory_mb)):
         raise ConfigError(
             f"--memory-mb {memory_mb} is not allowed: a number of megabytes > 0 "
@@ -181,7 +215,18 @@ def client_main(
         log.info(
             "client %d: %d examples, server %s", client_id, client.num_samples, server
         )
-        trained = run_client(client, transport, memory_bytes=int(memory_mb * 1e6))
+        try:
+            transport.wait_for_server(wait_for_server_s)
+            trained = run_client(
+                client,
+                transport,
+                give_up_s=wait_for_server_s,
+                memory_bytes=int(memory_mb * 1e6),
+            )
+        except ConnectionError as e:  # waited --wait-for-server: one line
+            raise runs.RunError(
+                f"{e} (--wait-for-server {wait_for_server_s:g})"
+            ) from None
     log.info("client %d: done after %d rounds", client_id, trained)
     return trained
 

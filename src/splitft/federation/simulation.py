@@ -82,7 +82,10 @@ class SimulatedRounds:
         for cid, client in self.clients.items():
             client.load_state_dict(state[cid])
 
-    def close(self) -> None:
+    def ready(self) -> None:
+        pass
+
+    def close(self, reason: str = "", resumes: bool = False) -> None:
         pass
 
 

@@ -69,6 +69,16 @@ class JoinFailed(ServerRefused):
     """The server refused this client's Join (its reason says why)."""
 
 
+class ServerStopped(RuntimeError):
+    """The server answered :class:`Stop` where it would have answered the
+    request: it is stopping (the run is over, or it was interrupted:
+    ``resumes``)."""
+
+    def __init__(self, stop: Stop) -> None:
+        super().__init__(stop.reason)
+        self.resumes = stop.resumes
+
+
 def drive(protocol: Protocol, call: Callable[[object], object]):
     """Run a client protocol against a blocking ``call`` (request -> reply)."""
     try:
@@ -84,6 +94,8 @@ def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
 
 
 def _expect(reply, cls):
+    if isinstance(reply, Stop):
+        raise ServerStopped(reply)
     if isinstance(reply, Ack) and reply.error:
         raise ServerRefused(reply.error, reply.code)
     if not isinstance(reply, cls):
@@ -284,6 +296,8 @@ class SplitClient:
             JoinFailed: the server refused it.
         """
         reply = yield Join(self.client_id, self.num_samples, self.memory_bytes)
+        if isinstance(reply, Stop):
+            raise ServerStopped(reply)
         if isinstance(reply, Ack) and reply.error:
             raise JoinFailed(reply.error, reply.code)
         _expect(reply, Ack)

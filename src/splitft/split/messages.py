@@ -54,10 +54,13 @@ class Wait:
 
 @dataclass
 class Stop:
-    """Server -> client: the run is over, or has no more rounds for this client."""
+    """Server -> client: the run is over, or has no more rounds for this
+    client; ``resumes``: the server stopped for now (interrupted) and goes on
+    from its last checkpoint when restarted, so a client may wait for it."""
 
     client_id: int
     reason: str = ""
+    resumes: bool = False
     kind = CONTROL
 
 
@@ -356,6 +359,10 @@ def _checked(where: str, kind: str, value, device):
     if kind == "int":
         if type(value) is not int:
             raise Malformed(f"{where}: expected an integer, got {type(value).__name__}")
+        return value
+    if kind == "bool":
+        if type(value) is not bool:
+            raise Malformed(f"{where}: expected true or false")
         return value
     if kind == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)

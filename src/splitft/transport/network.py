@@ -5,8 +5,13 @@ One unary method, ``/splitft.v1.Split/Call`` (``splitft.proto``): its
 a message costs on the wire what it costs in the simulation plus a few bytes
 of envelope. The envelope is (de)serialised here by hand (a protobuf message
 with one bytes field is a tag byte, a varint length and the bytes), so any
-client generated from the ``.proto`` can talk to the server, and neither side
-needs protobuf.
+client generated from the ``.proto`` can talk to the server.
+
+The same port serves the standard health service, ``grpc.health.v1.Health``
+(from ``grpcio-health-checking``), without a token: NOT_SERVING while the run
+sets up, SERVING once it is ready for its first round, NOT_SERVING from the
+moment it stops. Load balancers, Kubernetes probes and ``splitft health``
+ask it; a client waits for SERVING before it joins.
 
 Identity comes from the connection, not the message (as in Flower's node
 authentication): each call carries ``x-splitft-client-id`` and
@@ -29,16 +34,26 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitft.config import ConfigError
 from splitft.split.errors import CODES, Malformed
 from splitft.split.messages import Ack, decode, encode
 from splitft.transport.base import Traffic
+from splitft.transport.health import (
+    SERVICE,
+    TlsFailed,
+    TransportFailed,
+    channel,
+    channel_options,
+    health_status,
+    tls_failure,
+)
 from splitft.transport.security import check_token, is_loopback
 
 log = logging.getLogger(__name__)
 
-METHOD = "/splitft.v1.Split/Call"
+METHOD = f"/{SERVICE}/Call"
 CLIENT_ID = "x-splitft-client-id"
 # statuses a refusal may have (splitft.split.errors); anything else from the
 # server is a transport fault
@@ -104,13 +119,6 @@ def _one_line(e: Exception) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
-def _options(limit: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-    ]
-
-
 # -------------------------------------------------------------------- server
 class NetworkServer:
     """Serves a handler (``handle(msg, peer)``; ``device``) over gRPC.
@@ -170,15 +178,16 @@ class NetworkServer:
         self._run = getattr(handler, "run", None) or (lambda msg, fn, peer: fn())
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
-            options=_options(max_message_bytes),
+            options=channel_options(max_message_bytes),
         )
         rpc = grpc.unary_unary_rpc_method_handler(
             self._call, request_deserializer=None, response_serializer=None
         )
-        service = grpc.method_handlers_generic_handler(
-            "splitft.v1.Split", {"Call": rpc}
-        )
+        service = grpc.method_handlers_generic_handler(SERVICE, {"Call": rpc})
         self._server.add_generic_rpc_handlers((service,))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.serving(False)
         if tls is None:
             self.port = self._server.add_insecure_port(address)
         else:
@@ -192,7 +201,15 @@ class NetworkServer:
     def start(self) -> None:
         self._server.start()
 
+    def serving(self, up: bool) -> None:
+        """What health checks hear, for the server ("") and ``splitft.v1.Split``:
+        SERVING or NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse
+        for name in ("", SERVICE):
+            self.health.set(name, status.SERVING if up else status.NOT_SERVING)
+
     def stop(self, grace: float | None = None) -> None:
+        self.health.enter_graceful_shutdown()  # NOT_SERVING until the port closes
         self._server.stop(grace).wait()
 
     def _peer(self, context) -> int:
@@ -251,40 +268,6 @@ class ServerUnreachable(ConnectionError):
     """The server did not answer, after every retry."""
 
 
-class TransportFailed(ConfigError):
-    """A call failed in a way that waiting would not mend: only UNAVAILABLE
-    and DEADLINE_EXCEEDED are retried."""
-
-
-class TlsFailed(TransportFailed):
-    """The TLS handshake failed: a setting to fix, not a server to wait for."""
-
-
-def tls_failure(details: str, address: str) -> str:
-    """What an UNAVAILABLE's details say of a failed handshake, as one line
-    naming the flag to fix ("" if the server was simply not there)."""
-    text = details.lower()
-    if "hostname verification" in text or "no match found for server name" in text:
-        return (
-            f"the server at {address} has a certificate for another name: pass "
-            "--server-name NAME, the name given to `splitft certs --server-name`"
-        )
-    if "handshake failed" not in text:
-        return ""
-    if "certificate" in text or "verify" in text or "signature" in text:
-        return (
-            f"the certificate of the server at {address} is not signed by --ca: "
-            "pass the ca.pem of the `splitft certs` folder the server's "
-            "certificate came from"
-        )
-    if "wrong_version_number" in text:  # TLS spoken to a plaintext server
-        return (
-            f"the server at {address} does not speak TLS: was it started with "
-            "--insecure? (then the client needs --insecure too)"
-        )
-    return ""  # a connection reset mid-handshake: passing, retried
-
-
 class NetworkTransport:
     """A client's connection to the server (the :class:`Transport` protocol).
 
@@ -316,14 +299,7 @@ class NetworkTransport:
         self.address, self.client_id = address, client_id
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.traffic = Traffic()
-        options = _options(max_message_bytes)
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        if ca_cert is None:
-            self._channel = grpc.insecure_channel(address, options=options)
-        else:
-            creds = grpc.ssl_channel_credentials(root_certificates=ca_cert)
-            self._channel = grpc.secure_channel(address, creds, options=options)
+        self._channel = channel(address, ca_cert, server_name, max_message_bytes)
         self._call = self._channel.unary_unary(METHOD)
         self._metadata = (
             (CLIENT_ID, str(client_id)),
@@ -366,6 +342,41 @@ class NetworkTransport:
         answer = decode(data)
         self.traffic.record("down", answer.kind, len(data))
         return answer
+
+    def wait_for_server(
+        self, timeout_s: float, poll_s: float = 1.0, setting_up: bool = False
+    ) -> None:
+        """Return once the server's health check says SERVING (or, with
+        ``setting_up``, once it answers at all: its port is open), asking
+        every ``poll_s``; at once from a server without the health service.
+
+        Raises:
+            ServerUnreachable: not so within ``timeout_s``.
+            TlsFailed: the handshake failed (at once: waiting would not help).
+        """
+        up = {"SERVING", "UNIMPLEMENTED"} | ({"NOT_SERVING"} if setting_up else set())
+        until, said = time.monotonic() + timeout_s, ""
+        while True:
+            try:
+                status = health_status(self._channel, self.address, min(5.0, timeout_s))
+            except TlsFailed as e:
+                raise TlsFailed(f"client {self.client_id}: {e}") from None
+            if status in up:
+                return
+            if time.monotonic() >= until:
+                raise ServerUnreachable(
+                    f"server {self.address}: not SERVING after {timeout_s:g} s "
+                    f"(its health check: {status})"
+                )
+            if status != said:
+                log.info(
+                    "client %d: waiting for the server at %s (%s)",
+                    self.client_id,
+                    self.address,
+                    status,
+                )
+                said = status
+            time.sleep(poll_s)
 
     def close(self) -> None:
         self._channel.close()
