@@ -35,6 +35,10 @@ def test_defaults_yaml_then_dotted_overrides(tmp_path):
             "federation.max_samples_per_client=-1 is not allowed: >= 0",
         ),
         ("data.tasks=[addition, squares]", "data.tasks=['squares'] is not allowed"),
+        (
+            "client.checkpointing=layers",
+            "client.checkpointing='layers' is not allowed: ('none', 'blocks')",
+        ),
         ("rounds", "must look like section.key=value"),
     ],
 )

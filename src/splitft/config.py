@@ -54,6 +54,7 @@ def cache_dir() -> Path:
 
 
 SERVER_DTYPES = ("float32", "bfloat16")
+CHECKPOINTING = ("none", "blocks")
 
 
 @dataclass
@@ -610,6 +611,22 @@ class ServerConfig:
 
 
 @dataclass
+class ClientConfig:
+    checkpointing: str = _f(
+        "none",
+        "activation checkpointing of the client's blocks: 'blocks' keeps only "
+        "each block's input for the backward pass and recomputes the rest "
+        "there (less memory, one more forward of the blocks; the same "
+        "gradients); 'none' keeps every activation. The planner's memory model "
+        "follows it (docs/benchmarks.md, client memory)",
+    )
+
+    def __post_init__(self) -> None:
+        ok = self.checkpointing in CHECKPOINTING
+        _check(ok, "client.checkpointing", self.checkpointing, CHECKPOINTING)
+
+
+@dataclass
 class RunConfig:
     name: str = _f("default", "run name; outputs go to <out_dir>/<name>/")
     out_dir: str = _f("runs", "folder holding the run folders")
@@ -621,6 +638,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

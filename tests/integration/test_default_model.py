@@ -244,3 +244,45 @@ def test_a_u_shaped_round_trains_as_the_vanilla_split_on_smollm2(tmp_path):
     assert b["eval_loss"] != vanilla["rounds"][0]["eval_loss"]  # it trained
     # the extra leg: activations come down, their gradients go up
     assert b["down_smashed"] > 0 and b["up_gradients"] > 0
+
+
+@pytest.mark.integration
+def test_a_checkpointing_client_trains_as_one_that_keeps_its_activations(tmp_path):
+    """client.checkpointing=blocks on SmolLM2: the same round (losses and
+    adapter), and the probe prices the checkpointed blocks' memory lower."""
+    from safetensors.torch import load_file
+
+    def run(name, *extra):
+        cfg = load_config(
+            None,
+            [
+                f"out_dir={tmp_path}",
+                f"name={name}",
+                *ONE_ROUND,
+                "federation.cut_layers=[8, 11]",
+                "eval.accuracy=false",
+                *extra,
+            ],
+        )
+        sim = Simulation(cfg)
+        sim.run(table=False)
+        adapter = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        return sim, adapter
+
+    plain, a = run("plain")
+    kept, b = run(
+        "kept",
+        "client.checkpointing=blocks",
+        f"sim.cost_model={tmp_path / 'plain' / 'costs.json'}",
+    )
+
+    def losses(sim):
+        return [r["train_loss"] for r in sim.rounds if r["round"] > 0]
+
+    assert losses(kept) == pytest.approx(losses(plain), abs=1e-5)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    c = kept.costs
+    assert c.client_checkpointing and c.act_block_ckpt == 4 * 576
+    worst = 2 * 256
+    assert c.client_memory(8, worst, worst) < plain.costs.client_memory(8, worst, worst)

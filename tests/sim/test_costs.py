@@ -69,6 +69,9 @@ def test_the_probe_separates_the_head_from_the_slots(tiny):
     # a tiny model under load it can come out 0 (it did beside a CI run)
     assert costs.block_s >= 0 and costs.embed_s + costs.block_s > 0
     assert costs.batch_gain > 0
+    # a checkpointed block keeps its float32 input, nothing else
+    assert costs.act_block_ckpt == 4 * model_config.hidden_size
+    assert costs.act_block > costs.act_block_ckpt
 
 
 def test_a_workload_plans_a_client_without_known_rows_at_the_worst():
@@ -81,3 +84,35 @@ def test_a_workload_plans_a_client_without_known_rows_at_the_worst():
     assert w.slots[0] == expected_slots([10, 20, 30], 2)
     assert 20 <= w.slots[0] <= 60  # B x the longest of two rows drawn
     assert w.labelled[0] == 2 * 4.0  # B x the mean labelled tokens a row
+
+
+def test_checkpointed_client_blocks_cost_memory_once_and_a_forward_more():
+    """client.checkpointing=blocks: k blocks keep k inputs and one block's
+    activations (the one recomputed), and run their forward twice."""
+    plain = synthetic.costs()
+    kept = dataclasses.replace(plain, client_checkpointing=True, act_block_ckpt=1e3)
+    slots = 1000
+    for k in (2, 8, 15):
+        saved = plain.client_memory(k, slots, slots) - plain.client_memory(0, 0, 0)
+        lean = kept.client_memory(k, slots, slots) - kept.client_memory(0, 0, 0)
+        weights = k * (plain.block_bytes + plain.lora_block_bytes)
+        assert saved - weights == pytest.approx(slots * k * plain.act_block)
+        assert lean - weights == pytest.approx(slots * (k * 1e3 + plain.act_block))
+        extra = kept.client_seconds(k, slots, 0) - plain.client_seconds(k, slots, 0)
+        assert extra == pytest.approx(slots * k * plain.block_s * plain.forward_share)
+    # the server's prices do not move
+    assert kept.server_seconds(4, slots, slots) == plain.server_seconds(4, slots, slots)
+
+
+def test_a_memory_bound_client_holds_more_blocks_with_checkpointing():
+    from splitft.sim.predict import Workload, World
+    from splitft.sim.profiles import ServerDevice
+
+    plain = synthetic.costs()
+    kept = dataclasses.replace(plain, client_checkpointing=True, act_block_ckpt=2304)
+    workload = Workload.of({}, 1, 2, 1, 8, 192, 0)
+    phone = {0: device(memory_mb=400)}
+    server = ServerDevice(speed=1.0, workers=1)
+    before = World.of(plain, phone, server, workload).deepest_fit(0, 29)
+    after = World.of(kept, phone, server, workload).deepest_fit(0, 29)
+    assert 0 < before < after

@@ -22,8 +22,9 @@ def trained_like_state(config, seed=0):
     return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in state.items()}
 
 
-def split_step(store, config, k, state, b):
-    """One split step exactly as client and server run it, through the wire format."""
+def split_step(store, config, k, state, b, checkpointing=False):
+    """One split step exactly as client and server run it, through the wire
+    format (``checkpointing``: the client's blocks recompute in backward)."""
     client, server = client_part(store, config, k), server_part(store, config, k)
     L = config.num_hidden_layers
     lora.inject(
@@ -38,6 +39,7 @@ def split_step(store, config, k, state, b):
     for part in (client, server):
         held = lora.select_layers(state, part.spec, part.layers)
         lora.load_adapter_state(part.model, held)
+    client.checkpoint_blocks(checkpointing)
     hidden = client.client_forward(
         b["input_ids"], b["attention_mask"], b["position_ids"]
     )
@@ -110,3 +112,46 @@ def test_split_step_matches_unsplit_peft(tiny, k):
     state, b, ref_out, ref_grads = peft_reference(folder, config, k)
     loss, logits, grads = split_step(WeightStore(folder), config, k, state, b)
     assert_same_step(loss, logits, grads, ref_out, ref_grads)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_client_with_checkpointed_blocks_matches_unsplit_peft(tiny, k):
+    """client.checkpointing=blocks: the same loss and LoRA gradients."""
+    arch, folder, config, _ = tiny
+    state, b, ref_out, ref_grads = peft_reference(folder, config, k)
+    loss, logits, grads = split_step(
+        WeightStore(folder), config, k, state, b, checkpointing=True
+    )
+    assert_same_step(loss, logits, grads, ref_out, ref_grads)
+
+
+def test_checkpointing_replays_lora_dropout_and_can_be_undone(tiny):
+    """In training mode, with LoRA dropout, checkpointed blocks give exactly
+    the gradients saved activations give (the dropout masks are replayed);
+    switched off, the blocks are as before."""
+    arch, folder, config, _ = tiny
+    settings = LoraSettings(r=4, cut_rank=2, alpha=8.0, dropout=0.3)
+    b = batch()
+
+    def grads(on):
+        part = client_part(WeightStore(folder), config, 3)
+        lora.inject(
+            part.model, part.spec, settings, lora.layer_ranks(range(3), settings, True)
+        )
+        g = torch.Generator().manual_seed(0)  # non-zero B: every weight has a grad
+        for p in lora._lora_params(part.model, "default").values():
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+        part.model.train()
+        part.checkpoint_blocks(on)
+        torch.manual_seed(7)
+        h = part.client_forward(b["input_ids"], b["attention_mask"], b["position_ids"])
+        (h.float() ** 2).mean().backward()
+        out = {k: p.grad for k, p in lora._lora_params(part.model, "default").items()}
+        part.checkpoint_blocks(False)
+        assert all("forward" not in vars(blk) for blk in part._blocks)
+        return out
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], atol=1e-6, rtol=1e-5)

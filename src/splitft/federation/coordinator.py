@@ -12,6 +12,7 @@ or remote clients over gRPC (:class:`splitft.federation.deployment.NetworkRounds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -253,6 +254,9 @@ class Coordinator:
                 compression=(cfg.transport.compression, cfg.transport.grad_compression),
                 batching=cfg.server.batching,
             )
+        # the clients' prices follow how this run's clients keep activations
+        checkpointing = cfg.client.checkpointing == "blocks"
+        self.costs = dataclasses.replace(self.costs, client_checkpointing=checkpointing)
         workload = Workload.of(
             sizes,
             fed.num_clients,

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
@@ -264,6 +266,18 @@ class ModelPart:
         if still_meta:
             raise RuntimeError(f"tensors left unloaded: {still_meta[:5]}")
 
+    def checkpoint_blocks(self, on: bool = True) -> None:
+        """Activation checkpointing of the held blocks (``client.checkpointing``):
+        each keeps only its input for the backward pass and runs its forward
+        again there. The same module tree (PEFT's names do not move): only
+        each block's ``forward`` is wrapped."""
+        for i in self.layers:
+            block = self._blocks[i]
+            if on and "forward" not in vars(block):
+                block.forward = _checkpointed(block.forward)
+            elif not on and "forward" in vars(block):
+                del block.forward
+
     @contextlib.contextmanager
     def cut_at(self, k: int) -> Iterator[None]:
         """Run only blocks ``[k, ...)`` of this part while inside the block."""
@@ -366,6 +380,21 @@ class ModelPart:
 
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` under non-reentrant activation checkpointing while autograd
+    records (it saves the inputs; dropout's RNG state is replayed)."""
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(
+            forward, *args, use_reentrant=False, **kwargs
+        )
+
+    return run
 
 
 def client_part(

@@ -69,7 +69,10 @@ class ClockedClient:
             elif kind == "tail":
                 modelled += c.tail_seconds(self.client.tail_layers, amount, labelled)
             else:
-                modelled += share[kind] * c.client_seconds(k, amount, labelled)
+                base = c.client_seconds(k, amount, labelled, recompute=False)
+                modelled += share[kind] * base
+                if kind != "forward":  # checkpointed blocks run again here
+                    modelled += c.recompute_seconds(min(k, c.num_layers), amount)
         s = self.device.slowdown
         return (modelled + recut) * s, recut * s
 

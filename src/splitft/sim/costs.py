@@ -54,6 +54,12 @@ class CostModel:
     # the server's requests served one by one over the same requests as one
     # batch (server.batching), measured on two: > 1 where batching is faster
     batch_gain: float = 1.0
+    # activations a checkpointed block saves per slot (its input; 0: not
+    # probed, then the fp32 hidden state)
+    act_block_ckpt: float = 0.0
+    # the run's client.checkpointing=blocks, which the client's prices follow
+    # (set from the config, not measured)
+    client_checkpointing: bool = False
 
     # ------------------------------------------------------------ compute
     # A micro-batch is ``slots`` token slots of which ``labelled`` carry a
@@ -63,19 +69,32 @@ class CostModel:
         """The final norm, the head and the loss, forward and backward."""
         return slots * self.norm_s + labelled * self.head_s
 
-    def client_seconds(self, k: int, slots: float, labelled: float) -> float:
+    def client_seconds(
+        self, k: int, slots: float, labelled: float, recompute: bool = True
+    ) -> float:
         """Client compute of one micro-batch at cut ``k`` (k = L: everything),
-        without a U-shaped tail (:meth:`tail_seconds`)."""
+        without a U-shaped tail (:meth:`tail_seconds`); ``recompute``: with
+        the checkpointed blocks' second forward (:meth:`recompute_seconds`)."""
+        blocks = min(k, self.num_layers)
+        again = self.recompute_seconds(blocks, slots) if recompute else 0.0
         if k >= self.num_layers:
-            blocks = slots * (self.embed_s + self.num_layers * self.block_s)
-            return blocks + self.head_seconds(slots, labelled)
-        return slots * (self.embed_s + k * self.block_s)
+            blocks_s = slots * (self.embed_s + self.num_layers * self.block_s)
+            return blocks_s + self.head_seconds(slots, labelled) + again
+        return slots * (self.embed_s + k * self.block_s) + again
+
+    def recompute_seconds(self, blocks: int, slots: float) -> float:
+        """``client.checkpointing=blocks``: the forward of the client's
+        ``blocks`` run again in the backward pass (0 without checkpointing)."""
+        if not self.client_checkpointing:
+            return 0.0
+        return slots * blocks * self.block_s * self.forward_share
 
     def tail_seconds(self, tail: int, slots: float, labelled: float) -> float:
         """A U-shaped client's tail, forward and backward (0 without one)."""
         if not tail:
             return 0.0
-        return slots * tail * self.block_s + self.head_seconds(slots, labelled)
+        head = self.head_seconds(slots, labelled)
+        return slots * tail * self.block_s + head + self.recompute_seconds(tail, slots)
 
     def server_seconds(
         self, k: int, slots: float, labelled: float, tail: int = 0
@@ -116,11 +135,12 @@ class CostModel:
         whole = k >= self.num_layers
         held = k if whole else k + tail  # blocks on the client
         blocks = self.block_bytes + self.lora_block_bytes
-        mem = (
-            self.embed_bytes
-            + held * blocks
-            + slots * (self.act_embed + held * self.act_block)
-        )
+        if self.client_checkpointing:  # each keeps its input; one at a time
+            kept = self.act_block_ckpt or self.hidden_size * 4.0
+            saved = held * kept + self.act_block  # the block being recomputed
+        else:
+            saved = held * self.act_block
+        mem = self.embed_bytes + held * blocks + slots * (self.act_embed + saved)
         if whole or tail:
             mem += self.head_bytes + slots * self.act_norm + labelled * self.act_head
         return mem

@@ -101,11 +101,17 @@ def _client_work(part, ids, mask, pos) -> dict[str, Callable[[], Any]]:
 
 
 def _client_sizes(part, ids, mask, pos) -> dict[str, float]:
-    """Saved activation bytes of a forward, parameter and LoRA bytes."""
+    """Saved activation bytes of a forward (and of one with checkpointed
+    blocks: ``client.checkpointing``), parameter and LoRA bytes."""
     with _SavedBytes(part.model) as saved:
         part.client_forward(ids, mask, pos)
+    part.checkpoint_blocks(True)
+    with _SavedBytes(part.model) as kept:
+        part.client_forward(ids, mask, pos)
+    part.checkpoint_blocks(False)
     return dict(
         saved=saved.total,
+        saved_ckpt=kept.total,
         params=_param_bytes(part.model),
         lora=_param_bytes(part.model, lora_only=True),
     )
@@ -286,6 +292,7 @@ def probe(
     block_bytes = (b["params"] - a["params"]) / dk
     embed_bytes = a["params"] - ka * block_bytes
     act_block = (b["saved"] - a["saved"]) / dk / slots
+    act_block_ckpt = max(b["saved_ckpt"] - a["saved_ckpt"], 0.0) / dk / slots
     act_embed = max(a["saved"] / slots - ka * act_block, 0.0)
     act_head = max(last["all"]["saved"] - last["half"]["saved"], 0.0) / extra
     act_norm = max(
@@ -341,6 +348,7 @@ def probe(
         lora_block_bytes=lora_block_bytes,
         act_embed=act_embed,
         act_block=act_block,
+        act_block_ckpt=act_block_ckpt,
         act_norm=act_norm,
         act_head=act_head,
         message_bytes=message,

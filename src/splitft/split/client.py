@@ -145,6 +145,7 @@ class SplitClient:
             noise=cfg.privacy.noise,
             tail_layers=cfg.federation.client_tail,
             grad_compression=cfg.transport.grad_compression,
+            checkpointing=cfg.client.checkpointing,
         )
 
     def __init__(
@@ -162,6 +163,7 @@ class SplitClient:
         noise: float = 0.0,
         tail_layers: int = 0,
         grad_compression: str = "none",
+        checkpointing: str = "none",
     ) -> None:
         if len(examples) == 0:
             raise ValueError(f"client {client_id} has no training examples")
@@ -182,6 +184,7 @@ class SplitClient:
         # ``tail``), so labels never leave it; it compresses the gradient of
         # the tail's input as the server does its gradients
         self.tail_layers, self.grad_compression = tail_layers, grad_compression
+        self.checkpointing = checkpointing  # client.checkpointing
         self.part: ModelPart | None = None
         self.tail: ModelPart | None = None
         # (kind, amount, labelled) of the compute done since the owner last
@@ -216,6 +219,8 @@ class SplitClient:
             self.tail = server_part(self.store, self.model_config, L - self.tail_layers)
             back = {i: r for i, r in ranks.items() if i in self.tail.layers}
             lora.inject(self.tail.model, self.tail.spec, self.lora, back)
+            self.tail.checkpoint_blocks(self.checkpointing == "blocks")
+        self.part.checkpoint_blocks(self.checkpointing == "blocks")
         if old is None:
             self.startup_s += time.perf_counter() - t0
         else:
