@@ -68,13 +68,10 @@ def server(assets, out, name, port, *extra, resume=None, env=None):
     return start("server", *settings, *where, env=env)
 
 
-def client(assets, out, cid, port, *extra, env=None):
-    certs = assets / "certs"
-    return start(
-        "client",
-        *base_settings(assets, out),
-        *SETTINGS,
-        *extra,
+def client_flags(certs, cid: int, port: int) -> list[str]:
+    """A `splitft client`'s flags to reach 127.0.0.1:``port`` as ``cid``
+    with the files `splitft certs` wrote to ``certs``."""
+    return [
         "--server",
         f"127.0.0.1:{port}",
         "--client-id",
@@ -83,7 +80,13 @@ def client(assets, out, cid, port, *extra, env=None):
         str(certs / "clients" / f"client-{cid}.token"),
         "--ca",
         str(certs / "ca.pem"),
-        env=env,
+    ]
+
+
+def client(assets, out, cid, port, *extra, env=None):
+    settings = [*base_settings(assets, out), *SETTINGS, *extra]
+    return start(
+        "client", *settings, *client_flags(assets / "certs", cid, port), env=env
     )
 
 

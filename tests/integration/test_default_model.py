@@ -156,10 +156,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path):
 def test_a_deployment_over_tls_trains_the_simulations_adapter(tmp_path):
     """`splitft server` and two `splitft client` processes on the real model,
     over gRPC with TLS and tokens: the simulation's adapter."""
-    import socket
     import subprocess
     import sys
 
+    from deployed import client_flags, free_port
     from safetensors.torch import load_file
 
     settings = [
@@ -184,30 +184,12 @@ def test_a_deployment_over_tls_trains_the_simulations_adapter(tmp_path):
         text=True,
     )
     assert made.returncode == 0, made.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     address = ["--address", f"127.0.0.1:{port}", "--certs", str(certs)]
     procs = [subprocess.Popen([*cli, "server", *settings, "name=net", *address])]
     for cid in range(2):
-        token = certs / "clients" / f"client-{cid}.token"
-        procs.append(
-            subprocess.Popen(
-                [
-                    *cli,
-                    "client",
-                    *settings,
-                    "--server",
-                    f"127.0.0.1:{port}",
-                    "--client-id",
-                    str(cid),
-                    "--token-file",
-                    str(token),
-                    "--ca",
-                    str(certs / "ca.pem"),
-                ],
-            )
-        )
+        flags = client_flags(certs, cid, port)
+        procs.append(subprocess.Popen([*cli, "client", *settings, *flags]))
     assert [p.wait(timeout=600) for p in procs] == [0, 0, 0]
     a = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
