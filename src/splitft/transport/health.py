@@ -35,7 +35,11 @@ def tls_failure(details: str, address: str) -> str:
     """What an UNAVAILABLE's details say of a failed handshake, as one line
     naming the flag to fix ("" if the server was simply not there)."""
     text = details.lower()
-    if "hostname verification" in text or "no match found for server name" in text:
+    if (
+        "hostname verification" in text
+        or "no match found for server name" in text
+        or "not in peer certificate" in text  # grpcio 1.60's wording
+    ):
         return (
             f"the server at {address} has a certificate for another name: pass "
             "--server-name NAME, the name given to `splitft certs --server-name`"

@@ -336,7 +336,9 @@ class NetworkTransport:
                         f"server {self.address}: {code.name}: {e.details()}"
                     ) from None
                 delay = self.backoff_s * 2**attempt * (0.5 + random.random())
-                time.sleep(min(delay, 30.0))
+                # at most 4 s between tries: a server back from a restart
+                # keeps its port open for its clients a few seconds only
+                time.sleep(min(delay, 4.0))
         data = unpack(reply)
         self.traffic.record("up", msg.kind, len(payload))
         answer = decode(data)
