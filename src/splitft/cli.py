@@ -177,18 +177,13 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """A server's health check (grpc.health.v1): exit 0 if SERVING."""
-    from splitft.transport.health import channel, health_status
+    from splitft.transport.health import channel, health_status, read_file
 
     if not args.insecure and not args.ca:
         raise ConfigError(
             "--ca FILE is required (the CA from `splitft certs`), or --insecure"
         )
-    try:
-        ca = None if args.insecure else Path(args.ca).read_bytes()
-    except OSError as e:
-        raise ConfigError(
-            f"--ca {args.ca}: cannot read it ({e.strerror or e})"
-        ) from None
+    ca = None if args.insecure else read_file(Path(args.ca))
     with channel(args.server, ca, args.server_name) as link:
         status = health_status(link, args.server, args.timeout)
     print(f"{args.server}: {status}")

@@ -430,7 +430,8 @@ def serve_run(
     resume: bool = False,
 ) -> dict:
     """``splitft server``: the coordinator with networked rounds, until done."""
-    from splitft.transport.network import NetworkServer, check_address, read_file
+    from splitft.transport.health import read_file
+    from splitft.transport.network import NetworkServer, check_address
     from splitft.transport.security import (
         check_key_pair,
         check_tokens_cover,

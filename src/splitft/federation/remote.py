@@ -22,7 +22,8 @@ from splitft.models.load import load_for_run
 from splitft.models.parts import WeightStore, load_tokenizer
 from splitft.split.client import JoinFailed, ServerRefused, ServerStopped, SplitClient
 from splitft.split.messages import Stop, Wait
-from splitft.transport.network import check_address, read_file
+from splitft.transport.health import read_file
+from splitft.transport.network import check_address
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,8 @@ so that a probe (``splitft health``) imports grpc and nothing heavier.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -97,3 +99,11 @@ def health_status(link: grpc.Channel, address: str, timeout_s: float = 5.0) -> s
             raise TlsFailed(tls) from None
         return code.name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def read_file(path: Path) -> bytes:
+    """A file's bytes (a certificate, a key); unreadable is one ConfigError."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None

@@ -30,7 +30,6 @@ import threading
 import time
 from collections import defaultdict
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -404,11 +403,3 @@ def check_address(address: str, insecure: bool, allow_insecure_remote: bool) -> 
             "TLS (--certs), or --allow-insecure-remote if you really mean it"
         )
     return address
-
-
-def read_file(path: Path) -> bytes:
-    """A file's bytes (a certificate, a key); unreadable is one ConfigError."""
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
