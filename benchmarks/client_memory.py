@@ -1,5 +1,6 @@
-"""A client's peak memory and step time at each cut, keeping its activations
-or checkpointing its blocks (``client.checkpointing``).
+"""A client's peak memory and step time at each cut, for each frozen-base
+format (``client.base_dtype``) and way of keeping activations
+(``client.checkpointing``).
 
     python benchmarks/client_memory.py [--quick] [--cuts 2 8 15 29] [--steps 3]
 
@@ -9,13 +10,16 @@ it builds the default model's client part at cut ``k`` with LoRA, then runs
 smashed data, AdamW) on a ``--batch-size`` x 192-token batch after one
 warm-up step, and reports its peak RSS (VmHWM) and the median step time.
 A process with no client part gives the interpreter's baseline. The settings
-run in turns, ``--repeats`` times, so all see the same machine; printed:
-peak RSS above the baseline and the step time, and their ratios over keeping
-every activation, per cut. A third setting checkpoints with glibc's
-``MALLOC_MMAP_THRESHOLD_`` fixed (``--mmap-threshold``): large tensors are
-then mmapped and given back when freed, where glibc's default (a threshold
-that rises as memory is freed) keeps them in a heap that only grows. The
-quantized base formats of issue 21 are not here yet.
+(``base_dtype/checkpointing``) run in turns, ``--repeats`` times, so all see
+the same machine; printed: peak RSS above the baseline and the step time,
+and their ratios over ``float32/none`` (today's client), per cut.
+``--mmap-threshold`` adds ``float32/blocks`` with glibc's
+``MALLOC_MMAP_THRESHOLD_`` fixed: large tensors are then mmapped and given
+back when freed, where glibc's default (a threshold that rises as memory is
+freed) keeps them in a heap that only grows. ``--allocators tcmalloc
+jemalloc`` adds float32/none and nf4/blocks in processes that run with that
+malloc instead of glibc's (``LD_PRELOAD``), measured above a baseline
+process with the same malloc.
 """
 
 from __future__ import annotations
@@ -32,9 +36,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import provenance, write_json  # noqa: E402
 
+from splitft.config import BASE_DTYPES, CHECKPOINTING  # noqa: E402
 
-def measure(k: int, checkpointing: str, batch_size: int, steps: int) -> dict:
-    """In this (fresh) process: the client part at cut ``k``, its steps."""
+REFERENCE = "float32/none"  # today's client: what the ratios divide by
+SETTINGS = [
+    "float32/none",
+    "float32/blocks",
+    "bfloat16/none",
+    "bfloat16/blocks",
+    "int8/blocks",
+    "nf4/none",
+    "nf4/blocks",
+]
+
+
+def measure(k: int, setting: str, batch_size: int, steps: int) -> dict:
+    """In this (fresh) process: the client part at cut ``k`` with
+    ``setting`` (base_dtype/checkpointing), its steps."""
+    base, checkpointing = setting.split("/")
     import torch
 
     from splitft import lora
@@ -49,7 +68,7 @@ def measure(k: int, checkpointing: str, batch_size: int, steps: int) -> dict:
         folder = default_model_dir()
         config = load_model_config(folder)
         settings = LoraSettings()
-        part = client_part(WeightStore(folder), config, k)
+        part = client_part(WeightStore.for_base(folder, base), config, k)
         ranks = lora.client_layer_ranks(k, config.num_hidden_layers, settings)
         lora.inject(part.model, part.spec, settings, ranks)
         part.model.train()
@@ -71,7 +90,7 @@ def measure(k: int, checkpointing: str, batch_size: int, steps: int) -> dict:
     return {
         "k": k,
         "built_mb": built_mb,
-        "checkpointing": checkpointing,
+        "setting": setting,
         "peak_mb": peak_mb,
         "step_s": step_s,
     }
@@ -84,51 +103,72 @@ def _peak_mb() -> float:
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
-def in_fresh_process(k: int, checkpointing: str, args, env=None) -> dict:
-    cmd = [sys.executable, __file__, "--one", str(k), checkpointing]
+def in_fresh_process(k: int, setting: str, args, env=None) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(k), setting]
     cmd += ["--batch-size", str(args.batch_size), "--steps", str(args.steps)]
     env = {**os.environ, **(env or {})}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def settings(args) -> dict[str, tuple[str, dict]]:
-    """name -> (client.checkpointing, environment of the process)."""
-    out = {"keep": ("none", {}), "checkpoint": ("blocks", {})}
+# malloc libraries a process may run with instead of glibc's (LD_PRELOAD by
+# name: Debian's libtcmalloc-minimal4 and libjemalloc2)
+ALLOCATORS = {
+    "tcmalloc": "libtcmalloc_minimal.so.4",
+    "jemalloc": "libjemalloc.so.2",
+}
+FRUGAL = "nf4/blocks"  # the smallest client: what --allocators also runs
+
+
+def settings(args) -> dict[str, tuple[str, dict, str]]:
+    """name -> (base_dtype/checkpointing, environment of the process, the
+    allocator whose baseline it is measured above)."""
+    out = {name: (name, {}, "glibc") for name in args.settings}
     if args.mmap_threshold:  # glibc: allocations above it are mmapped and
         # returned at free, instead of kept by the heap (RSS falls, page
         # faults rise)
         env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
-        out["checkpoint+mmap"] = ("blocks", env)
+        out["float32/blocks+mmap"] = ("float32/blocks", env, "glibc")
+    for name in args.allocators:
+        env = {"LD_PRELOAD": ALLOCATORS[name]}
+        for setting in (REFERENCE, FRUGAL):
+            out[f"{setting}+{name}"] = (setting, env, name)
     return out
 
 
 def main(args) -> None:
     runs = settings(args)
     rows: dict[tuple[int, str], list[dict]] = {}
-    baseline = []
+    baselines: dict[str, list[float]] = {}
     for _ in range(args.repeats):
-        baseline.append(in_fresh_process(0, "none", args)["peak_mb"])
+        for alloc in {"glibc", *args.allocators}:
+            env = {"LD_PRELOAD": ALLOCATORS[alloc]} if alloc != "glibc" else {}
+            m = in_fresh_process(0, REFERENCE, args, env)
+            baselines.setdefault(alloc, []).append(m["peak_mb"])
         for k in args.cuts:
-            for name, (checkpointing, env) in runs.items():
-                m = in_fresh_process(k, checkpointing, args, env)
+            for name, (setting, env, _) in runs.items():
+                m = in_fresh_process(k, setting, args, env)
                 rows.setdefault((k, name), []).append(m)
                 print(
-                    f"  k={k:<3} {name:<16} peak {m['peak_mb']:8.1f} MB "
+                    f"  k={k:<3} {name:<22} peak {m['peak_mb']:8.1f} MB "
                     f"step {m['step_s']:6.2f} s",
                     flush=True,
                 )
-    base = statistics.median(baseline)
-    print(f"\ninterpreter baseline (no client part): {base:.0f} MB peak RSS")
+    base = {alloc: statistics.median(mbs) for alloc, mbs in baselines.items()}
     print(
-        f"{'k':>4} {'setting':<16} {'MB':>7} {'MB ratio':>9} {'step s':>7} "
+        "\ninterpreter baseline (no client part): "
+        + ", ".join(f"{a} {mb:.0f} MB" for a, mb in sorted(base.items()))
+        + " peak RSS"
+    )
+    print(
+        f"{'k':>4} {'setting':<22} {'MB':>7} {'MB ratio':>9} {'step s':>7} "
         f"{'s ratio':>8}"
     )
     table = []
     for k in args.cuts:
         mb = {
-            n: statistics.median(m["peak_mb"] for m in rows[(k, n)]) - base
-            for n in runs
+            n: statistics.median(m["peak_mb"] for m in rows[(k, n)]) - base[alloc]
+            for n, (_, _, alloc) in runs.items()
         }
         sec = {n: statistics.median(m["step_s"] for m in rows[(k, n)]) for n in runs}
         for n in runs:
@@ -137,17 +177,17 @@ def main(args) -> None:
                 "setting": n,
                 "above_baseline_mb": mb[n],
                 "step_s": sec[n],
-                "mb_ratio": mb[n] / mb["keep"],
-                "step_ratio": sec[n] / sec["keep"],
+                "mb_ratio": mb[n] / mb[REFERENCE],
+                "step_ratio": sec[n] / sec[REFERENCE],
             }
             table.append(row)
             print(
-                f"{k:>4} {n:<16} {mb[n]:7.0f} {row['mb_ratio']:9.2f} "
+                f"{k:>4} {n:<22} {mb[n]:7.0f} {row['mb_ratio']:9.2f} "
                 f"{sec[n]:7.2f} {row['step_ratio']:8.2f}"
             )
     print(
-        "MB: peak RSS above the baseline; ratios: over keeping every activation "
-        "(medians of --repeats fresh processes)"
+        f"MB: peak RSS above the baseline; ratios: over {REFERENCE} (today's "
+        "client; medians of --repeats fresh processes)"
     )
     if args.out:
         write_json(
@@ -168,13 +208,32 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=3, help="timed steps a process")
     ap.add_argument("--repeats", type=int, default=1, help="fresh processes each")
     ap.add_argument(
+        "--settings",
+        nargs="+",
+        default=SETTINGS,
+        metavar="BASE/CKPT",
+        help="client.base_dtype/client.checkpointing pairs (float32/none is "
+        "always measured: the ratios' reference)",
+    )
+    ap.add_argument(
         "--mmap-threshold",
         type=int,
-        default=131072,
+        default=0,
         metavar="BYTES",
-        help="also checkpointing with glibc's MALLOC_MMAP_THRESHOLD_ at this (0: not)",
+        help="also float32/blocks with glibc's MALLOC_MMAP_THRESHOLD_ at this "
+        "(0: not; 131072 is glibc's initial threshold)",
     )
-    ap.add_argument("--quick", action="store_true", help="cuts 2 15, 2 steps")
+    ap.add_argument(
+        "--allocators",
+        nargs="*",
+        default=[],
+        choices=sorted(ALLOCATORS),
+        help=f"also {REFERENCE} and {FRUGAL} with this malloc (LD_PRELOAD; "
+        "apt install libtcmalloc-minimal4 / libjemalloc2)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="cuts 2 15, 2 steps, 4 settings"
+    )
     ap.add_argument("--out", help="also write client_memory.json here")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -183,4 +242,14 @@ if __name__ == "__main__":
     else:
         if a.quick:
             a.cuts, a.steps = [2, 15], 2
+            a.settings = [REFERENCE, "float32/blocks", "bfloat16/blocks", "nf4/blocks"]
+        if REFERENCE not in a.settings:
+            a.settings = [REFERENCE, *a.settings]
+        for setting in a.settings:
+            base, _, ckpt = setting.partition("/")
+            if base not in BASE_DTYPES or ckpt not in CHECKPOINTING:
+                ap.error(
+                    f"--settings {setting!r} is not allowed: BASE/CKPT with BASE in "
+                    f"{BASE_DTYPES} and CKPT in {CHECKPOINTING}"
+                )
         main(a)

@@ -67,10 +67,16 @@ def train_sizes(
 
 
 def probe_default(
-    batch_size: int, max_length: int, eval_size: int, train_per_task: int, seed: int = 0
+    batch_size: int,
+    max_length: int,
+    eval_size: int,
+    train_per_task: int,
+    seed: int = 0,
+    base: str = "float32",
 ) -> tuple[CostModel, list[tuple[int, int]]]:
     """Probe the default model at the default data's mean length, once for a
-    whole benchmark (every method then starts from the same beliefs)."""
+    whole benchmark (every method then starts from the same beliefs);
+    ``base``: the clients' client.base_dtype."""
     sizes = train_sizes(max_length, eval_size, train_per_task, seed)
     folder = default_model_dir()
     costs = probe(
@@ -80,6 +86,7 @@ def probe_default(
         batch_size,
         int(np.mean([n for n, _ in sizes])),
         batching=True,  # the batch gain too (docs/benchmarks.md reports it)
+        client_store=WeightStore.for_base(folder, base),
     )
     return costs, sizes
 

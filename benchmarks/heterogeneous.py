@@ -45,6 +45,7 @@ Writes results.json, loss_vs_time_<P>.png and cuts_<P>.png to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -68,7 +69,12 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from splitft.config import DEFAULT_TASKS, SimConfig  # noqa: E402
+from splitft.config import (  # noqa: E402
+    BASE_DTYPES,
+    CHECKPOINTING,
+    DEFAULT_TASKS,
+    SimConfig,
+)
 from splitft.federation import planner  # noqa: E402
 from splitft.sim.costs import CostModel  # noqa: E402
 from splitft.sim.predict import (  # noqa: E402
@@ -84,8 +90,16 @@ MIX = ["ws", "laptop", "tablet", "phone"]
 BATCH, MAX_LENGTH = 2, 128
 
 
+# the cost model the devices' memory is sized by: a float32 client keeping
+# its activations (``--client`` changes what a client holds, not the devices);
+# None: the run's own cost model
+DEVICE_COSTS: CostModel | None = None
+
+
 def fleet(costs: CostModel) -> dict[str, dict]:
-    """The device types; the tablet fits 4 blocks and the phone 2 (plus 1 MB)."""
+    """The device types; the tablet fits 4 blocks and the phone 2 (plus 1 MB)
+    of a float32 client that keeps its activations (:data:`DEVICE_COSTS`)."""
+    costs = DEVICE_COSTS or costs
     worst = BATCH * MAX_LENGTH
 
     def fits(k: int) -> float:
@@ -281,6 +295,9 @@ def base_tree(args, out: Path, profile: str, costs: CostModel) -> dict:
             "accuracy_examples": args.accuracy_examples,
             "max_new_tokens": 8,
         },
+        "client": dict(
+            zip(("base_dtype", "checkpointing"), args.client.split("/"), strict=True)
+        ),
         "sim": {
             "mix": MIX,
             "profiles": fleet(costs),
@@ -723,6 +740,13 @@ def main() -> None:
         help="use a saved cost model (a run's costs.json) instead of probing",
     )
     ap.add_argument(
+        "--client",
+        default="float32/none",
+        metavar="BASE/CKPT",
+        help="every method's clients: client.base_dtype/client.checkpointing "
+        "(the devices' memory stays sized by a float32/none client)",
+    )
+    ap.add_argument(
         "--report", metavar="RESULTS", help="re-render a results.json, run nothing"
     )
     ap.add_argument(
@@ -733,6 +757,12 @@ def main() -> None:
         "required) and run only the missing ones",
     )
     args = ap.parse_args()
+    base, _, ckpt = args.client.partition("/")
+    if base not in BASE_DTYPES or ckpt not in CHECKPOINTING:
+        ap.error(
+            f"--client {args.client!r} is not allowed: BASE/CKPT with BASE in "
+            f"{BASE_DTYPES} and CKPT in {CHECKPOINTING}"
+        )
     if args.report:
         report(Path(args.report))
         return
@@ -755,6 +785,13 @@ def main() -> None:
         costs, sizes = CostModel.load(args.costs), train_sizes(*data)
     else:
         costs, sizes = probe_default(BATCH, *data)
+    base, ckpt = args.client.split("/")
+    if args.client != "float32/none":  # the clients' own prices; the same devices
+        global DEVICE_COSTS
+        DEVICE_COSTS = CostModel(**earlier["device_costs"]) if earlier else costs
+        if not earlier:
+            costs, _ = probe_default(BATCH, *data, base=base)
+        costs = dataclasses.replace(costs, client_checkpointing=ckpt == "blocks")
     args.num_layers = costs.num_layers
     slots = expected_slots([n for n, _ in sizes], BATCH)
     size = (slots, expected_labelled([n for _, n in sizes], BATCH))
@@ -775,6 +812,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items()},
         "fleet": fleet(costs),
         "costs": costs.__dict__,
+        "device_costs": (DEVICE_COSTS or costs).__dict__,
         "slots": slots,
         "labelled": size[1],
         "part_a": part_a(costs, size, args.local_steps, check=not args.quick),
@@ -833,6 +871,7 @@ SAME = (
     "eval_size",
     "train_per_task",
     "seed",
+    "client",
 )
 
 
@@ -847,7 +886,8 @@ def previous(path: Path, args) -> dict | None:
     earlier = json.loads(path.read_text())
     old = earlier["settings"]
     now = vars(args)
-    before = {"seed": 0}  # what runs made before the setting existed used
+    # what runs made before the setting existed used
+    before = {"seed": 0, "client": "float32/none"}
     differ = [
         f"{k}: {old.get(k, before.get(k))!r} there, {now[k]!r} now"
         for k in SAME

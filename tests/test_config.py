@@ -39,6 +39,11 @@ def test_defaults_yaml_then_dotted_overrides(tmp_path):
             "client.checkpointing=layers",
             "client.checkpointing='layers' is not allowed: ('none', 'blocks')",
         ),
+        (
+            "client.base_dtype=fp16",
+            "client.base_dtype='fp16' is not allowed: ('float32', 'bfloat16', 'int8', "
+            "'nf4')",
+        ),
         ("rounds", "must look like section.key=value"),
     ],
 )

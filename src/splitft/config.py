@@ -55,6 +55,7 @@ def cache_dir() -> Path:
 
 SERVER_DTYPES = ("float32", "bfloat16")
 CHECKPOINTING = ("none", "blocks")
+BASE_DTYPES = ("float32", "bfloat16", "int8", "nf4")
 
 
 @dataclass
@@ -70,8 +71,8 @@ class ModelConfig:
     server_dtype: str = _f(
         "float32",
         "the server's frozen base: 'float32' or 'bfloat16' (its LoRA weights, "
-        "optimizer state and loss stay float32; clients keep float32); see "
-        "docs/server.md",
+        "optimizer state and loss stay float32; clients follow client.base_dtype); "
+        "see docs/server.md",
     )
 
     def __post_init__(self) -> None:
@@ -621,9 +622,21 @@ class ClientConfig:
         "follows it (docs/benchmarks.md, client memory)",
     )
 
+    base_dtype: str = _f(
+        "float32",
+        "the client's frozen base (embeddings and its blocks): 'float32' as "
+        "stored; 'bfloat16'; 'int8' or 'nf4' (the blocks' linear layers "
+        "quantized at load with bitsandbytes, as QLoRA does; the rest "
+        "bfloat16). All but float32 compute in bfloat16; LoRA weights and "
+        "AdamW's state stay float32. The planner's memory and time model "
+        "follow it (docs/benchmarks.md, client memory)",
+    )
+
     def __post_init__(self) -> None:
         ok = self.checkpointing in CHECKPOINTING
         _check(ok, "client.checkpointing", self.checkpointing, CHECKPOINTING)
+        ok = self.base_dtype in BASE_DTYPES
+        _check(ok, "client.base_dtype", self.base_dtype, BASE_DTYPES)
 
 
 @dataclass

@@ -375,3 +375,34 @@ def test_an_interrupt_in_a_server_step_stops_the_run_and_tells_the_clients(
     assert sorted(errors) == [0, 1, 2]
     for e in errors.values():
         assert "the server was interrupted (SIGTERM)" in str(e), e
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("client.base_dtype=nf4", "client.checkpointing=blocks"),
+        (  # the client's tail is quantized too
+            "client.base_dtype=int8",
+            "federation.topology=u_shaped",
+            "federation.tail_layers=1",
+            "federation.cut_layers=[1, 2, 2]",
+        ),
+    ],
+    ids=["nf4", "int8-u-shaped"],
+)
+def test_deployed_quantized_clients_train_the_simulations_adapter(
+    assets, tmp_path, extra
+):
+    """client.base_dtype: a deployed client quantizes its own blocks at load
+    (its own store, not the server's) and trains what the simulation does
+    (a float32 client would not: it computes in another precision)."""
+    sim = Simulation(config(assets, tmp_path, "name=qsim", *settings(*extra)))
+    sim.run(table=False)
+    cfg = config(assets, tmp_path, "name=qdep", *settings(*extra))
+    client, _ = build_client(cfg, 0)
+    assert client.store.base == cfg.client.base_dtype != "float32"
+    deploy(cfg)
+    a = load_file(tmp_path / "qsim" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "qdep" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

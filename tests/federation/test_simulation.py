@@ -280,6 +280,16 @@ def test_cost_model_reuse_and_the_live_clock(assets, tmp_path):
     sim2, summary = run(again)
     assert sim2.costs == sim.costs
     assert summary["rounds"][1]["sim_round_s"] > 0
+    # its client memory and time are float32 clients': not an nf4 run's
+    nf4 = config(
+        assets,
+        tmp_path,
+        "name=nf4",
+        "client.base_dtype=nf4",
+        f"sim.cost_model={sim.run_dir / 'costs.json'}",
+    )
+    with pytest.raises(ConfigError, match="base_dtype='float32', this run's is 'nf4'"):
+        run(nf4)
 
 
 def test_settings_the_model_or_machine_cannot_meet_stop_before_loading(
@@ -444,3 +454,41 @@ def test_a_bfloat16_server_trains_what_a_float32_one_does(assets, tmp_path):
     assert losses["bfloat16"][-1] < losses["bfloat16"][0]
     for a, b in zip(losses["float32"], losses["bfloat16"], strict=True):
         assert b == pytest.approx(a, rel=1e-2)
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "int8", "nf4"])
+def test_clients_with_a_smaller_frozen_base_train_what_float32_ones_do(
+    assets, tmp_path, base
+):
+    """client.base_dtype: the clients' blocks quantized at load (shared by
+    every simulated client; the server stays float32), their LoRA weights
+    float32; the run learns and ends near the float32 clients' run; the cost
+    probe measures the clients' parts in their format."""
+    losses, probed = {}, {}
+    for fmt in ("float32", base):
+        cfg = config(
+            assets,
+            tmp_path,
+            f"name=base-{fmt}",
+            f"client.base_dtype={fmt}",
+            "client.checkpointing=blocks",
+            "federation.rounds=2",
+        )
+        sim, summary = run(cfg)
+        losses[fmt] = [r["eval_loss"] for r in summary["rounds"]]
+        probed[fmt] = sim.costs
+        clients = sim.runner.clients.values()
+        assert {c.store for c in clients} == {sim.client_store}
+        assert sim.client_store.base == fmt and sim.server.store.base == "float32"
+        for c in clients:  # LoRA weights (and AdamW's state) in float32
+            params = c._opt.param_groups[0]["params"]
+            assert all(p.dtype == torch.float32 for p in params)
+    assert losses[base][-1] < losses[base][0]
+    assert losses[base][-1] == pytest.approx(losses["float32"][-1], rel=5e-2)
+    assert probed[base].client_base == base
+    assert probed["float32"].client_base == "float32"
+    # int8 stores a block's linear weights in a quarter of float32, nf4 in an
+    # eighth (plus their scales), bfloat16 in a half
+    ratio = probed[base].block_bytes / probed["float32"].block_bytes
+    assert ratio < {"bfloat16": 0.51, "int8": 0.35, "nf4": 0.3}[base], ratio
+    assert probed[base].client_block_s > 0 and probed["float32"].client_block_s == 0

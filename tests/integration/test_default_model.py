@@ -228,6 +228,24 @@ def test_a_u_shaped_round_trains_as_the_vanilla_split_on_smollm2(tmp_path):
     assert b["down_smashed"] > 0 and b["up_gradients"] > 0
 
 
+def run_at_cuts_8_and_11(tmp_path, name, *extra) -> Simulation:
+    """One round of two SmolLM2 clients at cuts 8 and 11, in ``tmp_path/name``."""
+    cfg = load_config(
+        None,
+        [
+            f"out_dir={tmp_path}",
+            f"name={name}",
+            *ONE_ROUND,
+            "federation.cut_layers=[8, 11]",
+            "eval.accuracy=false",
+            *extra,
+        ],
+    )
+    sim = Simulation(cfg)
+    sim.run(table=False)
+    return sim
+
+
 @pytest.mark.integration
 def test_a_checkpointing_client_trains_as_one_that_keeps_its_activations(tmp_path):
     """client.checkpointing=blocks on SmolLM2: the same round (losses and
@@ -235,19 +253,7 @@ def test_a_checkpointing_client_trains_as_one_that_keeps_its_activations(tmp_pat
     from safetensors.torch import load_file
 
     def run(name, *extra):
-        cfg = load_config(
-            None,
-            [
-                f"out_dir={tmp_path}",
-                f"name={name}",
-                *ONE_ROUND,
-                "federation.cut_layers=[8, 11]",
-                "eval.accuracy=false",
-                *extra,
-            ],
-        )
-        sim = Simulation(cfg)
-        sim.run(table=False)
+        sim = run_at_cuts_8_and_11(tmp_path, name, *extra)
         adapter = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
         return sim, adapter
 
@@ -268,3 +274,29 @@ def test_a_checkpointing_client_trains_as_one_that_keeps_its_activations(tmp_pat
     assert c.client_checkpointing and c.act_block_ckpt == 4 * 576
     worst = 2 * 256
     assert c.client_memory(8, worst, worst) < plain.costs.client_memory(8, worst, worst)
+
+
+@pytest.mark.integration
+def test_nf4_clients_train_smollm2_as_float32_ones_do(tmp_path):
+    """client.base_dtype=nf4 (+ checkpointing) on SmolLM2: the clients' blocks
+    in 4 bits, one round's losses near the float32 clients', and the probe
+    prices their memory lower."""
+    plain = run_at_cuts_8_and_11(tmp_path, "plain")
+    nf4 = run_at_cuts_8_and_11(
+        tmp_path, "nf4", "client.base_dtype=nf4", "client.checkpointing=blocks"
+    )
+
+    def losses(sim):
+        return [r["train_loss"] for r in sim.rounds if r["round"] > 0]
+
+    assert losses(nf4) == pytest.approx(losses(plain), rel=5e-2)
+    assert nf4.rounds[-1]["eval_loss"] == pytest.approx(
+        plain.rounds[-1]["eval_loss"], rel=2e-2
+    )
+    a, b = plain.costs, nf4.costs
+    assert b.client_base == "nf4" and a.client_base == "float32"
+    # a block's weights: 14.2 MB in float32; nf4 packs 2 weights a byte (plus
+    # the norms in bf16 and the scales)
+    assert b.block_bytes < 0.15 * a.block_bytes
+    worst = 2 * 256
+    assert b.client_memory(11, worst, worst) < 0.5 * a.client_memory(11, worst, worst)

@@ -132,17 +132,21 @@ def test_index_that_is_not_json(tmp_path):
     )
 
 
-def test_weights_that_do_not_match_the_config(folder):
+@pytest.mark.parametrize("base", ["float32", "nf4"])  # nf4: quantized at load
+def test_weights_that_do_not_match_the_config(folder, base):
     edit_config(folder, num_hidden_layers=5)
-    store, config = WeightStore(folder), load_model_config(folder)
+    store = WeightStore.for_base(folder, base)
+    config = load_model_config(folder)
     message = error(client_part, store, config, 5)
     assert message.startswith(f"{folder}: the weights have no 'model.layers.4.")
 
 
-def test_weights_of_another_size_than_the_config(folder):
+@pytest.mark.parametrize("base", ["float32", "nf4"])
+def test_weights_of_another_size_than_the_config(folder, base):
     config = json.loads((folder / "config.json").read_text())
     edit_config(folder, intermediate_size=config["intermediate_size"] * 2)
-    store, config = WeightStore(folder), load_model_config(folder)
+    store = WeightStore.for_base(folder, base)
+    config = load_model_config(folder)
     message = error(client_part, store, config, 1)
     assert message.startswith(f"{folder}: 'model.layers.0.mlp.")
     assert message.endswith("(weights and config do not match)")

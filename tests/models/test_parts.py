@@ -194,3 +194,46 @@ def test_train_loss_from_token_ids_equals_the_hf_loss(tiny, which):
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=0)
     for p, want in zip(params, ref_grads, strict=True):
         torch.testing.assert_close(p.grad, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("base", ["int8", "nf4"])
+def test_a_quantized_store_quantizes_the_blocks_once_for_every_part(tiny, base):
+    """client.base_dtype=int8/nf4: the blocks' dense layers are quantized when
+    a part first needs them and shared by every part of the store (a
+    simulation's clients hold them once); the embeddings and norms are
+    bfloat16; a block is a quarter (int8) or less (nf4) of float32."""
+    arch, folder, config, _ = tiny
+    store = WeightStore.for_base(folder, base)
+    assert store.base == base and store.dtype == torch.bfloat16
+    a, b = client_part(store, config, 2), client_part(store, config, 3)
+    plain = client_part(WeightStore(folder), config, 2)
+    spec = a.spec
+    blocks_a = getattr(a.decoder, spec.blocks)
+    blocks_b = getattr(b.decoder, spec.blocks)
+    quantized = [
+        (name, m)
+        for name, m in blocks_a[0].named_modules()
+        if type(m).__module__.startswith("bitsandbytes")
+    ]
+    assert quantized  # every dense layer of the block
+    for name, m in quantized:
+        assert blocks_b[0].get_submodule(name) is m
+        assert m.weight.dtype in (torch.int8, torch.uint8)
+    embed = getattr(a.decoder, spec.embeddings[0]).weight
+    assert embed.dtype == torch.bfloat16
+    block_bytes = sum(p.numel() * p.element_size() for p in blocks_a[0].parameters())
+    plain_bytes = sum(
+        p.numel() * p.element_size()
+        for p in getattr(plain.decoder, spec.blocks)[0].parameters()
+    )
+    assert block_bytes < 0.35 * plain_bytes
+    # the server's parts of a float32 store are untouched: float32 = as stored
+    same = WeightStore.for_base(folder, "float32")
+    assert same.base == "float32" and same.quantize is None
+    assert same.dtype == torch.float32
+
+
+def test_a_store_refuses_an_unknown_quantization(tiny):
+    _, folder, _, _ = tiny
+    with pytest.raises(ValueError, match="quantize='fp8' not in"):
+        WeightStore(folder, quantize="fp8")

@@ -4,7 +4,7 @@ import peft
 import pytest
 import torch
 from tiny import batch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from splitft import lora
 from splitft.config import LoraSettings
@@ -69,9 +69,10 @@ def split_step(store, config, k, state, b, checkpointing=False):
     return out.loss.detach(), out.logits.detach(), grads
 
 
-def peft_reference(folder, config, k):
+def peft_reference(folder, config, k, **load):
     """The unsplit PEFT model's step on :func:`batch`, with block ``k - 1`` at
-    the cut rank: (adapter state, batch, output, LoRA gradients by key)."""
+    the cut rank: (adapter state, batch, output, LoRA gradients by key).
+    ``load``: how transformers loads the model (a dtype, a quantization)."""
     spec = lora.spec_for(config.model_type)
     global_state = trained_like_state(config)
     # The client's last block runs at the reduced cut rank: the unsplit
@@ -81,7 +82,10 @@ def peft_reference(folder, config, k):
     keyed = {key: ranks[lora.layer_of(key, spec)] for key in global_state}
     state = truncate_to(global_state, keyed)
 
-    ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ref = AutoModelForCausalLM.from_pretrained(folder, **load).eval()
+    for module in ref.modules():  # as quantize_linear: no CPU inference repack
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     ref = peft.get_peft_model(ref, lora.peft_config(spec, SETTINGS, ranks))
     peft.set_peft_model_state_dict(
         ref, {lora.PEFT_PREFIX + key: v for key, v in state.items()}
@@ -155,3 +159,40 @@ def test_checkpointing_replays_lora_dropout_and_can_be_undone(tiny):
     assert plain.keys() == checkpointed.keys()
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], atol=1e-6, rtol=1e-5)
+
+
+# The unsplit reference of each client.base_dtype: transformers loads the
+# model in bfloat16 and, for int8/nf4, quantizes it with bitsandbytes as a
+# QLoRA user would (BitsAndBytesConfig); the split parts are built from a
+# WeightStore.for_base. Same quantized weights, same bfloat16 compute.
+def quantized_load(base):
+    config = {
+        "bfloat16": None,
+        "int8": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0),
+        "nf4": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+    }[base]
+    load = {"dtype": torch.bfloat16, "device_map": "cpu"}
+    return load if config is None else {**load, "quantization_config": config}
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "int8", "nf4"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_split_step_with_a_quantized_base_matches_unsplit_peft(tiny, base, k):
+    """client.base_dtype: the split step equals the unsplit PEFT model with
+    the same frozen base (the same quantized weights, the same bfloat16
+    compute), every architecture; the LoRA weights and their gradients stay
+    float32. (Bitwise equal here; asserted to the fp32 tolerance.)"""
+    arch, folder, config, _ = tiny
+    state, b, ref_out, ref_grads = peft_reference(
+        folder, config, k, **quantized_load(base)
+    )
+    store = WeightStore.for_base(folder, base)
+    loss, logits, grads = split_step(store, config, k, state, b)
+    assert logits.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    assert_same_step(loss, logits, grads, ref_out, ref_grads)

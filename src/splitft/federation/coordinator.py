@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from splitft import interrupts, lora, report, runs
-from splitft.config import RunConfig, save_config
+from splitft.config import ConfigError, RunConfig, save_config
 from splitft.data.federated import load_run_data
 from splitft.data.format import pad_token_id
 from splitft.eval import GlobalEvaluator
@@ -144,6 +144,12 @@ class Coordinator:
             if dtype == self.store.dtype
             else WeightStore(self.model_dir, dtype=dtype, device=device)
         )
+        # the simulated clients' frozen base (client.base_dtype), shared by all
+        base = cfg.client.base_dtype
+        self.client_store = next(
+            (st for st in (self.store, self.server_store) if st.base == base),
+            None,
+        ) or WeightStore.for_base(self.model_dir, base, device)
         # the fixed policy's cuts; any other policy starts every client at k_min
         fixed = fed.cut_layers if fed.policy == "fixed" else [fed.k_min]
         self.cut_layers = {
@@ -242,6 +248,13 @@ class Coordinator:
         bs = cfg.train.batch_size
         if self.costs is None and sim.cost_model:
             self.costs = CostModel.load(sim.cost_model)
+            base = cfg.client.base_dtype
+            if self.costs.client_base != base:  # its client memory and time
+                raise ConfigError(
+                    f"sim.cost_model={sim.cost_model} was measured with clients "
+                    f"of client.base_dtype={self.costs.client_base!r}, this run's "
+                    f"is {base!r}: leave sim.cost_model empty to measure it"
+                )
         if self.costs is None:
             known = [n for rows in sizes.values() for n, _ in rows]
             typical = int(np.mean(known)) if known else cfg.data.max_length
@@ -253,6 +266,7 @@ class Coordinator:
                 typical,
                 compression=(cfg.transport.compression, cfg.transport.grad_compression),
                 batching=cfg.server.batching,
+                client_store=self.client_store,
             )
         # the clients' prices follow how this run's clients keep activations
         checkpointing = cfg.client.checkpointing == "blocks"

@@ -158,7 +158,7 @@ def build_client(cfg: RunConfig, client_id: int, data: Path | None = None):
     client = SplitClient.from_run(
         cfg,
         client_id,
-        WeightStore(model_dir, device=device),
+        WeightStore.for_base(model_dir, cfg.client.base_dtype, device=device),
         model_config,
         client_rows(cfg, partition),
         pad_token_id(tokenizer),

@@ -35,7 +35,7 @@ class SimulatedRounds:
             cid: SplitClient.from_run(
                 cfg,
                 cid,
-                c.store,
+                c.client_store,
                 c.model_config,
                 rows[cid],
                 c.pad_id,

@@ -34,6 +34,13 @@ from transformers import (
 
 from splitft.config import ConfigError
 from splitft.models.arch import ArchSpec, PassThrough, ZeroPositions, spec_for
+from splitft.models.quantize import (
+    QUANTIZED,
+    compute_dtype,
+    is_linear,
+    mark_quantized,
+    quantize_linear,
+)
 
 
 class WeightStore:
@@ -49,10 +56,20 @@ class WeightStore:
     """
 
     def __init__(
-        self, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
+        self,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        quantize: str | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.dtype, self.device = dtype, torch.device(device)
+        # "int8" / "nf4": the blocks' linear layers are quantized when a part
+        # first needs them (:meth:`linear`), the rest is in ``dtype``
+        if quantize is not None and quantize not in QUANTIZED:
+            raise ValueError(f"quantize={quantize!r} not in {QUANTIZED}")
+        self.quantize = quantize
+        self._layers: dict[str, nn.Module] = {}
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             data = _read_json(index)
@@ -74,14 +91,66 @@ class WeightStore:
     def __contains__(self, key: str) -> bool:
         return key in self._files
 
+    @classmethod
+    def for_base(cls, folder: str | Path, base: str, device="cpu") -> WeightStore:
+        """A store of the frozen base in ``client.base_dtype=base``
+        (:mod:`splitft.models.quantize`)."""
+        quantize = base if base in QUANTIZED else None
+        return cls(folder, dtype=compute_dtype(base), device=device, quantize=quantize)
+
+    @property
+    def base(self) -> str:
+        """The format as ``client.base_dtype`` names it."""
+        return self.quantize or str(self.dtype).removeprefix("torch.")
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self._cache:
-            with _safe_open(self.folder / self._files[key]) as f:
-                t = f.get_tensor(key)
-            if t.is_floating_point():
-                t = t.to(self.dtype)
-            self._cache[key] = t.to(self.device)
+            self._cache[key] = self._read(key)
         return self._cache[key]
+
+    def shape(self, key: str) -> list[int]:
+        """``key``'s shape as stored (read from the file's header)."""
+        if key in self._cache:
+            return list(self._cache[key].shape)
+        with _safe_open(self.folder / self._files[key]) as f:
+            return list(f.get_slice(key).get_shape())
+
+    def _read(self, key: str) -> torch.Tensor:
+        path = self.folder / self._files[key]
+        with _safe_open(path) as f:
+            t = f.get_tensor(key)  # mapped from the file, not yet read
+        if not t.is_floating_point() or t.dtype == self.dtype:
+            return t.to(self.device)
+        if t.dim() == 0 or t.nbytes <= _CHUNK_BYTES:
+            return t.to(self.dtype).to(self.device)
+        # another dtype, a large tensor (an embedding): converted a chunk of
+        # rows at a time, each read through its own mapping, so the process
+        # never holds the whole source beside its conversion (113 MB of
+        # SmolLM2's float32 embedding beside its 57 MB in bfloat16)
+        out = torch.empty(t.shape, dtype=self.dtype, device=self.device)
+        rows = max(1, _CHUNK_BYTES * t.shape[0] // t.nbytes)
+        del t
+        for i in range(0, out.shape[0], rows):
+            with _safe_open(path) as f:
+                out[i : i + rows] = f.get_slice(key)[i : i + rows]
+        return out
+
+    def linear(self, prefix: str, transposed: bool = False) -> nn.Module:
+        """The frozen quantized layer whose weight is ``prefix + "weight"``
+        (``transposed``: stored ``(in, out)``, as GPT-2's Conv1D holds it),
+        quantized on first use and shared by every part built from this
+        store; the full-precision weight is not kept."""
+        if prefix not in self._layers:
+            assert self.quantize is not None
+            weight = self._read(prefix + "weight")
+            weight = weight.t() if transposed else weight  # (out, in)
+            bias = prefix + "bias"
+            bias = self._read(bias) if bias in self else None
+            self._layers[prefix] = quantize_linear(weight, bias, self.quantize)
+        return self._layers[prefix]
+
+
+_CHUNK_BYTES = 8 << 20  # what a dtype conversion at load reads at a time
 
 
 def _safe_open(path: Path):
@@ -207,6 +276,8 @@ class ModelPart:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.model_config)
         self._strip()
+        if store.quantize:
+            self._quantize(store)
         self._load(store)
         self.model.requires_grad_(False)
         self.model.eval()  # training code calls .train(), as PEFT training does
@@ -234,10 +305,29 @@ class ModelPart:
             setattr(dec, spec.final_norm, nn.Identity())
             setattr(self.model, spec.head, PassThrough())
 
+    def _quantize(self, store: WeightStore) -> None:
+        """Put the store's quantized layers in place of the held blocks'
+        linear layers (the embeddings, norms and a head stay unquantized)."""
+        blocks = getattr(self.decoder, self.spec.blocks)
+        for i in self.layers:
+            prefix = self.spec.block_prefix(i)
+            for name, module in list(blocks[i].named_modules()):
+                if not is_linear(module):
+                    continue
+                parent, _, attr = name.rpartition(".")
+                owner = blocks[i].get_submodule(parent) if parent else blocks[i]
+                key = f"{prefix}{name}.weight"
+                _check_shape(store, key, module.weight.shape, header=True)
+                transposed = not isinstance(module, nn.Linear)  # Conv1D
+                setattr(owner, attr, store.linear(f"{prefix}{name}.", transposed))
+        mark_quantized(self.model, store.quantize)
+
     def _load(self, store: WeightStore) -> None:
         head_key = f"{self.spec.head}.weight"
         tensors = {}
         for key, want in self.model.state_dict().items():
+            if not want.is_meta:  # a quantized layer, already in place
+                continue
             source = key
             if (
                 key not in store
@@ -245,19 +335,10 @@ class ModelPart:
                 and self.model_config.tie_word_embeddings
             ):
                 source = self.spec.tied_source  # tied head: a frozen copy
-            if source not in store:
-                raise ConfigError(
-                    f"{store.folder}: the weights have no {source!r}, which "
-                    "config.json needs (weights and config do not match)"
-                )
+            _check_shape(store, source, want.shape)
             tensors[key] = store.get(source)
-            if tensors[key].shape != want.shape:
-                raise ConfigError(
-                    f"{store.folder}: {source!r} has shape "
-                    f"{list(tensors[key].shape)}, but config.json makes it "
-                    f"{list(want.shape)} (weights and config do not match)"
-                )
-        self.model.load_state_dict(tensors, strict=True, assign=True)
+        # strict for every unquantized tensor: the still-meta check below
+        self.model.load_state_dict(tensors, strict=False, assign=True)
         for name in self.spec.rebuild:  # non-persistent buffers, e.g. RoPE inv_freq
             module = getattr(self.decoder, name)
             with torch.device(store.device):
@@ -380,6 +461,23 @@ class ModelPart:
 
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def _check_shape(store: WeightStore, source: str, want, header: bool = False) -> None:
+    """The weights must hold ``source`` with the shape ``want`` the config
+    gives it (``header``: read from the file's header, not loaded); a
+    ConfigError naming both if not."""
+    if source not in store:
+        raise ConfigError(
+            f"{store.folder}: the weights have no {source!r}, which "
+            "config.json needs (weights and config do not match)"
+        )
+    shape = store.shape(source) if header else list(store.get(source).shape)
+    if shape != list(want):
+        raise ConfigError(
+            f"{store.folder}: {source!r} has shape {shape}, but config.json "
+            f"makes it {list(want)} (weights and config do not match)"
+        )
 
 
 def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:

@@ -60,6 +60,16 @@ class CostModel:
     # the run's client.checkpointing=blocks, which the client's prices follow
     # (set from the config, not measured)
     client_checkpointing: bool = False
+    # a client's block per slot in its own format (client.base_dtype) when it
+    # is not the server's (0: block_s); the memory fields above are measured
+    # in the client's format
+    client_block_s: float = 0.0
+    client_base: str = "float32"  # the client.base_dtype the probe measured
+
+    @property
+    def client_block(self) -> float:
+        """A block's forward and backward per slot on a client."""
+        return self.client_block_s or self.block_s
 
     # ------------------------------------------------------------ compute
     # A micro-batch is ``slots`` token slots of which ``labelled`` carry a
@@ -78,23 +88,24 @@ class CostModel:
         blocks = min(k, self.num_layers)
         again = self.recompute_seconds(blocks, slots) if recompute else 0.0
         if k >= self.num_layers:
-            blocks_s = slots * (self.embed_s + self.num_layers * self.block_s)
+            blocks_s = slots * (self.embed_s + self.num_layers * self.client_block)
             return blocks_s + self.head_seconds(slots, labelled) + again
-        return slots * (self.embed_s + k * self.block_s) + again
+        return slots * (self.embed_s + k * self.client_block) + again
 
     def recompute_seconds(self, blocks: int, slots: float) -> float:
         """``client.checkpointing=blocks``: the forward of the client's
         ``blocks`` run again in the backward pass (0 without checkpointing)."""
         if not self.client_checkpointing:
             return 0.0
-        return slots * blocks * self.block_s * self.forward_share
+        return slots * blocks * self.client_block * self.forward_share
 
     def tail_seconds(self, tail: int, slots: float, labelled: float) -> float:
         """A U-shaped client's tail, forward and backward (0 without one)."""
         if not tail:
             return 0.0
         head = self.head_seconds(slots, labelled)
-        return slots * tail * self.block_s + head + self.recompute_seconds(tail, slots)
+        blocks = slots * tail * self.client_block
+        return blocks + head + self.recompute_seconds(tail, slots)
 
     def server_seconds(
         self, k: int, slots: float, labelled: float, tail: int = 0

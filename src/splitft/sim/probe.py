@@ -204,6 +204,7 @@ def probe(
     repeats: int = 5,
     compression: tuple[str, str] = ("none", "none"),
     batching: bool = False,
+    client_store: WeightStore | None = None,
 ) -> CostModel:
     """Measure the cost model on this machine with a synthetic batch.
 
@@ -220,6 +221,9 @@ def probe(
     ``compression`` (smashed data, gradients) sizes their messages.
     ``batching``: also time two requests as one batch on a batching server
     (``batch_gain``; without it 1.0, which only a batching server reads).
+    ``client_store``: the clients' frozen base (``client.base_dtype``) when
+    it is not ``store``'s: the client parts are then measured in it too, for
+    the clients' embeddings, blocks (``client_block_s``) and memory.
     """
     L = model_config.num_hidden_layers
     if L < 3:
@@ -235,15 +239,18 @@ def probe(
     pos = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
     slots = batch_size * seq_len
 
+    own = client_store is not None and client_store.base != store.base
+    sides = {"": store, "c": client_store} if own else {"": store}
     parts, work = {}, {}
-    for k in (ka, kb):
-        part = client_part(store, model_config, k)
-        lora.inject(
-            part.model, part.spec, settings, lora.client_layer_ranks(k, L, settings)
-        )
-        parts[k] = part
-        for name, fn in _client_work(part, ids, mask, pos).items():
-            work[f"{k}/{name}"] = fn
+    for side, source in sides.items():
+        for k in (ka, kb):
+            part = client_part(source, model_config, k)
+            lora.inject(
+                part.model, part.spec, settings, lora.client_layer_ranks(k, L, settings)
+            )
+            parts[f"{side}{k}"] = part
+            for name, fn in _client_work(part, ids, mask, pos).items():
+                work[f"{side}{k}/{name}"] = fn
     hidden = torch.randn(batch_size, seq_len, model_config.hidden_size, generator=g)
     # every token labelled, and the second half of each row: the head's cost
     # per labelled token is the difference, the rest is paid per slot
@@ -264,12 +271,12 @@ def probe(
     with runs.faults_off():  # the probe's server steps are not the run's
         seconds = _typical_times(work, repeats)  # in turns: load hits all alike
     client = {
-        k: {
-            "fwd": seconds[f"{k}/fwd"],
-            "total": seconds[f"{k}/total"],
-            **_client_sizes(parts[k], ids, mask, pos),
+        key: {
+            "fwd": seconds[f"{key}/fwd"],
+            "total": seconds[f"{key}/total"],
+            **_client_sizes(part, ids, mask, pos),
         }
-        for k in (ka, kb)
+        for key, part in parts.items()
     }
     last = {
         name: {"total": seconds[f"server/{name}"], **_server_sizes(server, msg)}
@@ -281,10 +288,14 @@ def probe(
     )
 
     dk = kb - ka
-    a, b = client[ka], client[kb]
+    a, b = client[f"{ka}"], client[f"{kb}"]  # in the server's format
     block_s = max(b["total"] - a["total"], 0.0) / dk / slots
-    embed_s = max(a["total"] / slots - ka * block_s, 0.0)
     forward_share = (a["fwd"] + b["fwd"]) / (a["total"] + b["total"])
+    client_block_s = 0.0  # the same blocks as the server's
+    if own:  # the clients' own format: their compute and memory
+        a, b = client[f"c{ka}"], client[f"c{kb}"]
+        client_block_s = max(b["total"] - a["total"], 0.0) / dk / slots
+    embed_s = max(a["total"] / slots - ka * (client_block_s or block_s), 0.0)
     head_s = max(last["all"]["total"] - last["half"]["total"], 0.0) / extra
     norm_s = max(
         (last["all"]["total"] - labelled["all"] * head_s) / slots - block_s, 0.0
@@ -299,8 +310,13 @@ def probe(
         (last["all"]["saved"] - labelled["all"] * act_head) / slots - act_block, 0.0
     )
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    # the head in the server's format (a client's in bf16 or int8/nf4 is no
+    # larger: conservative)
+    sa, sb = client[f"{ka}"]["params"], client[f"{kb}"]["params"]
+    server_block = (sb - sa) / dk
     head_bytes = max(
-        last["all"]["params"] - block_bytes - (embed_bytes if tied else 0), 0.0
+        last["all"]["params"] - server_block - (sa - ka * server_block if tied else 0),
+        0.0,
     )
     # LoRA bytes: (k-1) blocks at r and one at the cut rank; 4 copies with AdamW
     lora_block_bytes = 4 * (b["lora"] - a["lora"]) / dk
@@ -339,6 +355,8 @@ def probe(
         hidden_size=model_config.hidden_size,
         embed_s=embed_s,
         block_s=block_s,
+        client_block_s=client_block_s,
+        client_base=client_store.base if own else store.base,
         norm_s=norm_s,
         head_s=head_s,
         forward_share=forward_share,
