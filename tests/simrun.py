@@ -35,6 +35,7 @@ def base_settings(assets, out_dir) -> list[str]:
         f"out_dir={out_dir}",
         "eval.accuracy=false",
         "train.batch_size=2",
+        "log.plots=false",  # tests/test_plots.py draws them
     ]
 
 

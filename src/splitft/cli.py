@@ -240,6 +240,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """A run folder's plots (loss curves, cuts, where round time went)."""
+    from splitft.plots import plot_run
+
+    for path in plot_run(Path(args.run)):
+        print(path)
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (optional)")
     p.add_argument(
@@ -343,6 +352,12 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="state of run folders (resumable?)")
     status.add_argument("runs", nargs="+", metavar="RUN_DIR")
     status.set_defaults(func=cmd_status)
+    plot = sub.add_parser(
+        "plot",
+        help="write a run's plots under RUN_DIR/plots (loss, cuts, round time)",
+    )
+    plot.add_argument("run", metavar="RUN_DIR")
+    plot.set_defaults(func=cmd_plot)
     prep = sub.add_parser("prepare", help="convert the default model, fetch data")
     _config_args(prep)
     prep.add_argument(

@@ -640,6 +640,16 @@ class ClientConfig:
 
 
 @dataclass
+class LogConfig:
+    plots: bool = _f(
+        True,
+        "at the end of a run, write its plots under <run>/plots: loss against "
+        "simulated and wall time, every client's cut per round, where each "
+        "client's round time went (`splitft plot RUN_DIR` draws them any time)",
+    )
+
+
+@dataclass
 class RunConfig:
     name: str = _f("default", "run name; outputs go to <out_dir>/<name>/")
     out_dir: str = _f("runs", "folder holding the run folders")
@@ -658,6 +668,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         ok = bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name))

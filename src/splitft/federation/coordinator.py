@@ -425,8 +425,20 @@ class Coordinator:
             summary.update(extra())
         report.write_summary(self.run_dir / "summary.json", summary)
         self.log.close()
+        if self.cfg.log.plots:
+            self._plot()
         runs.write_status(self.run_dir, "complete")
         return summary
+
+    def _plot(self) -> None:
+        """The run's plots (``splitft plot``); a failure to draw them is a
+        warning, not a failed run: the adapter and metrics are written."""
+        from splitft.plots import plot_run  # matplotlib: only at the end
+
+        try:
+            plot_run(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - the run itself is complete
+            log.warning("plots not written: %s", e)
 
     def run(
         self,
