@@ -61,7 +61,14 @@ def run(cfg, costs=None):
     return sim, summary
 
 
-TIMING_FREE = {"elapsed_s", "planner_s", "timing", "server_busy_s", "wall_round_s"}
+TIMING_FREE = {
+    "elapsed_s",
+    "planner_s",
+    "timing",
+    "spans",
+    "server_busy_s",
+    "wall_round_s",
+}
 
 
 def rounded(x, digits=7):

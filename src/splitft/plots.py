@@ -9,7 +9,14 @@ atomically), and so does the end of every run:
   rounds; blank where a client did not train);
 - ``time.png``: where each client's round time went (its compute, the
   uplink, the queue at the server, the server's service, the downlink) in
-  the slowest round and the last one.
+  the slowest round and the last one;
+- ``timeline.png`` (a simulated run): the same rounds on the clock, one lane
+  per client and one for the server, a bar for every span;
+
+and ``RUN_DIR/trace.json``: every span of every round in the Chrome
+trace-event format (what PyTorch's profiler exports; open it in
+https://ui.perfetto.dev or chrome://tracing), the rounds one after the
+other on the simulated clock.
 """
 
 from __future__ import annotations
@@ -72,7 +79,64 @@ def plot_run(run_dir: Path) -> list[Path]:
     ]
     if any(r.get("timing") for r in rounds):
         written.append(_save(plot_time(rounds), out / "time.png"))
+    if any(r.get("spans") for r in rounds):
+        written.append(_save(plot_timeline(rounds), out / "timeline.png"))
+        trace = json.dumps(chrome_trace(rounds))
+        written.append(
+            write_atomic(
+                run_dir / "trace.json", lambda tmp: tmp.write_text(trace, "utf-8")
+            )
+        )
     return written
+
+
+def chrome_trace(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds' spans as Chrome trace events (microseconds of simulated
+    time; process "clients" with a thread per client, process "server" with
+    the spans it served, process "rounds" with one range per round)."""
+    events: list[dict[str, Any]] = []
+    for pid, name in ((0, "rounds"), (1, "clients"), (2, "server")):
+        events.append(
+            {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}
+        )
+    clients = sorted({s[3] for r in rounds for s in r.get("spans", [])})
+    for cid in clients:
+        events.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": 1,
+                "tid": cid,
+                "args": {"name": f"client {cid}"},
+            }
+        )
+    served = set()
+    for r in rounds:
+        if not r.get("spans"):
+            continue
+        start = r["sim_time_s"] - r["sim_round_s"]  # the round on the run's clock
+        rnd = r["round"]
+        events.append(_event(f"round {rnd}", start, 0.0, r["sim_round_s"], 0, 0, rnd))
+        for a, b, kind, cid in r["spans"]:
+            events.append(_event(kind, start, a, b, 1, cid, rnd))
+            if kind == "served" and (rnd, a, b) not in served:
+                served.add((rnd, a, b))  # a batch: once on the server
+                events.append(_event("served", start, a, b, 2, 0, rnd, client=cid))
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def _event(name, start, a, b, pid, tid, rnd, **args) -> dict[str, Any]:
+    """A complete ("X") trace event from ``a`` to ``b`` seconds after
+    ``start``, in microseconds."""
+    return {
+        "name": name,
+        "ph": "X",
+        "ts": (start + a) * 1e6,
+        "dur": (b - a) * 1e6,
+        "pid": pid,
+        "tid": tid,
+        "args": {"round": rnd, **args},
+    }
 
 
 def _save(fig, path: Path) -> Path:
@@ -141,24 +205,70 @@ def plot_cuts(rounds: list[dict[str, Any]]):
     return fig
 
 
+COLORS = {  # one color per part, in both pictures
+    "compute": "tab:blue",
+    "uplink": "tab:orange",
+    "queued": "tab:green",
+    "served": "tab:red",
+    "downlink": "tab:purple",
+}
+
+
+def _shown(rounds: list[dict[str, Any]], key: str) -> list[tuple[str, dict]]:
+    """The slowest round having ``key`` and the last one (once if the same)."""
+    have = [r for r in rounds if r.get(key)]
+    slowest = max(have, key=lambda r: r.get("sim_round_s", 0.0))
+    if slowest is have[-1]:
+        return [("slowest and last", slowest)]
+    return [("slowest", slowest), ("last", have[-1])]
+
+
+def plot_timeline(rounds: list[dict[str, Any]]):
+    """The slowest and the last round on the clock: a lane per client (its
+    spans) and one for the server (what it served, for whom)."""
+    shown = _shown(rounds, "spans")
+    fig, axes = plt.subplots(
+        len(shown), 1, figsize=(10, 2.4 + 1.8 * len(shown)), squeeze=False
+    )
+    for ax, (which, r) in zip(axes[:, 0], shown, strict=True):
+        clients = sorted({s[3] for s in r["spans"]})
+        lanes = {cid: i for i, cid in enumerate(clients)}
+        server = len(clients)
+        for a, b, kind, cid in r["spans"]:
+            ax.barh(lanes[cid], b - a, left=a, color=COLORS.get(kind, "grey"))
+            if kind == "served":
+                ax.barh(server, b - a, left=a, color=COLORS["served"], alpha=0.5)
+        ax.set_yticks(range(server + 1), [f"client {c}" for c in clients] + ["server"])
+        ax.invert_yaxis()
+        ax.set_title(
+            f"round {r['round']} ({which}): {r.get('sim_round_s', 0.0):.1f} "
+            "simulated s",
+            fontsize=10,
+        )
+        ax.set_xlabel("simulated seconds from the round's start")
+        ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
+    fig.legend(handles, list(COLORS), fontsize=8, ncol=len(COLORS), loc="upper center")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
+
+
 def plot_time(rounds: list[dict[str, Any]]):
     """Each client's round time by part, in the slowest and the last round."""
-    timed = [r for r in rounds if r.get("timing")]
-    slowest = max(timed, key=lambda r: r.get("sim_round_s", 0.0))
-    shown = [slowest] if slowest is timed[-1] else [slowest, timed[-1]]
+    shown = _shown(rounds, "timing")
     fig, axes = plt.subplots(
         len(shown), 1, figsize=(8, 2.2 + 1.6 * len(shown)), squeeze=False
     )
-    for ax, r in zip(axes[:, 0], shown, strict=True):
+    for ax, (which, r) in zip(axes[:, 0], shown, strict=True):
         clients = sorted(r["timing"], key=int)
         left = np.zeros(len(clients))
         for key, label in PARTS:
             width = np.array([r["timing"][c].get(key, 0.0) for c in clients])
-            ax.barh(range(len(clients)), width, left=left, label=label)
+            color = COLORS[key.removesuffix("_s")]
+            ax.barh(range(len(clients)), width, left=left, label=label, color=color)
             left += width
         ax.set_yticks(range(len(clients)), [f"client {c}" for c in clients])
         ax.invert_yaxis()
-        which = "slowest" if r is slowest else "last"
         ax.set_title(
             f"round {r['round']} ({which}): {r.get('sim_round_s', 0.0):.1f} "
             "simulated s",

@@ -96,7 +96,15 @@ def round_record(
         **{k: v for k, v in plan.items() if k not in ("over_budget", "replan")},
         "memory_mb": {str(c): mb for c, mb in sorted(memory_mb.items())},
         "timing": timing.record(),
+        # the clock's spans (start s, end s, kind, client) from the round's
+        # start: the timeline plot and trace.json (a simulated round only)
+        **({"spans": _spans(timing.spans)} if timing.spans else {}),
     }
+
+
+def _spans(spans) -> list[list]:
+    """Spans as metrics.jsonl keeps them: times to 0.1 ms."""
+    return [[round(a, 4), round(b, 4), kind, cid] for a, b, kind, cid in spans]
 
 
 def human_bytes(n: float) -> str:

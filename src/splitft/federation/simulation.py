@@ -64,7 +64,7 @@ class SimulatedRounds:
         server = ClockedServer(c.server, c.server_device.speed, sim.timing, c.costs)
         workers, batching = c.server_device.workers, c.server_device.batching
         timing = simulate_round(
-            processes, devices, server, workers, batching, server.many
+            processes, devices, server, workers, batching, server.many, trace=True
         )
         if sim.timing == "measured":  # ran in the modelled order; time as measured
             timing = replay(processes, server, devices, workers, batching)

@@ -84,11 +84,17 @@ class ClientTiming:
     failed: str = ""
 
 
+# one stretch of a client's round on the clock: (start s, end s, kind, client);
+# kind is one of ClientTiming's parts: compute, uplink, queued, served, downlink
+Span = tuple[float, float, str, int]
+
+
 @dataclass
 class RoundTiming:
     clients: dict[int, ClientTiming]
     makespan: float  # the last client's finish
     server_busy: float  # summed service time over all workers
+    spans: list[Span] = field(default_factory=list)  # when asked to trace
 
     def record(self) -> dict[str, Any]:
         """JSON-friendly per-client timings for metrics.jsonl."""
@@ -113,6 +119,7 @@ def simulate_round(
     workers: int = 1,
     batching: Batching | None = None,
     serve_many: ServeMany | None = None,
+    trace: bool = False,
 ) -> RoundTiming:
     """Run one round of all ``processes`` from simulated time 0.
 
@@ -125,6 +132,9 @@ def simulate_round(
         workers: requests (or batches) the server serves at once.
         batching: how requests that may share a batch are taken (None: one
             at a time); ``serve_many`` serves a batch.
+        trace: also record every span of every client's round
+            (:data:`Span`; the run's timeline and trace file), not only
+            their sums; off for the planner's predictions.
     """
     if batching is not None and serve_many is None:
         raise ValueError("batching needs serve_many")
@@ -136,6 +146,11 @@ def simulate_round(
     free = workers
     busy = 0.0
     window_at: float | None = None  # a pending end of a batching window
+    spans: list[Span] = []
+
+    def span(start: float, end: float, kind: str, cid: int) -> None:
+        if trace and end > start:
+            spans.append((start, end, kind, cid))
 
     def push(t: float, kind: str, cid: int, payload: Any) -> None:
         heapq.heappush(events, (t, next(seq), kind, cid, payload))
@@ -149,6 +164,8 @@ def simulate_round(
         t.queued += now - arrived
         t.served += seconds
         busy += seconds
+        span(arrived, now, "queued", cid)
+        span(now, now + seconds, "served", cid)
         push(now + seconds, "served", cid, reply)
 
     def start_batch(now: float, ripe: bool) -> bool:
@@ -184,6 +201,8 @@ def simulate_round(
             t = timing[cid]
             t.queued += now - arrived
             t.served += seconds
+            span(arrived, now, "queued", cid)
+            span(now, now + seconds, "served", cid)
             push(now + seconds, "replied", cid, reply)
         push(now + seconds, "free", -1, None)
         return True
@@ -216,11 +235,13 @@ def simulate_round(
                 t.failed, t.finish = str(e), now
                 continue
             t.compute += seconds
+            span(now, now + seconds, "compute", cid)
             if out is None:
                 t.finish = now + seconds
                 continue
             link = devices[cid].up_seconds(out.nbytes)
             t.uplink += link
+            span(now + seconds, now + seconds + link, "uplink", cid)
             t.bytes_up[out.kind] += out.nbytes
             t.messages += 1
             push(now + seconds + link, "arrive", cid, (out.payload, out.slots))
@@ -233,9 +254,10 @@ def simulate_round(
                 free += 1
             link = devices[cid].down_seconds(payload.nbytes)
             t.downlink += link
+            span(now, now + link, "downlink", cid)
             t.bytes_down[payload.kind] += payload.nbytes
             push(now + link, "resume", cid, payload.payload)
             if kind == "served":
                 start(now)
     makespan = max((t.finish for t in timing.values()), default=0.0)
-    return RoundTiming(timing, makespan, busy)
+    return RoundTiming(timing, makespan, busy, spans)

@@ -236,4 +236,6 @@ def replay(
         return max(s for s, _ in served), [out for _, out in served]
 
     processes = {cid: _Replayed(c.trace) for cid, c in clients.items()}
-    return simulate_round(processes, devices, serve, workers, batching, many)
+    return simulate_round(
+        processes, devices, serve, workers, batching, many, trace=True
+    )
