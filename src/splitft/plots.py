@@ -238,15 +238,8 @@ def plot_timeline(rounds: list[dict[str, Any]]):
             ax.barh(lanes[cid], b - a, left=a, color=COLORS.get(kind, "grey"))
             if kind == "served":
                 ax.barh(server, b - a, left=a, color=COLORS["served"], alpha=0.5)
-        ax.set_yticks(range(server + 1), [f"client {c}" for c in clients] + ["server"])
-        ax.invert_yaxis()
-        ax.set_title(
-            f"round {r['round']} ({which}): {r.get('sim_round_s', 0.0):.1f} "
-            "simulated s",
-            fontsize=10,
-        )
-        ax.set_xlabel("simulated seconds from the round's start")
-        ax.grid(axis="x", alpha=0.3)
+        lanes = [f"client {c}" for c in clients] + ["server"]
+        _round_axes(ax, r, which, lanes, "simulated seconds from the round's start")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
     fig.legend(handles, list(COLORS), fontsize=8, ncol=len(COLORS), loc="upper center")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
@@ -267,16 +260,23 @@ def plot_time(rounds: list[dict[str, Any]]):
             color = COLORS[key.removesuffix("_s")]
             ax.barh(range(len(clients)), width, left=left, label=label, color=color)
             left += width
-        ax.set_yticks(range(len(clients)), [f"client {c}" for c in clients])
-        ax.invert_yaxis()
-        ax.set_title(
-            f"round {r['round']} ({which}): {r.get('sim_round_s', 0.0):.1f} "
-            "simulated s",
-            fontsize=10,
+        lanes = [f"client {c}" for c in clients]
+        _round_axes(
+            ax, r, which, lanes, "simulated seconds (each part's total over the round)"
         )
-        ax.set_xlabel("simulated seconds (each part's total over the round)")
-        ax.grid(axis="x", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, ncol=len(PARTS), loc="upper center")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
+
+
+def _round_axes(ax, r: dict[str, Any], which: str, lanes: list[str], xlabel: str):
+    """A round's panel: its lanes top down, its title and axis label."""
+    ax.set_yticks(range(len(lanes)), lanes)
+    ax.invert_yaxis()
+    ax.set_title(
+        f"round {r['round']} ({which}): {r.get('sim_round_s', 0.0):.1f} simulated s",
+        fontsize=10,
+    )
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
