@@ -34,9 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import provenance, write_json  # noqa: E402
-
-from splitft.config import BASE_DTYPES, CHECKPOINTING  # noqa: E402
+from common import client_setting, provenance, write_json  # noqa: E402
 
 REFERENCE = "float32/none"  # today's client: what the ratios divide by
 SETTINGS = [
@@ -210,6 +208,7 @@ if __name__ == "__main__":
     ap.add_argument(
         "--settings",
         nargs="+",
+        type=client_setting,
         default=SETTINGS,
         metavar="BASE/CKPT",
         help="client.base_dtype/client.checkpointing pairs (float32/none is "
@@ -245,11 +244,4 @@ if __name__ == "__main__":
             a.settings = [REFERENCE, "float32/blocks", "bfloat16/blocks", "nf4/blocks"]
         if REFERENCE not in a.settings:
             a.settings = [REFERENCE, *a.settings]
-        for setting in a.settings:
-            base, _, ckpt = setting.partition("/")
-            if base not in BASE_DTYPES or ckpt not in CHECKPOINTING:
-                ap.error(
-                    f"--settings {setting!r} is not allowed: BASE/CKPT with BASE in "
-                    f"{BASE_DTYPES} and CKPT in {CHECKPOINTING}"
-                )
         main(a)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import subprocess
 import sys
@@ -14,7 +15,15 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from splitft import runs
-from splitft.config import DEFAULT_TASKS, LoraSettings, RunConfig, cache_dir, from_dict
+from splitft.config import (
+    BASE_DTYPES,
+    CHECKPOINTING,
+    DEFAULT_TASKS,
+    LoraSettings,
+    RunConfig,
+    cache_dir,
+    from_dict,
+)
 from splitft.data import build_datasets
 from splitft.data.federated import TOKENS
 from splitft.federation.simulation import Simulation
@@ -64,6 +73,18 @@ def train_sizes(
     """(tokens, labelled tokens) of each of the default data's training examples."""
     rows = train_rows(max_length, eval_size, train_per_task, seed)
     return [row_size(row) for row in rows]
+
+
+def client_setting(text: str) -> str:
+    """An argparse type: ``client.base_dtype/client.checkpointing``, e.g.
+    ``nf4/blocks``, returned as given once both halves are allowed."""
+    base, _, ckpt = text.partition("/")
+    if base not in BASE_DTYPES or ckpt not in CHECKPOINTING:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not allowed: BASE/CKPT with BASE in {BASE_DTYPES} and "
+            f"CKPT in {CHECKPOINTING}"
+        )
+    return text
 
 
 def probe_default(

@@ -22,8 +22,6 @@ HQQ for issue 21: docs/benchmarks.md, client memory.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -39,16 +37,6 @@ def compute_dtype(base: str) -> torch.dtype:
     return torch.float32 if base == "float32" else torch.bfloat16
 
 
-@functools.cache
-def _bnb():
-    """bitsandbytes, imported on first use (PEFT imports it too when it is
-    installed; :mod:`splitft` silences its CPU backend's warning about a
-    kernel from the hub)."""
-    import bitsandbytes
-
-    return bitsandbytes
-
-
 def quantize_linear(
     weight: torch.Tensor,  # (out, in), as nn.Linear holds it
     bias: torch.Tensor | None,  # (out,)
@@ -56,7 +44,8 @@ def quantize_linear(
 ) -> nn.Module:
     """A frozen bitsandbytes linear layer holding ``weight`` in ``base``
     (``int8`` or ``nf4``) on ``weight``'s device, computing in bfloat16."""
-    bnb = _bnb()
+    import bitsandbytes as bnb  # only a quantized client needs it here
+
     out_features, in_features = weight.shape
     w = weight.detach().to(torch.bfloat16).contiguous()
     with torch.device("meta"):  # no throwaway fp32 weight
@@ -81,7 +70,6 @@ def quantize_linear(
             raise ValueError(f"base_dtype {base!r} is not quantized: {QUANTIZED}")
     if base == "int8":
         param = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-        layer.weight = param._quantize(w.device)
     else:
         param = bnb.nn.Params4bit(
             w,
@@ -90,7 +78,8 @@ def quantize_linear(
             quant_type="nf4",
             module=layer,
         )
-        layer.weight = param._quantize(w.device)
+    layer.weight = param._quantize(w.device)
+    if base == "nf4":
         # bitsandbytes repacks a 4-bit weight for its CPU inference kernel on
         # the first no-grad forward in eval mode (in place): a layer shared
         # by several clients' parts keeps one layout

@@ -288,13 +288,14 @@ def probe(
     )
 
     dk = kb - ka
-    a, b = client[f"{ka}"], client[f"{kb}"]  # in the server's format
-    block_s = max(b["total"] - a["total"], 0.0) / dk / slots
-    forward_share = (a["fwd"] + b["fwd"]) / (a["total"] + b["total"])
-    client_block_s = 0.0  # the same blocks as the server's
-    if own:  # the clients' own format: their compute and memory
-        a, b = client[f"c{ka}"], client[f"c{kb}"]
-        client_block_s = max(b["total"] - a["total"], 0.0) / dk / slots
+    # the server's format gives the server's block (and the norm and head
+    # after it); the clients' own format, when they have one, their compute
+    # and memory
+    sa, sb = client[f"{ka}"], client[f"{kb}"]
+    a, b = (client[f"c{ka}"], client[f"c{kb}"]) if own else (sa, sb)
+    block_s = max(sb["total"] - sa["total"], 0.0) / dk / slots
+    forward_share = (sa["fwd"] + sb["fwd"]) / (sa["total"] + sb["total"])
+    client_block_s = max(b["total"] - a["total"], 0.0) / dk / slots if own else 0.0
     embed_s = max(a["total"] / slots - ka * (client_block_s or block_s), 0.0)
     head_s = max(last["all"]["total"] - last["half"]["total"], 0.0) / extra
     norm_s = max(
@@ -306,17 +307,18 @@ def probe(
     act_block_ckpt = max(b["saved_ckpt"] - a["saved_ckpt"], 0.0) / dk / slots
     act_embed = max(a["saved"] / slots - ka * act_block, 0.0)
     act_head = max(last["all"]["saved"] - last["half"]["saved"], 0.0) / extra
+    server_act_block = (sb["saved"] - sa["saved"]) / dk / slots
     act_norm = max(
-        (last["all"]["saved"] - labelled["all"] * act_head) / slots - act_block, 0.0
+        (last["all"]["saved"] - labelled["all"] * act_head) / slots - server_act_block,
+        0.0,
     )
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
     # the head in the server's format (a client's in bf16 or int8/nf4 is no
     # larger: conservative)
-    sa, sb = client[f"{ka}"]["params"], client[f"{kb}"]["params"]
-    server_block = (sb - sa) / dk
+    server_block = (sb["params"] - sa["params"]) / dk
+    server_embed = sa["params"] - ka * server_block
     head_bytes = max(
-        last["all"]["params"] - server_block - (sa - ka * server_block if tied else 0),
-        0.0,
+        last["all"]["params"] - server_block - (server_embed if tied else 0), 0.0
     )
     # LoRA bytes: (k-1) blocks at r and one at the cut rank; 4 copies with AdamW
     lora_block_bytes = 4 * (b["lora"] - a["lora"]) / dk
