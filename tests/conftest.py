@@ -1,9 +1,15 @@
 """Shared fixtures; the tiny models themselves live in ``tiny.py``."""
 
 import logging
+import os
+import tempfile
 
 import pytest
 from tiny import ARCHS, make_tiny
+
+# Trackio reads its store's folder once, at import: the tests' runs log to a
+# folder of their own, never to the user's Hugging Face cache
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="splitft-trackio-")
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,7 @@ def base_settings(assets, out_dir) -> list[str]:
         "eval.accuracy=false",
         "train.batch_size=2",
         "log.plots=false",  # tests/test_plots.py draws them
+        "log.to=[jsonl]",  # tests/test_trackers.py logs to the trackers
     ]
 
 

@@ -2,10 +2,10 @@
 
 From the bottom: settings, set-up and what runs on a model (``config``,
 ``interrupts``, ``runs``, ``ranks``, ``lora``, ``models/``, ``data/``, ``eval``,
-``report``), the split step (``split/``), the transports (``transport/``: of
-``split/`` only the messages and refusals it carries), the simulation
-(``sim/``), the federation (``federation/``), and the command line
-(``cli``). Read from the source, every import (inside functions too), so a
+``report``, ``plots``, ``trackers``), the split step (``split/``), the
+transports (``transport/``: of ``split/`` only the messages and refusals it
+carries), the simulation (``sim/``), the federation (``federation/``), and the
+command line (``cli``). Read from the source, every import (inside functions too), so a
 lazy import cannot hide a cycle.
 """
 
@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "splitft"
 BASE = ("splitft.config", "splitft.interrupts", "splitft.runs", "splitft.ranks")
 BASE += ("splitft.lora",)
 BASE += ("splitft.models", "splitft.data", "splitft.eval", "splitft.report")
+BASE += ("splitft.plots", "splitft.trackers")
 ABOVE_SPLIT = ("splitft.transport", "splitft.sim", "splitft.federation")
 ENTRY = ("splitft.cli",)
 # module prefix -> the prefixes it may not import

@@ -35,9 +35,10 @@ def pins(path: Path) -> dict[str, Version]:
 
 
 def declared() -> list[Requirement]:
-    """The project's dependencies and its dev extra."""
+    """The project's dependencies and its extras (dev and the trackers)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    lines = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"].values()
+    lines = project["dependencies"] + [line for extra in extras for line in extra]
     return [Requirement(line) for line in lines]
 
 

@@ -639,14 +639,38 @@ class ClientConfig:
         _check(ok, "client.base_dtype", self.base_dtype, BASE_DTYPES)
 
 
+TRACKERS = ("auto", "jsonl", "tensorboard", "wandb", "trackio")
+WANDB_MODES = ("offline", "online")
+
+
 @dataclass
 class LogConfig:
+    to: list[str] = _f(
+        ["auto"],
+        "where each round's numbers go besides metrics.jsonl (always written): "
+        "any of 'tensorboard' (RUN_DIR/tensorboard), 'wandb' (RUN_DIR/wandb), "
+        "'trackio' (its local store); 'auto' = TensorBoard when installed. "
+        "Extras install them: pip install 'splitft[tensorboard]'",
+    )
+    project: str = _f("splitft", "the W&B and Trackio project the run logs to")
+    wandb_mode: str = _f(
+        "offline",
+        "'offline' (no account or network; `wandb sync RUN_DIR/wandb/offline-run-*` "
+        "uploads later) or 'online'",
+    )
     plots: bool = _f(
         True,
         "at the end of a run, write its plots under <run>/plots: loss against "
         "simulated and wall time, every client's cut per round, where each "
         "client's round time went (`splitft plot RUN_DIR` draws them any time)",
     )
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.to if t not in TRACKERS]
+        _check(not bad, "log.to", self.to, f"a list of {TRACKERS}")
+        ok = self.wandb_mode in WANDB_MODES
+        _check(ok, "log.wandb_mode", self.wandb_mode, WANDB_MODES)
+        _check(bool(self.project), "log.project", self.project, "a non-empty name")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from simrun import TIMING_FREE, config, make_assets, rounded
+from tracked import tensorboard
 
 from splitft.federation.coordinator import Coordinator
 from splitft.federation.deployment import NetworkRounds
@@ -154,7 +155,8 @@ def settings(*extra):
 def test_a_deployment_trains_the_simulations_adapter(assets, tmp_path):
     sim = Simulation(config(assets, tmp_path, "name=sim", *settings()))
     simulated = sim.run(table=False)
-    dep, summary = deploy(config(assets, tmp_path, "name=dep", *settings()))
+    dep_cfg = config(assets, tmp_path, "name=dep", "log.to=[tensorboard]", *settings())
+    dep, summary = deploy(dep_cfg)
     a = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "dep" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -173,6 +175,12 @@ def test_a_deployment_trains_the_simulations_adapter(assets, tmp_path):
             )
     # bytes: the same messages, counted at the transport (plus Join and polls)
     assert summary["bytes"]["up_smashed"] == simulated["bytes"]["up_smashed"]
+    # the deployed server logs its rounds to the trackers as a simulation does
+    board = tensorboard(dep_cfg.run_dir)
+    assert [step for step, _, _ in board["eval/loss"]] == [0, 1, 2]
+    for (_, value, _), record in zip(board["eval/loss"], dep.rounds, strict=True):
+        assert value == pytest.approx(record["eval_loss"], rel=1e-6)
+    assert [step for step, _, _ in board["comm/bytes_up"]] == [1, 2]
 
 
 @pytest.mark.parametrize("side", ["per_client", "shared"])

@@ -491,4 +491,7 @@ def test_clients_with_a_smaller_frozen_base_train_what_float32_ones_do(
     # eighth (plus their scales), bfloat16 in a half
     ratio = probed[base].block_bytes / probed["float32"].block_bytes
     assert ratio < {"bfloat16": 0.51, "int8": 0.35, "nf4": 0.3}[base], ratio
-    assert probed[base].client_block_s > 0 and probed["float32"].client_block_s == 0
+    # a float32 client's blocks are the server's (no separate time); a
+    # quantized one's time is measured (not asserted: a timing under load
+    # may clamp to 0, which falls back to the server's block time)
+    assert probed["float32"].client_block_s == 0

@@ -43,6 +43,7 @@ from splitft.sim.predict import Workload, World
 from splitft.sim.probe import probe
 from splitft.sim.profiles import Device, devices_at, server_device
 from splitft.split.server import SplitServer
+from splitft.trackers import Trackers, chosen
 from splitft.transport import Traffic
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Coordinator:
         self.start_round = 0  # the first round to run (after a resume: the next)
         self.lock = runs.RunLock(self.run_dir)
         self.log: report.MetricsLog | None = None
+        self.trackers: Trackers | None = None  # TensorBoard, W&B, ... (log.to)
         # set once the strategy exists: a deployed server opens its port before
         # the cost probe, and a client's Join waits on it to check its memory
         self.strategy_ready = threading.Event()
@@ -119,6 +121,7 @@ class Coordinator:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, fed = self.cfg, self.cfg.federation
+        tracked = chosen(cfg.log.to)  # a missing tracker: before anything loads
         torch.manual_seed(cfg.seed)
         loaded = load_for_run(cfg)
         device, self.model_dir = loaded.device, loaded.folder
@@ -192,6 +195,7 @@ class Coordinator:
             self.log = report.MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=0)
         else:
             self._restore(checkpoint)
+        self.trackers = Trackers.open(cfg, tracked, self.start_round)
         runs.write_status(self.run_dir, "running", round=self.start_round)
 
     # ---------------------------------------------------------- checkpoints
@@ -333,7 +337,9 @@ class Coordinator:
             planned = self.strategy.configure_round(rnd, devices)
             result = self.run_round(planned, devices)
             record = self.finish_round(planned, result)
-            self.checkpoint(rnd + 1)
+            with interrupts.deferred():  # the trackers get what a resume keeps
+                self.checkpoint(rnd + 1)
+                self.trackers.log_rounds(self.rounds)
             if stop is not None and stop(record):
                 break
         self._bar.close()
@@ -423,10 +429,17 @@ class Coordinator:
         extra = getattr(self.runner, "summary", None)
         if extra is not None:  # what only this kind of round knows
             summary.update(extra())
-        report.write_summary(self.run_dir / "summary.json", summary)
         self.log.close()
+        self.trackers.close()
+        t0 = time.perf_counter()
         if self.cfg.log.plots:
             self._plot()
+        # what watching the run cost it (beyond metrics.jsonl), in wall seconds
+        summary["logging_s"] = {
+            "trackers": self.trackers.seconds,
+            "plots": time.perf_counter() - t0,
+        }
+        report.write_summary(self.run_dir / "summary.json", summary)
         runs.write_status(self.run_dir, "complete")
         return summary
 
@@ -471,6 +484,8 @@ class Coordinator:
                 self.runner.close(reason, resumes)
                 if self.log is not None:
                     self.log.close()
+                if self.trackers is not None:
+                    self.trackers.close()
                 self.lock.release()
         if table:
             report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
