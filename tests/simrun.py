@@ -1,9 +1,11 @@
 """A tiny federation to run end to end: a tiny llama, a local data file."""
 
 import json
+import signal
 
 from tiny import make_tiny, make_tokenizer
 
+from splitft import interrupts
 from splitft.config import load_config
 from splitft.federation.simulation import Simulation
 
@@ -54,6 +56,18 @@ def config(assets, tmp_path, *overrides):
             *overrides,
         ],
     )
+
+
+def interrupt_after(rnd):
+    """A ``stop`` for ``Coordinator.run``: SIGINT's Interrupted once round
+    ``rnd`` is checkpointed (as Ctrl-C there would)."""
+
+    def stop(record):
+        if record["round"] == rnd:
+            raise interrupts.Interrupted(signal.SIGINT)
+        return False
+
+    return stop
 
 
 def run(cfg, costs=None):

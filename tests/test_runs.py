@@ -13,7 +13,14 @@ import pytest
 import synthetic
 import torch
 from safetensors.torch import load_file
-from simrun import TIMING_FREE, base_settings, config, make_assets, rounded
+from simrun import (
+    TIMING_FREE,
+    base_settings,
+    config,
+    interrupt_after,
+    make_assets,
+    rounded,
+)
 
 from splitft import interrupts, lora, runs
 from splitft.cli import main
@@ -166,13 +173,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(assets, tmp_path, settings
 
     cut = config(assets, tmp_path, "name=cut", *common)
 
-    def interrupt(record):
-        if record["round"] == 2:
-            raise interrupts.Interrupted(signal.SIGINT)
-        return False
-
     with pytest.raises(interrupts.Interrupted):
-        Simulation(cut, synthetic.costs(num_layers=4)).run(interrupt, table=False)
+        Simulation(cut, synthetic.costs(num_layers=4)).run(
+            interrupt_after(2), table=False
+        )
     status = runs.read_status(cut.run_dir)
     assert status["state"] == "interrupted" and status["round"] == 2
     assert not (cut.run_dir / "adapter").exists()

@@ -6,7 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from simrun import config, make_assets
+from simrun import config, interrupt_after, make_assets
 from tracked import tensorboard, trackio_rows, wandb_history
 
 from splitft import interrupts, trackers
@@ -85,13 +85,8 @@ def test_a_resumed_run_continues_the_same_curves(assets, tmp_path):
     common = (ALL, "federation.rounds=4", "sim.timing=predicted")
     cfg = config(assets, tmp_path, "name=resumed", *common)
 
-    def after_round_2(record):
-        if record["round"] == 2:
-            raise interrupts.Interrupted(signal.SIGINT)
-        return False
-
     with pytest.raises(interrupts.Interrupted):
-        Simulation(cfg).run(after_round_2, table=False)
+        Simulation(cfg).run(interrupt_after(2), table=False)
 
     class Once(Simulation):  # interrupted between round 3's record and checkpoint
         def checkpoint(self, rnd):

@@ -33,12 +33,6 @@ from splitft.config import ConfigError, RunConfig, to_dict
 
 log = logging.getLogger(__name__)
 
-# tracker -> (the module it needs, the extra that installs it)
-PACKAGES = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "trackio": ("trackio", "trackio"),
-}
 IDENTITY = "trackers.json"  # the run's id in the trackers, kept for a resume
 
 
@@ -53,7 +47,9 @@ class Tracker(Protocol):
 
 
 def installed(name: str) -> bool:
-    return importlib.util.find_spec(PACKAGES[name][0]) is not None
+    """Whether a tracker's package is there (each tracker's package, and the
+    extra that installs it, bear its name)."""
+    return importlib.util.find_spec(name) is not None
 
 
 def chosen(to: list[str]) -> list[str]:
@@ -67,16 +63,16 @@ def chosen(to: list[str]) -> list[str]:
     for name in to:
         if name == "auto":
             names += ["tensorboard"] if installed("tensorboard") else []
-        elif name != "jsonl" and name not in names:
+        elif name != "jsonl":
             names.append(name)
+    names = list(dict.fromkeys(names))  # each once, in the order named
     for name in names:
         if not installed(name):
-            extra = PACKAGES[name][1]
             raise ConfigError(
                 f"log.to={to!r} names {name!r}, whose package is not installed: "
-                f"pip install 'splitft[{extra}]' (or leave {name!r} out of log.to)"
+                f"pip install 'splitft[{name}]' (or leave {name!r} out of log.to)"
             )
-    return list(dict.fromkeys(names))
+    return names
 
 
 def scalars(record: dict[str, Any], cut_rank: int) -> dict[str, float]:
