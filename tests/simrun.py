@@ -2,7 +2,10 @@
 
 import json
 import signal
+from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
 from tiny import make_tiny, make_tokenizer
 
 from splitft import interrupts
@@ -96,3 +99,33 @@ def rounded(x, digits=7):
     if isinstance(x, list):
         return [rounded(v, digits) for v in x]
     return x
+
+
+def comparable(rounds):
+    return [
+        rounded({k: v for k, v in r.items() if k not in TIMING_FREE}) for r in rounds
+    ]
+
+
+def adapter_of(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Same adapter and the same metrics, bar wall-clock times."""
+    ta, tb = adapter_of(a), adapter_of(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    assert comparable(sa["rounds"]) == comparable(sb["rounds"])
+    assert sa["bytes"] == sb["bytes"] and sa["sim_time_s"] == sb["sim_time_s"]
+
+    def steps(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        drop = {"client_seconds", "server_seconds", *TIMING_FREE}
+        return [rounded({k: v for k, v in r.items() if k not in drop}) for r in records]
+
+    assert steps(a) == steps(b)  # every record once, in order, after the resume

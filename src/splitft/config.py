@@ -237,15 +237,18 @@ class FederationConfig:
     )
     min_clients: int = _f(
         1,
-        "deployment: the fewest uploads a round is aggregated with; a round "
-        "short of it is run again (round_retries), then the run stops",
+        "deployment and sim.backend=ray: the fewest uploads a round is "
+        "aggregated with; a round short of it is run again (round_retries), "
+        "then the run stops",
     )
     round_timeout_s: float = _f(
         600.0,
         "deployment: how long a round waits for its clients' uploads; those "
         "who miss it are left out of the round",
     )
-    round_retries: int = _f(1, "deployment: runs of a round short of min_clients")
+    round_retries: int = _f(
+        1, "deployment and sim.backend=ray: runs of a round short of min_clients"
+    )
     max_samples_per_client: int = _f(
         0,
         "the most examples a client may declare at Join, and so the most its "
@@ -409,6 +412,7 @@ class ProfileChange:
 
 
 TIMINGS = ("measured", "predicted", "live")
+BACKENDS = ("local", "ray")
 
 
 @dataclass
@@ -442,6 +446,30 @@ class SimConfig:
         "a costs.json written by an earlier run, used instead of probing the "
         "model at start-up ('' = probe)",
     )
+    backend: str = _f(
+        "local",
+        "where the simulated clients compute: 'local' (in the run's process, "
+        "one after another) or 'ray' (in Ray actors, in parallel; needs "
+        "pip install 'splitft[ray]'; docs/scaling.md); the rounds are the same",
+    )
+    ray_address: str = _f(
+        "",
+        "backend=ray: the Ray cluster to join ('auto', 'host:6379', "
+        "'ray://host:10001'); '' starts a local Ray for the run and stops it after",
+    )
+    client_resources: dict[str, float] = _f(
+        {"num_cpus": 1.0},
+        "backend=ray: what each client actor reserves (num_cpus, num_gpus "
+        "(fractions share a GPU), memory in bytes, or a custom resource's name)",
+    )
+    client_actors: int = _f(
+        0,
+        "backend=ray: client actors (0: as many as client_resources allow on "
+        "the cluster, at most the clients of a round)",
+    )
+    actor_restarts: int = _f(
+        3, "backend=ray: how often Ray restarts a client actor that died"
+    )
 
     def profile_names(self) -> dict[str, DeviceProfile]:
         """Built-in profiles with ``profiles`` merged in, field by field."""
@@ -474,6 +502,13 @@ class SimConfig:
         ok = self.server_workers >= 1
         _check(ok, "sim.server_workers", self.server_workers, ">= 1")
         _check(self.timing in TIMINGS, "sim.timing", self.timing, TIMINGS)
+        _check(self.backend in BACKENDS, "sim.backend", self.backend, BACKENDS)
+        for key, v in self.client_resources.items():
+            ok = isinstance(v, (int, float)) and v >= 0
+            _check(ok, f"sim.client_resources.{key}", v, "a number >= 0")
+        _check(self.client_actors >= 0, "sim.client_actors", self.client_actors, ">= 0")
+        ok = self.actor_restarts >= 0
+        _check(ok, "sim.actor_restarts", self.actor_restarts, ">= 0")
 
 
 PARTITION_METHODS = ("iid", "length_dirichlet", "task_dirichlet")

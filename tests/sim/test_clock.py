@@ -179,3 +179,44 @@ def test_requests_that_may_not_share_a_batch_are_served_alone_in_turn():
         serve_many=batch_server(0.5, batches),
     )
     assert order == [0] and batches == [[1, 2]]
+
+
+class Ahead(Slotted):
+    """A client whose work runs elsewhere: ``start`` gets each input as soon
+    as it is known, before ``resume`` takes the result."""
+
+    def __init__(self, script, log):
+        super().__init__(script)
+        self.log, self.started = log, []
+
+    def start(self, reply):
+        self.started.append(reply)
+        self.log.append(("start", reply))
+
+    def resume(self, reply):
+        assert self.started and self.started.pop(0) == reply  # started, same input
+        self.log.append(("resume", reply))
+        return super().resume(reply)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_process_may_start_on_its_input_before_its_event(batched):
+    """``start`` sees every input before the clock uses the result, and the
+    round's timing is the one without it."""
+    scripts = {0: [(1.0, 1000), (2.0, 1000)], 1: [(1.5, 1000)], 2: [(0.2, 1000)]}
+    devices = {cid: FAST for cid in scripts}
+    kw = (
+        dict(batching=Batching(window_s=0.1), serve_many=batch_server(0.3, []))
+        if batched
+        else {}
+    )
+    plain = simulate_round(
+        {c: Slotted(s) for c, s in scripts.items()}, devices, server(0.4), **kw
+    )
+    log = []
+    ahead = {c: Ahead(s, log) for c, s in scripts.items()}
+    timing = simulate_round(ahead, devices, server(0.4), **kw)
+    assert timing == plain
+    assert all(not p.started for p in ahead.values())  # each start was resumed
+    # every client's inputs started at time 0, before any result was used
+    assert log[:3] == [("start", None)] * 3

@@ -502,6 +502,42 @@ def _stopped_because(e: BaseException) -> str:
     return f"the server stopped: {type(e).__name__}: {e}"[:300]
 
 
+def run_with_retries(
+    attempt: Callable[[], tuple[RoundResult, list[int]]],
+    planned: RoundDecision,
+    server: SplitServer,
+    min_clients: int,
+    retries: int,
+    short: str,
+    advice: str,
+) -> RoundResult:
+    """``attempt()`` (the round's result and who uploaded) until at least
+    ``min_clients`` of the selected clients uploaded, ``retries`` + 1 times
+    at most; a short attempt is abandoned (the server forgets it). The
+    error says what left clients out (``short``) and what to do (``advice``).
+
+    Raises:
+        RoundFailed: every attempt was short.
+    """
+    for tried in range(retries + 1):
+        result, counted = attempt()
+        if len(counted) >= min(min_clients, len(planned.cuts)):
+            return result
+        server.abandon_round()
+        log.warning(
+            "round %d: %d of %d clients uploaded (federation.min_clients=%d); %s",
+            planned.round + 1,
+            len(counted),
+            len(planned.cuts),
+            min_clients,
+            "running it again" if tried < retries else "stopping",
+        )
+    raise RoundFailed(
+        f"round {planned.round + 1}: fewer than federation.min_clients="
+        f"{min_clients} clients uploaded {short} in {retries + 1} tries; {advice}"
+    )
+
+
 def aggregate_round(server: SplitServer, how: str = "mean") -> list[int]:
     """The round's aggregation: every holder's update folded into the global
     adapter, layer by layer (``docs/aggregation.md``); returns who counted.

@@ -29,7 +29,7 @@ from typing import Any
 
 from splitft import runs
 from splitft.config import ConfigError, RunConfig
-from splitft.federation.coordinator import Coordinator, RoundFailed
+from splitft.federation.coordinator import Coordinator, RoundFailed, run_with_retries
 from splitft.federation.remote import message_limit_for
 from splitft.federation.strategy import RoundDecision, RoundResult
 from splitft.sim.clock import ClientTiming, RoundTiming
@@ -106,25 +106,14 @@ class NetworkRounds:
         self, planned: RoundDecision, devices: Mapping[int, Any]
     ) -> RoundResult:
         """Open the round, wait for its uploads or the deadline, close it."""
-        for attempt in range(self.retries + 1):
-            result, counted = self._attempt(planned)
-            if len(counted) >= min(self.min_clients, len(planned.cuts)):
-                return result
-            self.server.abandon_round()
-            log.warning(
-                "round %d: %d of %d clients uploaded by the deadline "
-                "(federation.min_clients=%d); %s",
-                planned.round + 1,
-                len(counted),
-                len(planned.cuts),
-                self.min_clients,
-                "running it again" if attempt < self.retries else "stopping",
-            )
-        raise RoundFailed(
-            f"round {planned.round + 1}: fewer than federation.min_clients="
-            f"{self.min_clients} clients uploaded within federation.round_timeout_s="
-            f"{self.timeout_s:g} in {self.retries + 1} tries; start more clients, "
-            "then resume the run"
+        return run_with_retries(
+            lambda: self._attempt(planned),
+            planned,
+            self.server,
+            self.min_clients,
+            self.retries,
+            f"within federation.round_timeout_s={self.timeout_s:g}",
+            "start more clients, then resume the run",
         )
 
     def _attempt(self, planned: RoundDecision) -> tuple[RoundResult, list[int]]:

@@ -20,7 +20,7 @@ from splitft.sim.costs import CostModel
 from splitft.sim.predict import expected_slots, row_size
 from splitft.split.client import JoinFailed, SplitClient
 
-__all__ = ["Simulation", "SimulatedRounds", "expected_slots"]
+__all__ = ["Simulation", "SimulatedRounds", "clock_round", "expected_slots"]
 
 
 class SimulatedRounds:
@@ -53,24 +53,17 @@ class SimulatedRounds:
     def run_round(self, planned: RoundDecision, devices) -> RoundResult:
         """The selected clients train through the server on the simulated clock."""
         c = self.coordinator
-        sim = c.cfg.sim
-        c.server.open_round(planned.round, planned.cuts)
         processes = {
             cid: ClockedClient(
-                self.clients[cid], planned.round, devices[cid], sim.timing, c.costs
+                self.clients[cid],
+                planned.round,
+                devices[cid],
+                c.cfg.sim.timing,
+                c.costs,
             )
             for cid in planned.cuts
         }
-        server = ClockedServer(c.server, c.server_device.speed, sim.timing, c.costs)
-        workers, batching = c.server_device.workers, c.server_device.batching
-        timing = simulate_round(
-            processes, devices, server, workers, batching, server.many, trace=True
-        )
-        if sim.timing == "measured":  # ran in the modelled order; time as measured
-            timing = replay(processes, server, devices, workers, batching)
-        steps = [s for cid in sorted(processes) for s in processes[cid].steps]
-        recut = {cid: p.recut for cid, p in processes.items()}
-        return RoundResult(timing, steps, recut)
+        return clock_round(c, planned, devices, processes)
 
     def declared(self, devices):
         return devices  # the simulated devices are what they are
@@ -89,8 +82,29 @@ class SimulatedRounds:
         pass
 
 
+def clock_round(
+    c: Coordinator, planned: RoundDecision, devices, processes
+) -> RoundResult:
+    """Round ``planned`` of the clock's ``processes`` (one per selected
+    client) through the coordinator's server, on the simulated clock; the
+    processes keep ``steps``, ``recut`` and ``trace`` as ClockedClient does."""
+    sim = c.cfg.sim
+    c.server.open_round(planned.round, planned.cuts)
+    server = ClockedServer(c.server, c.server_device.speed, sim.timing, c.costs)
+    workers, batching = c.server_device.workers, c.server_device.batching
+    timing = simulate_round(
+        processes, devices, server, workers, batching, server.many, trace=True
+    )
+    if sim.timing == "measured":  # ran in the modelled order; time as measured
+        timing = replay(processes, server, devices, workers, batching)
+    steps = [s for cid in sorted(processes) for s in processes[cid].steps]
+    recut = {cid: p.recut for cid, p in processes.items()}
+    return RoundResult(timing, steps, recut)
+
+
 class Simulation(Coordinator):
-    """The coordinator with every client simulated in this process.
+    """The coordinator with every client simulated: in this process, or in
+    Ray actors with ``sim.backend=ray`` (the same rounds).
 
     Args:
         cfg: the run's settings.
@@ -101,8 +115,15 @@ class Simulation(Coordinator):
     def __init__(
         self, cfg: RunConfig, costs: CostModel | None = None, resume: bool = False
     ) -> None:
-        super().__init__(cfg, SimulatedRounds(), costs=costs, resume=resume)
+        if cfg.sim.backend == "ray":  # the clients in Ray actors
+            from splitft.federation.raybackend import ray_rounds
+
+            rounds = ray_rounds()
+        else:
+            rounds = SimulatedRounds()
+        super().__init__(cfg, rounds, costs=costs, resume=resume)
 
     @property
     def clients(self) -> dict[int, SplitClient]:
+        """The clients (``sim.backend=local``; Ray's are in their actors)."""
         return self.runner.clients

@@ -53,6 +53,13 @@ class Process(Protocol):
     Returns ``(seconds, outgoing)``: the simulated seconds of the work just
     done and the next request, or ``None`` when the client is done. The first
     call gets ``reply=None``. Raising :class:`ClientFailed` ends the client.
+
+    A process whose work runs elsewhere (another process, a Ray actor) may
+    also have ``start(reply)``: the clock calls it as soon as the input of
+    its next ``resume`` is known (at time 0, and when the server makes its
+    reply), so it may compute ahead; ``resume`` with the same reply then
+    takes that result when its event comes. The order in which results are
+    *used* stays the clock's, so the round is the same as without it.
     """
 
     def resume(self, reply: Any) -> tuple[float, Outgoing | None]: ...
@@ -155,11 +162,19 @@ def simulate_round(
     def push(t: float, kind: str, cid: int, payload: Any) -> None:
         heapq.heappush(events, (t, next(seq), kind, cid, payload))
 
+    def early(cid: int, payload: Any) -> None:
+        """A process that runs elsewhere starts on its input once it is known
+        (its result is used when its event comes: :class:`Process`)."""
+        begin = getattr(processes[cid], "start", None)
+        if begin is not None:
+            begin(payload)
+
     def start_service(now: float) -> None:
         nonlocal free, busy
         arrived, cid, request, _ = waiting.popleft()
         free -= 1
         seconds, reply = serve(cid, request)
+        early(cid, reply.payload)
         t = timing[cid]
         t.queued += now - arrived
         t.served += seconds
@@ -198,6 +213,7 @@ def simulate_round(
         seconds, replies = serve_many([(cid, req) for _, cid, req, _ in taken])
         busy += seconds
         for (arrived, cid, _, _), reply in zip(taken, replies, strict=True):
+            early(cid, reply.payload)
             t = timing[cid]
             t.queued += now - arrived
             t.served += seconds
@@ -217,6 +233,7 @@ def simulate_round(
                 return
 
     for cid in sorted(processes):
+        early(cid, None)
         push(0.0, "resume", cid, None)
     while events:
         now, _, kind, cid, payload = heapq.heappop(events)

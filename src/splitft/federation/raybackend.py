@@ -1,0 +1,234 @@
+"""``sim.backend=ray``: the simulation's clients in Ray actors.
+
+The coordinator, the server and the simulated clock stay in the run's
+process; the clients' work runs in a pool of Ray actors, each a
+:class:`~splitft.federation.hosted.ClientHost` that loads the run's model
+and data once and builds each round's clients from their state and plan
+(stateless between rounds, as deployed clients are). What crosses between
+the processes is what crosses the simulated network: the encoded messages,
+as bytes. The clock decides, as in the local simulation, when each result
+is used, so a round on Ray equals the local round (``docs/scaling.md``).
+
+Ray is imported only here, and only when a run asks for it
+(``pip install 'splitft[ray]'``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from typing import Any
+
+from splitft import interrupts, runs
+from splitft.config import ConfigError, RunConfig
+from splitft.federation.hosted import ClientHost, HostedRounds, HostLost
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.25  # how often a wait looks for a signal (Ctrl-C, SIGTERM)
+RESTART_WAIT_S = 300.0  # how long a round waits for a restarting actor
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "sim.backend='ray' needs Ray: pip install 'splitft[ray]' "
+            "(or sim.backend=local)"
+        ) from None
+    return ray
+
+
+def start_ray(sim) -> bool:
+    """Join ``sim.ray_address``'s cluster, or start a local Ray (returns
+    True: this run started it and stops it). A Ray already started in this
+    process (a notebook's) is used as it is."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if sim.ray_address:
+        kwargs["address"] = sim.ray_address
+    else:  # a fresh one, even if RAY_ADDRESS names another
+        kwargs["address"] = "local"
+    main = threading.current_thread() is threading.main_thread()
+    kept = signal.getsignal(signal.SIGTERM) if main else None
+    t0 = time.perf_counter()
+    try:
+        with interrupts.deferred():  # a signal inside ray.init: once it is up
+            context = ray.init(**kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ConfigError(
+            f"sim.ray_address={sim.ray_address!r}: Ray did not start or connect: {e}"
+        ) from None
+    finally:
+        if main:  # ray.init makes SIGTERM exit at once; the run stops cleanly
+            signal.signal(signal.SIGTERM, kept)
+    url = getattr(context, "dashboard_url", "")
+    where = sim.ray_address or "a local Ray"
+    if url:
+        log.info(
+            "%s in %.1f s; its dashboard: http://%s",
+            where,
+            time.perf_counter() - t0,
+            url,
+        )
+    else:
+        log.info(
+            "%s in %.1f s (no dashboard: pip install 'ray[default]' for one)",
+            where,
+            time.perf_counter() - t0,
+        )
+    return True
+
+
+def pool_size(
+    resources: dict[str, float], cluster: dict[str, float], wanted: int
+) -> int:
+    """Actors that fit: per resource asked for, the cluster's total over the
+    actor's share (Flower's rule), at most ``wanted``.
+
+    Raises:
+        ConfigError: not one actor fits.
+    """
+    fits = wanted
+    for key, need in resources.items():
+        if need <= 0:
+            continue
+        name = {"num_cpus": "CPU", "num_gpus": "GPU"}.get(key, key)
+        fits = min(fits, math.floor(cluster.get(name, 0.0) / need + 1e-9))
+    if fits < 1:
+        raise ConfigError(
+            f"sim.client_resources={resources} fits no actor on the Ray cluster "
+            f"({cluster}): ask for less"
+        )
+    return fits
+
+
+def actor_options(sim) -> dict[str, Any]:
+    """``sim.client_resources`` and restarts as Ray's actor options."""
+    known = {"num_cpus", "num_gpus", "memory"}
+    res = sim.client_resources
+    options: dict[str, Any] = {k: v for k, v in res.items() if k in known}
+    custom = {k: v for k, v in res.items() if k not in known}
+    if custom:
+        options["resources"] = custom
+    options.setdefault("num_cpus", 1.0)
+    return {**options, "max_restarts": sim.actor_restarts, "max_task_retries": 0}
+
+
+class RayExecutor:
+    """Client hosts as Ray actors (the :class:`~splitft.federation.hosted.Executor`
+    of ``sim.backend=ray``): calls are actor tasks, results object refs."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        ray = self.ray = _ray()
+        sim = cfg.sim
+        self.owns = start_ray(sim)
+        self.actors: list[Any] = []
+        try:
+            per_round = cfg.federation.clients_per_round or cfg.federation.num_clients
+            self.size = sim.client_actors or pool_size(
+                sim.client_resources, ray.cluster_resources(), per_round
+            )
+            self._host = ray.remote(ClientHost).options(**actor_options(sim))
+            self.cfg = cfg
+            self.actors = [self._host.remote(cfg) for _ in range(self.size)]
+            t0 = time.perf_counter()
+            for i in range(self.size):  # their set-up errors, here
+                self._started(i)
+            log.info(
+                "%d client actors (%s each) ready in %.1f s",
+                self.size,
+                sim.client_resources,
+                time.perf_counter() - t0,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _started(self, host: int) -> None:
+        try:
+            self.wait(self.actors[host].ping.remote())
+        except HostLost as e:
+            raise runs.RunError(f"client actor {host} did not start: {e}") from None
+
+    def submit(self, host: int, method: str, *args: Any) -> Any:
+        return getattr(self.actors[host], method).remote(*args)
+
+    def wait(self, ref: Any) -> Any:
+        """The call's result; Ctrl-C and SIGTERM stop the wait.
+
+        Raises:
+            HostLost: its actor died or is restarting.
+        """
+        ray = self.ray
+        while True:
+            with interrupts.deferred():  # a signal is raised between polls
+                done, _ = ray.wait([ref], timeout=POLL_S)
+            if done:
+                break
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            raise HostLost(f"{type(e).__name__}: {_first_line(e)}") from None
+        except ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None
+
+    def ensure(self) -> None:
+        """Before a round: wait for restarting actors, replace dead ones."""
+        deadline = time.monotonic() + RESTART_WAIT_S
+        for i in range(self.size):
+            while (state := self._ping(i)) != "up":
+                if state == "dead":  # its restarts used up: a new one
+                    log.warning("client actor %d is dead; starting another", i)
+                    self.actors[i] = self._host.remote(self.cfg)
+                elif time.monotonic() > deadline:
+                    raise runs.RunError(
+                        f"client actor {i} has not come back in {RESTART_WAIT_S:g} s"
+                    )
+                else:  # restarting
+                    time.sleep(POLL_S)
+
+    def _ping(self, host: int) -> str:
+        """'up', 'restarting' or 'dead'."""
+        ray = self.ray
+        ref = self.actors[host].ping.remote()
+        while True:
+            with interrupts.deferred():
+                done, _ = ray.wait([ref], timeout=POLL_S)
+            if done:
+                break
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorDiedError:
+            return "dead"
+        except ray.exceptions.RayActorError:
+            return "restarting"
+        return "up"
+
+    def close(self) -> None:
+        ray = self.ray
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - gone already
+                pass
+        self.actors = []
+        if self.owns and ray.is_initialized():
+            ray.shutdown()
+            self.owns = False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def ray_rounds() -> HostedRounds:
+    """The simulation's rounds with the clients in Ray actors."""
+    return HostedRounds(RayExecutor)
