@@ -4,6 +4,8 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+import synthetic
 import torch
 from safetensors.torch import load_file
 from tiny import make_tiny, make_tokenizer
@@ -71,6 +73,19 @@ def interrupt_after(rnd):
         return False
 
     return stop
+
+
+def whole_and_interrupted(assets, tmp_path, common, after, *cut_settings):
+    """Run ``whole`` (uninterrupted, local) and ``cut`` (``cut_settings``
+    added), interrupted once round ``after`` is checkpointed; their configs."""
+    whole = config(assets, tmp_path, "name=whole", *common)
+    Simulation(whole, synthetic.costs(num_layers=4)).run(table=False)
+    cut = config(assets, tmp_path, "name=cut", *cut_settings, *common)
+    with pytest.raises(interrupts.Interrupted):
+        Simulation(cut, synthetic.costs(num_layers=4)).run(
+            interrupt_after(after), table=False
+        )
+    return whole, cut
 
 
 def run(cfg, costs=None):

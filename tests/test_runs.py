@@ -17,11 +17,11 @@ from simrun import (
     assert_same_run,
     base_settings,
     config,
-    interrupt_after,
     make_assets,
+    whole_and_interrupted,
 )
 
-from splitft import interrupts, lora, runs
+from splitft import lora, runs
 from splitft.cli import main
 from splitft.config import load_config
 from splitft.federation.simulation import Simulation
@@ -137,15 +137,7 @@ def test_a_second_live_run_of_a_name_is_refused_and_a_stale_lock_taken(
 )
 def test_interrupted_and_resumed_equals_uninterrupted(assets, tmp_path, settings):
     common = ("sim.timing=predicted", "federation.rounds=4", *settings)
-    whole = config(assets, tmp_path, "name=whole", *common)
-    Simulation(whole, synthetic.costs(num_layers=4)).run(table=False)
-
-    cut = config(assets, tmp_path, "name=cut", *common)
-
-    with pytest.raises(interrupts.Interrupted):
-        Simulation(cut, synthetic.costs(num_layers=4)).run(
-            interrupt_after(2), table=False
-        )
+    whole, cut = whole_and_interrupted(assets, tmp_path, common, 2)
     status = runs.read_status(cut.run_dir)
     assert status["state"] == "interrupted" and status["round"] == 2
     assert not (cut.run_dir / "adapter").exists()

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import synthetic
-from simrun import assert_same_run, config, interrupt_after, make_assets
+from simrun import assert_same_run, config, make_assets, whole_and_interrupted
 
-from splitft import interrupts, runs
+from splitft import runs
 from splitft.federation.coordinator import Coordinator
 from splitft.federation.hosted import HostedRounds, HostLost, InProcess
 from splitft.federation.simulation import Simulation
@@ -53,13 +53,7 @@ def test_a_run_resumes_on_hosts_from_a_local_checkpoint(assets, tmp_path):
         "federation.rounds=4",
         "federation.policy=adaptive",
     )
-    whole = config(assets, tmp_path, "name=whole", *common)
-    Simulation(whole, synthetic.costs(num_layers=4)).run(table=False)
-    cut = config(assets, tmp_path, "name=cut", *common)
-    with pytest.raises(interrupts.Interrupted):
-        Simulation(cut, synthetic.costs(num_layers=4)).run(
-            interrupt_after(2), table=False
-        )
+    whole, cut = whole_and_interrupted(assets, tmp_path, common, 2)
     resumed = hosted(cut, resume=True)
     resumed.run(table=False)
     assert resumed.start_round == 2

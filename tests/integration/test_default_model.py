@@ -21,6 +21,24 @@ ONE_ROUND = [
 ]
 
 
+def assert_same_training(a, b):
+    """Run folders ``a`` and ``b`` trained the same adapter (to 1e-5) through
+    the same cuts and eval losses; returns their summaries."""
+    from safetensors.torch import load_file
+
+    ta = load_file(a / "adapter" / "adapter_model.safetensors")
+    tb = load_file(b / "adapter" / "adapter_model.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6)
+    sa = json.loads((a / "summary.json").read_text())
+    sb = json.loads((b / "summary.json").read_text())
+    for ra, rb in zip(sa["rounds"], sb["rounds"], strict=True):
+        assert ra.get("cuts") == rb.get("cuts")
+        assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], rel=1e-6)
+    return sa, sb
+
+
 @pytest.mark.integration
 def test_two_clients_different_cuts_one_round(tmp_path):
     cfg = load_config(None, [f"out_dir={tmp_path}", "name=it", *ONE_ROUND])
@@ -100,8 +118,6 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path):
     stopped."""
     import signal
 
-    from safetensors.torch import load_file
-
     from splitft import interrupts, runs
 
     def cfg(name):
@@ -140,16 +156,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_adapter(tmp_path):
     resumed = Simulation(cfg("cut"), resume=True)
     resumed.run(table=False)
     assert resumed.start_round == 1
-    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    sa = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
-    for ra, rb in zip(sa["rounds"], sb["rounds"], strict=True):
-        assert ra.get("cuts") == rb.get("cuts")
-        assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], rel=1e-6)
+    assert_same_training(tmp_path / "whole", tmp_path / "cut")
 
 
 @pytest.mark.integration
@@ -300,3 +307,42 @@ def test_nf4_clients_train_smollm2_as_float32_ones_do(tmp_path):
     assert b.block_bytes < 0.15 * a.block_bytes
     worst = 2 * 256
     assert b.client_memory(11, worst, worst) < 0.5 * a.client_memory(11, worst, worst)
+
+
+@pytest.mark.integration
+def test_a_ray_run_of_smollm2_trains_the_local_runs_adapter(
+    tmp_path, monkeypatch, request
+):
+    """sim.backend=ray on the real model: two client actors (a local Ray the
+    run starts and stops), the local simulation's adapter and losses."""
+    pytest.importorskip("ray")
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # the actors' torch runs on one thread (Ray's OMP_NUM_THREADS for 1 CPU);
+    # on more, sums differ in their last bits, and Adam's first step (g/|g|)
+    # turns that into up to 5e-5 on a weight whose gradient is near 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+
+    def cfg(name, *more):
+        return load_config(
+            None,
+            [
+                f"out_dir={tmp_path}",
+                f"name={name}",
+                *ONE_ROUND,
+                "federation.server_side=shared",
+                "sim.timing=predicted",
+                "eval.accuracy=false",
+                *more,
+            ],
+        )
+
+    local = Simulation(cfg("local"))
+    local.run(table=False)
+    Simulation(cfg("ray", "sim.backend=ray"), local.costs).run(table=False)
+    sa, sb = assert_same_training(tmp_path / "local", tmp_path / "ray")
+    assert sb["client_hosts"] == 2
+    for ra, rb in zip(sa["rounds"], sb["rounds"], strict=True):
+        assert ra["sim_time_s"] == pytest.approx(rb["sim_time_s"], rel=1e-9)

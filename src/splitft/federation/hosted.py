@@ -298,6 +298,10 @@ class HostedRounds:
     def declared(self, devices):
         return devices
 
+    def summary(self) -> dict:
+        """What summary.json says of where the clients computed."""
+        return {"client_hosts": self.executor.size}
+
     def state_dict(self) -> dict:
         return {cid: dict(state) for cid, state in self.states.items()}
 
