@@ -457,6 +457,11 @@ class SimConfig:
         "backend=ray: the Ray cluster to join ('auto', 'host:6379', "
         "'ray://host:10001'); '' starts a local Ray for the run and stops it after",
     )
+    server_resources: dict[str, float] = _f(
+        {},
+        "backend=ray: run the coordinator and its server in a Ray actor of its "
+        "own that reserves these (e.g. {num_gpus: 1}); {} = in the run's process",
+    )
     client_resources: dict[str, float] = _f(
         {"num_cpus": 1.0},
         "backend=ray: what each client actor reserves (num_cpus, num_gpus "
@@ -503,9 +508,10 @@ class SimConfig:
         _check(ok, "sim.server_workers", self.server_workers, ">= 1")
         _check(self.timing in TIMINGS, "sim.timing", self.timing, TIMINGS)
         _check(self.backend in BACKENDS, "sim.backend", self.backend, BACKENDS)
-        for key, v in self.client_resources.items():
-            ok = isinstance(v, (int, float)) and v >= 0
-            _check(ok, f"sim.client_resources.{key}", v, "a number >= 0")
+        for name in ("server_resources", "client_resources"):
+            for key, v in getattr(self, name).items():
+                ok = isinstance(v, (int, float)) and v >= 0
+                _check(ok, f"sim.{name}.{key}", v, "a number >= 0")
         _check(self.client_actors >= 0, "sim.client_actors", self.client_actors, ">= 0")
         ok = self.actor_restarts >= 0
         _check(ok, "sim.actor_restarts", self.actor_restarts, ">= 0")

@@ -100,20 +100,34 @@ def test_a_killed_client_actor_is_survived(cluster, assets, tmp_path, caplog):
 def test_an_interrupted_ray_run_resumes_to_the_uninterrupted_one(
     cluster, assets, tmp_path
 ):
+    """With the coordinator and its server in an actor of their own
+    (sim.server_resources): the stop reaches the actor, the folder keeps
+    round 1's checkpoint, and the resumed run (in an actor again) ends as
+    the uninterrupted local one."""
     common = settings("federation.rounds=3", "federation.server_side=shared")
-    # the whole run local: a Ray run is the same (the test above)
-    whole, cut = whole_and_interrupted(assets, tmp_path, common, 1, "sim.backend=ray")
+    # the whole run local: a Ray run is the same (the test above); here the
+    # server takes 1 of the 2 CPUs, and 1 client actor the other
+    on_ray = ("sim.backend=ray", "sim.server_resources={num_cpus: 1}")
+    whole, cut = whole_and_interrupted(assets, tmp_path, common, 1, *on_ray)
     assert runs.read_status(cut.run_dir)["state"] == "interrupted"
     resumed = Simulation(cut, resume=True)
-    resumed.run(table=False)
-    assert resumed.start_round == 1
+    summary = resumed.run(table=False)
+    assert summary["client_hosts"] == 1
+    assert [r["round"] for r in resumed.rounds] == [0, 1, 2, 3]
     assert_same_run(whole.run_dir, cut.run_dir)
 
 
-def test_sigterm_stops_a_ray_run_and_resume_finishes_it(cluster, assets, tmp_path):
-    """A real signal while the driver waits on the actors (ray.init replaces
-    SIGTERM's handler; the run puts splitft's back): exit 143 with splitft's
-    line, status interrupted at its last checkpoint; resume finishes it."""
+@pytest.mark.parametrize(
+    "server", [(), ("sim.server_resources={num_cpus: 1}",)], ids=["here", "actor"]
+)
+def test_sigterm_stops_a_ray_run_and_resume_finishes_it(
+    cluster, assets, tmp_path, server
+):
+    """A real signal while the run's process waits on the actors (ray.init
+    replaces SIGTERM's handler; the run puts splitft's back), the server in
+    that process or in an actor of its own (the signal is passed on): exit
+    143 with splitft's line, status interrupted at its last checkpoint;
+    resume finishes it."""
     from simrun import base_settings
 
     synthetic.costs(num_layers=4).save(tmp_path / "costs.json")
@@ -125,11 +139,12 @@ def test_sigterm_stops_a_ray_run_and_resume_finishes_it(cluster, assets, tmp_pat
             *base_settings(assets, tmp_path),
             "name=r",
             "federation.num_clients=2",
-            "federation.rounds=8",
+            "federation.rounds=12",
             "federation.cut_layers=[1, 2]",
             "sim.backend=ray",
             "sim.timing=predicted",
             f"sim.cost_model={tmp_path / 'costs.json'}",
+            *server,
         ],
         env=env,
         stderr=subprocess.PIPE,

@@ -117,6 +117,7 @@ class Coordinator:
         # set once the strategy exists: a deployed server opens its port before
         # the cost probe, and a client's Join waits on it to check its memory
         self.strategy_ready = threading.Event()
+        self.progress_to: Any = None  # where the progress bar goes (None: stderr)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -331,6 +332,7 @@ class Coordinator:
             initial=self.start_round * steps,
             desc="split training",
             unit="step",
+            file=self.progress_to,
         )
         for rnd in range(self.start_round, fed.rounds):
             devices = self.runner.declared(devices_at(sim, fed.num_clients, rnd))

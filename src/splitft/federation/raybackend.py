@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -30,6 +31,26 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often a wait looks for a signal (Ctrl-C, SIGTERM)
 RESTART_WAIT_S = 300.0  # how long a round waits for a restarting actor
+STOP_WAIT_S = 120.0  # how long a signalled run waits for its server actor to stop
+
+
+class _Stop:
+    """In a server actor: the signal the run's process got (0: none)."""
+
+    signum = 0
+
+
+def _poll(ray, ref) -> None:
+    """Until ``ref`` is ready; a signal to this process (or, in a server
+    actor, to the run's) raises :class:`~splitft.interrupts.Interrupted`
+    between polls."""
+    while True:
+        if _Stop.signum:
+            raise interrupts.Interrupted(_Stop.signum)
+        with interrupts.deferred():  # a signal is raised between polls
+            done, _ = ray.wait([ref], timeout=POLL_S)
+        if done:
+            return
 
 
 def _ray():
@@ -103,16 +124,16 @@ def pool_size(
         fits = min(fits, math.floor(cluster.get(name, 0.0) / need + 1e-9))
     if fits < 1:
         raise ConfigError(
-            f"sim.client_resources={resources} fits no actor on the Ray cluster "
-            f"({cluster}): ask for less"
+            f"sim.client_resources={resources} fits no actor in what the Ray "
+            f"cluster has free ({cluster}): ask for less"
         )
     return fits
 
 
-def actor_options(sim) -> dict[str, Any]:
-    """``sim.client_resources`` and restarts as Ray's actor options."""
+def actor_options(sim, res: dict[str, float]) -> dict[str, Any]:
+    """Resources (``sim.client_resources``, ``sim.server_resources``) and
+    ``sim.actor_restarts`` as Ray's actor options."""
     known = {"num_cpus", "num_gpus", "memory"}
-    res = sim.client_resources
     options: dict[str, Any] = {k: v for k, v in res.items() if k in known}
     custom = {k: v for k, v in res.items() if k not in known}
     if custom:
@@ -132,10 +153,11 @@ class RayExecutor:
         self.actors: list[Any] = []
         try:
             per_round = cfg.federation.clients_per_round or cfg.federation.num_clients
-            self.size = sim.client_actors or pool_size(
-                sim.client_resources, ray.cluster_resources(), per_round
-            )
-            self._host = ray.remote(ClientHost).options(**actor_options(sim))
+            self.size = sim.client_actors or pool_size(  # what is free: a
+                sim.client_resources, ray.available_resources(), per_round
+            )  # server actor holds its share
+            options = actor_options(sim, sim.client_resources)
+            self._host = ray.remote(ClientHost).options(**options)
             self.cfg = cfg
             self.actors = [self._host.remote(cfg) for _ in range(self.size)]
             t0 = time.perf_counter()
@@ -167,11 +189,7 @@ class RayExecutor:
             HostLost: its actor died or is restarting.
         """
         ray = self.ray
-        while True:
-            with interrupts.deferred():  # a signal is raised between polls
-                done, _ = ray.wait([ref], timeout=POLL_S)
-            if done:
-                break
+        _poll(ray, ref)
         try:
             return ray.get(ref)
         except ray.exceptions.RayActorError as e:
@@ -198,11 +216,7 @@ class RayExecutor:
         """'up', 'restarting' or 'dead'."""
         ray = self.ray
         ref = self.actors[host].ping.remote()
-        while True:
-            with interrupts.deferred():
-                done, _ = ray.wait([ref], timeout=POLL_S)
-            if done:
-                break
+        _poll(ray, ref)
         try:
             ray.get(ref)
         except ray.exceptions.ActorDiedError:
@@ -222,6 +236,93 @@ class RayExecutor:
         if self.owns and ray.is_initialized():
             ray.shutdown()
             self.owns = False
+
+
+class ServerHost:
+    """The run's coordinator, and so its server, in a Ray actor of its own
+    (``sim.server_resources``); its client actors are started from there.
+    Threaded (two calls at once), so the run's process can ask how far it
+    is and pass a signal on while ``run`` runs."""
+
+    def run(self, cfg: RunConfig, costs, resume: bool, stop) -> tuple:
+        """The run; ``("complete", summary, rounds)`` or, stopped by a
+        signal, ``("interrupted", signum, rounds)`` (an exception of the
+        run's own is raised)."""
+        from splitft.federation.coordinator import Coordinator
+        from splitft.federation.simulation import Simulation
+
+        _Stop.signum = 0
+        self.sim = sim = Simulation(cfg, costs, resume=resume)
+        sim.progress_to = open(os.devnull, "w")  # noqa: SIM115 - the run's process draws it
+        try:
+            summary = Coordinator.run(sim, stop, table=False)
+        except interrupts.Interrupted as e:
+            return "interrupted", e.signum, sim.rounds
+        finally:
+            sim.progress_to.close()
+        return "complete", summary, sim.rounds
+
+    def progress(self) -> tuple[int, int]:
+        """(steps done, steps in the run) so far."""
+        bar = getattr(getattr(self, "sim", None), "_bar", None)
+        return (0, 0) if bar is None else (bar.n, bar.total or 0)
+
+    def interrupt(self, signum: int) -> None:
+        """The run's process was signalled: stop at the next wait."""
+        _Stop.signum = signum
+
+
+def run_on_server_actor(
+    cfg: RunConfig, costs, resume: bool, stop=None
+) -> tuple[dict, list[dict]]:
+    """Run the simulation with its coordinator in a :class:`ServerHost`
+    (``sim.server_resources``); this process draws the progress bar and
+    passes Ctrl-C or SIGTERM on. Returns (summary, round records).
+
+    Raises:
+        Interrupted: the run stopped on a signal (its last checkpoint kept).
+    """
+    from tqdm.auto import tqdm
+
+    ray = _ray()
+    owns = start_ray(cfg.sim)
+    options = {**actor_options(cfg.sim, cfg.sim.server_resources), "max_restarts": 0}
+    host = ray.remote(ServerHost).options(max_concurrency=2, **options).remote()
+    bar = None
+
+    def show(n: int, total: int) -> None:  # the actor's steps, as they go
+        nonlocal bar
+        if total and bar is None:
+            bar = tqdm(total=total, initial=n, desc="split training", unit="step")
+        elif bar is not None and n != bar.n:
+            bar.update(n - bar.n)
+
+    try:
+        ref = host.run.remote(cfg, costs, resume, stop)
+        try:
+            while True:
+                with interrupts.deferred():  # a signal: passed on, below
+                    done, _ = ray.wait([ref], timeout=POLL_S)
+                    show(*ray.get(host.progress.remote()))
+                if done:
+                    break
+        except interrupts.Interrupted as e:
+            host.interrupt.remote(e.signum)  # it stops at its next wait
+            ray.wait([ref], timeout=STOP_WAIT_S)
+            raise
+        try:
+            state, value, rounds = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            raise (e.cause or e) from None
+        if state == "interrupted":
+            raise interrupts.Interrupted(value)
+        return value, rounds
+    finally:
+        if bar is not None:
+            bar.close()
+        ray.kill(host)
+        if owns and ray.is_initialized():
+            ray.shutdown()
 
 
 def _first_line(e: BaseException) -> str:

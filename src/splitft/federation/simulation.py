@@ -10,6 +10,7 @@ links and the server queue shape each round's simulated time.
 
 from __future__ import annotations
 
+from splitft import report
 from splitft.config import ConfigError, RunConfig
 from splitft.data.federated import client_rows
 from splitft.federation.coordinator import Coordinator
@@ -122,6 +123,22 @@ class Simulation(Coordinator):
         else:
             rounds = SimulatedRounds()
         super().__init__(cfg, rounds, costs=costs, resume=resume)
+
+    def run(self, stop=None, table: bool = True) -> dict:
+        """As :meth:`Coordinator.run`; with ``sim.backend=ray`` and
+        ``sim.server_resources``, in a Ray actor of its own (this process
+        draws the progress bar and passes a signal on)."""
+        sim = self.cfg.sim
+        if sim.backend != "ray" or not sim.server_resources:
+            return super().run(stop, table)
+        from splitft.federation.raybackend import run_on_server_actor
+
+        summary, self.rounds = run_on_server_actor(
+            self.cfg, self.costs, self.resume, stop
+        )
+        if table:
+            report.print_table(self.rounds, f"SplitFT run {self.cfg.name!r}")
+        return summary
 
     @property
     def clients(self) -> dict[int, SplitClient]:
