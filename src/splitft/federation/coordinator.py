@@ -527,10 +527,11 @@ def run_with_retries(
             return result
         server.abandon_round()
         log.warning(
-            "round %d: %d of %d clients uploaded (federation.min_clients=%d); %s",
+            "round %d: %d of %d clients uploaded %s (federation.min_clients=%d); %s",
             planned.round + 1,
             len(counted),
             len(planned.cuts),
+            short,
             min_clients,
             "running it again" if tried < retries else "stopping",
         )

@@ -72,15 +72,18 @@ class ClientHost:
             loaded.folder, cfg.client.base_dtype, loaded.device
         )
         self.live: dict[int, ClockedClient] = {}  # this round's clients
+        self.rows: dict[int, list[dict]] = {}  # a client's rows, made once
 
     def _client(self, cid: int) -> SplitClient:
         partition = self.partitions[cid]
+        if cid not in self.rows:
+            self.rows[cid] = client_rows(self.cfg, partition)
         return SplitClient.from_run(
             self.cfg,
             cid,
             self.store,
             self.model_config,
-            client_rows(self.cfg, partition),
+            self.rows[cid],
             self.pad_id,
             len(partition),
         )
@@ -143,6 +146,10 @@ class Executor(Protocol):
 
     def wait(self, handle: Any) -> Any: ...
 
+    def ensure(self) -> None:
+        """Before a round: every host is up (restarted or replaced)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -166,6 +173,9 @@ class InProcess:
 
     def wait(self, handle: Callable[[], Any]) -> Any:
         return handle()
+
+    def ensure(self) -> None:
+        pass  # hosts in this process do not die alone
 
     def close(self) -> None:
         self.hosts.clear()
@@ -262,9 +272,7 @@ class HostedRounds:
 
     def _attempt(self, planned: RoundDecision, devices) -> tuple[RoundResult, list]:
         c, ex = self.coordinator, self.executor
-        ensure = getattr(ex, "ensure", None)
-        if ensure is not None:  # hosts that died are back (or replaced)
-            ensure()
+        ex.ensure()  # hosts that died are back (or replaced)
         chosen = sorted(planned.cuts)
         hosts = {cid: i % ex.size for i, cid in enumerate(chosen)}
         begun = {

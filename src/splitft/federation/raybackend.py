@@ -90,20 +90,14 @@ def start_ray(sim) -> bool:
         if main:  # ray.init makes SIGTERM exit at once; the run stops cleanly
             signal.signal(signal.SIGTERM, kept)
     url = getattr(context, "dashboard_url", "")
-    where = sim.ray_address or "a local Ray"
-    if url:
-        log.info(
-            "%s in %.1f s; its dashboard: http://%s",
-            where,
-            time.perf_counter() - t0,
-            url,
-        )
-    else:
-        log.info(
-            "%s in %.1f s (no dashboard: pip install 'ray[default]' for one)",
-            where,
-            time.perf_counter() - t0,
-        )
+    log.info(
+        "%s in %.1f s; %s",
+        sim.ray_address or "a local Ray",
+        time.perf_counter() - t0,
+        f"its dashboard: http://{url}"
+        if url
+        else "no dashboard (pip install 'ray[default]' for one)",
+    )
     return True
 
 
