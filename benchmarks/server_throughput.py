@@ -7,13 +7,17 @@ default model, side by side in one run, in five modes:
   (``ModelPart.train_loss``: today's default server);
 - ``batched_full``: all N requests in one batch (``server.batching``,
   ``split/engine.py``), the head on every position;
-- ``batched``: one batch, the head at labels;
+- ``batched``: one batch, the head at labels (the requests' rows packed into
+  shared rows: ``engine.PACK``, the server's layout);
+- ``padded``: ``batched`` with each row of its own, padded to the longest
+  (the layout before packing);
 - ``grouped``: one batch per cut (the requests of clients with the same cut
   together), the head at labels: the alternative to rows joining at their cut.
 
     python benchmarks/server_throughput.py --out runs/bench/server_throughput
     python benchmarks/server_throughput.py --quick      # N = 1 and 4, 3 repeats
     python benchmarks/server_throughput.py --loss-on all --out runs/bench/st-all
+    python benchmarks/server_throughput.py --modes full,labels,padded,batched
 
 N = 1, 2, 4, 8, 16 clients at cuts cycled over 2, 4, 6, 8 each send the
 server one micro-batch (2 rows of the default data, drawn per client, with
@@ -24,7 +28,8 @@ backward, optimizer step). Per ``federation.server_side`` (per_client and
 shared) and mode, the median time of the N requests over ``--repeats`` (the
 modes take turns, so load on the machine hits them alike) gives token slots
 per second; ratios are against ``full`` (today's server before issue 19) and
-``labels`` (serial today). Each mode's first step is checked against
+``labels`` (serial today). ``--modes`` picks some (``full`` and ``labels``
+always run). Each mode's first step is checked against
 ``labels``'s: the same loss, tokens, accuracy and gradient of the smashed data
 (a shared adapter batched steps once per batch, so only its first step's
 replies compare).
@@ -61,12 +66,13 @@ from splitft.models.parts import (  # noqa: E402
     labelled_tokens,
     load_model_config,
 )
+from splitft.split import engine  # noqa: E402
 from splitft.split.messages import Gradient, RoundRequest, SmashedData  # noqa: E402
 from splitft.split.server import SplitServer  # noqa: E402
 
 CUTS = (2, 4, 6, 8)
-MODES = ("full", "labels", "batched_full", "batched", "grouped")
-BATCHED = ("batched_full", "batched", "grouped")
+MODES = ("full", "labels", "batched_full", "batched", "padded", "grouped")
+BATCHED = ("batched_full", "batched", "padded", "grouped")
 ROWS, MAX_LENGTH = 2, 256
 
 
@@ -93,6 +99,13 @@ def full_logits(self, final, labels):
 @contextlib.contextmanager
 def mode(name: str):
     """Run the server's training forward as mode ``name`` does."""
+    if name == "padded":
+        saved, engine.PACK = engine.PACK, False
+        try:
+            yield
+        finally:
+            engine.PACK = saved
+        return
     if name not in ("full", "batched_full"):
         yield
         return
@@ -165,7 +178,7 @@ def serve(
     server: SplitServer, msgs: list[SmashedData], step: int, name: str = "labels"
 ) -> list[Gradient]:
     msgs = [dataclasses.replace(m, step=step) for m in msgs]
-    if name in ("batched", "batched_full"):
+    if name in ("batched", "batched_full", "padded"):
         replies = server.handle_many([(m, None) for m in msgs])
     elif name == "grouped":
         cuts = {m.client_id: server.cut_layers[m.client_id] for m in msgs}
@@ -185,17 +198,17 @@ def serve(
     return replies
 
 
-def same_step(store, model_config, msgs, side: str) -> dict:
+def same_step(store, model_config, msgs, side: str, modes=MODES) -> dict:
     """Every mode's first step on fresh servers against ``labels``'s: equal
     up to fp32 rounding? A shared adapter moves after every serial step, so
     there only the first request's reply compares."""
     got = {}
-    for name in MODES:
+    for name in modes:
         with mode(name):
             server = server_for(store, model_config, msgs, 1, side, name in BATCHED)
             got[name] = serve(server, msgs, 0, name)
     out = {}
-    for name in MODES:
+    for name in modes:
         a, b = got[name], got["labels"]
         if side == "shared":
             a, b = a[:1], b[:1]
@@ -212,16 +225,24 @@ def same_step(store, model_config, msgs, side: str) -> dict:
     return out
 
 
-def measure(store, model_config, msgs, side: str, repeats: int) -> dict:
+def padded_slots(msgs, cuts) -> int:
+    saved, engine.PACK = engine.PACK, False
+    try:
+        return sum(engine.slots(msgs, cuts))
+    finally:
+        engine.PACK = saved
+
+
+def measure(store, model_config, msgs, side: str, repeats: int, modes=MODES) -> dict:
     steps = 2 * (repeats + 1)
     servers = {
         m: server_for(store, model_config, msgs, steps, side, m in BATCHED)
-        for m in MODES
+        for m in modes
     }
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in modes}
     step = 0
     for turn in range(repeats + 1):  # turn 0 warms up
-        for name in MODES if turn % 2 == 0 else MODES[::-1]:
+        for name in modes if turn % 2 == 0 else modes[::-1]:
             with mode(name):
                 t0 = time.perf_counter()
                 serve(servers[name], msgs, step, name)
@@ -231,12 +252,20 @@ def measure(store, model_config, msgs, side: str, repeats: int) -> dict:
         step += 1
     slots = sum(m.hidden.shape[0] * m.hidden.shape[1] for m in msgs)
     labelled = sum(labelled_tokens(m.labels) for m in msgs)
-    row = {"clients": len(msgs), "slots": slots, "labelled": labelled}
-    for name in MODES:
+    cuts = [CUTS[m.client_id % len(CUTS)] for m in msgs]
+    row = {
+        "clients": len(msgs),
+        "slots": slots,
+        "labelled": labelled,
+        # what one batch's blocks run on: rows packed, or one each, padded
+        "packed_slots": sum(engine.slots(msgs, cuts)),
+        "padded_slots": padded_slots(msgs, cuts),
+    }
+    for name in modes:
         t = statistics.median(times[name])
         row[name] = {"seconds": t, "slots_per_s": slots / t, "all_s": times[name]}
     row["speedup"] = row["full"]["seconds"] / row["labels"]["seconds"]
-    for name in BATCHED:  # against serial at labels (today) and the old server
+    for name in [m for m in modes if m in BATCHED]:  # against serial, old server
         row[name]["vs_labels"] = row["labels"]["seconds"] / row[name]["seconds"]
         row[name]["vs_full"] = row["full"]["seconds"] / row[name]["seconds"]
     return row
@@ -256,6 +285,11 @@ def main() -> None:
         default="float32",
         help="the server's frozen base (model.server_dtype); clients stay float32",
     )
+    ap.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"which of {', '.join(MODES)} (full and labels always run)",
+    )
     ap.add_argument("--quick", action="store_true", help="N = 1, 4; 3 repeats")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -267,6 +301,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.clients, args.repeats = "1,4", 3
+    asked = set(args.modes.split(","))
+    if asked - set(MODES):
+        ap.error(f"--modes: {', '.join(sorted(asked - set(MODES)))} not in {MODES}")
+    modes = tuple(m for m in MODES if m in asked | {"full", "labels"})
+    batched = [m for m in modes if m in BATCHED]
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = default_model_dir()
@@ -291,19 +330,21 @@ def main() -> None:
             msgs = requests(store, model_config, rows, n, args.seed, every)
             row = {
                 "server_side": side,
-                **measure(server_store, model_config, msgs, side, args.repeats),
+                **measure(server_store, model_config, msgs, side, args.repeats, modes),
             }
-            row["check"] = same_step(server_store, model_config, msgs, side)
+            row["check"] = same_step(server_store, model_config, msgs, side, modes)
             results["runs"].append(row)
             worst = max(c["max_grad_diff"] for c in row["check"].values())
             print(
-                f"{side:>10} N={n:>2}: {row['slots']:>5} slots, {row['labelled']:>4} "
-                f"labelled; full head {row['full']['seconds']:.3f} s, at labels "
+                f"{side:>10} N={n:>2}: {row['slots']:>5} slots (a batch: packed "
+                f"{row['packed_slots']}, padded {row['padded_slots']}), "
+                f"{row['labelled']:>4} labelled; full head "
+                f"{row['full']['seconds']:.3f} s, at labels "
                 f"{row['labels']['seconds']:.3f} s ({row['speedup']:.2f}x); "
                 + "; ".join(
                     f"{m} {row[m]['seconds']:.3f} s ({row[m]['vs_labels']:.2f}x "
                     f"serial at labels, {row[m]['vs_full']:.2f}x full)"
-                    for m in BATCHED
+                    for m in batched
                 )
                 + f"; worst grad diff {worst:.1e}",
                 flush=True,

@@ -346,3 +346,81 @@ def test_a_ray_run_of_smollm2_trains_the_local_runs_adapter(
     assert sb["client_hosts"] == 2
     for ra, rb in zip(sa["rounds"], sb["rounds"], strict=True):
         assert ra["sim_time_s"] == pytest.approx(rb["sim_time_s"], rel=1e-9)
+
+
+@pytest.mark.integration
+def test_a_batch_of_smollm2_clients_gets_what_each_gets_alone():
+    """server.batching on the real model and data: three clients at cuts 2, 5
+    and 8, their rows packed into the stream's shared rows, each get the
+    loss, accuracy and smashed-data gradient its request alone gets, and
+    each adapter the same gradients."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from splitft.config import DEFAULT_TASKS, LoraSettings, TrainConfig, cache_dir
+    from splitft.data import build_datasets
+    from splitft.data.federated import TOKENS
+    from splitft.data.format import collate
+    from splitft.models.default import default_model_dir
+    from splitft.models.parts import (
+        WeightStore,
+        client_part,
+        labelled_tokens,
+        load_model_config,
+    )
+    from splitft.split import engine
+    from splitft.split.messages import RoundRequest, SmashedData
+    from splitft.split.server import SplitServer
+
+    folder = default_model_dir()
+    store, config = WeightStore(folder), load_model_config(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train, _ = build_datasets(DEFAULT_TASKS, tokenizer, cache_dir(), 256, 8, 0, 8)
+    rows = sorted(
+        train.select_columns(TOKENS).to_list(), key=lambda r: len(r["labels"])
+    )
+    # short rows and long ones: the short share rows of the stream
+    picked = {0: rows[:2], 1: [rows[-1], rows[len(rows) // 2]], 2: rows[2:4]}
+    cuts = {0: 2, 1: 5, 2: 8}
+    msgs = []
+    for cid, k in cuts.items():
+        b = collate(picked[cid], 0)
+        with torch.no_grad():
+            hidden = client_part(store, config, k).client_forward(
+                b["input_ids"], b["attention_mask"], b["position_ids"]
+            )
+        msgs.append(
+            SmashedData(
+                cid, 0, 0, 1, hidden, b["attention_mask"], b["position_ids"],
+                b["labels"], labelled_tokens(b["labels"]),
+            )
+        )  # fmt: skip
+    laid = engine.place([engine.segments(m) for m in msgs])
+    assert laid.rows < 6  # some rows share a row of the stream
+
+    def server(batching):
+        s = SplitServer(
+            store, config, LoraSettings(), TrainConfig(batch_size=2), cuts, 1, 1,
+            batching=batching,
+        )  # fmt: skip
+        for cid in cuts:
+            s.handle(RoundRequest(cid, 0))
+        return s
+
+    one, many = server(False), server(True)
+    alone = [one.handle(copy.deepcopy(m)) for m in msgs]
+    together = many.handle_many([(m, None) for m in msgs])
+    for a, b in zip(alone, together, strict=True):
+        assert (a.tokens, a.correct) == (b.tokens, b.correct)
+        assert a.loss == pytest.approx(b.loss, abs=1e-5)
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+    for cid in cuts:
+        name = one.adapters.name_of(cid)
+        want = {
+            n: p.grad for n, p in one.part.model.named_parameters() if f".{name}." in n
+        }
+        got = dict(many.part.model.named_parameters())
+        assert want
+        for n, g in want.items():
+            torch.testing.assert_close(got[n].grad, g, atol=1e-5, rtol=1e-4)

@@ -9,6 +9,7 @@ import torch
 from splitft import lora
 from splitft.config import ConfigError, LoraSettings, TrainConfig, load_config
 from splitft.models.parts import WeightStore
+from splitft.split import engine
 from splitft.split.messages import Ack, Gradient, RoundRequest, SmashedData
 from splitft.split.server import SHARED, SplitServer
 
@@ -44,10 +45,10 @@ def server(folder, config, side="per_client", accum=2, batching=True, lr=1e-2):
     return s
 
 
-def smashed(config, cid, masked=True, micro=0, accum=2, seed=0):
+def smashed(config, cid, masked=True, micro=0, accum=2, seed=0, lengths=LENGTHS):
     """A micro-batch of client ``cid``: two rows, the second one shorter."""
     g = torch.Generator().manual_seed(100 * seed + cid)
-    B, T, H = 2, LENGTHS[cid], config.hidden_size
+    B, T, H = 2, lengths[cid], config.hidden_size
     labels = torch.randint(0, config.vocab_size, (B, T), generator=g)
     labels[:, :3] = -100
     if masked:
@@ -103,6 +104,72 @@ def test_a_batch_of_clients_at_three_cuts_equals_their_requests_one_by_one(
         assert want and set(want) == set(got)
         for n in want:
             torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
+def test_clients_sharing_rows_get_what_they_get_alone(tiny, pack, monkeypatch):
+    """Short rows of clients at different cuts share a row of the stream
+    (client 0's two rows and client 2's first), masked and packed requests
+    in one batch; padded (a row per segment) too."""
+    arch, folder, config, _ = tiny
+    monkeypatch.setattr(engine, "PACK", pack)
+    # kept tokens (real, up to the last label): client 0 (cut 1) 5 and 1,
+    # client 2 (cut 2) 6 and 4, client 1 (cut 3, packed) 12 and 12: row 0
+    # holds cut 1's rows and cut 2's first
+    lengths = {0: 5, 1: 12, 2: 6}
+    one, many = server(folder, config), server(folder, config)
+    msgs = [smashed(config, cid, cid != 1, lengths=lengths) for cid in CUTS]
+    order = sorted(CUTS, key=CUTS.get)
+    laid = engine.place([engine.segments(msgs[cid]) for cid in order])
+    assert laid.rows == (4 if pack else 6)
+    assert not pack or laid.offsets[:2] == [[0, 5], [6, 12]]
+    alone = [one.handle(copy.deepcopy(m)) for m in msgs]
+    together = many.handle_many([(m, None) for m in msgs])
+    for a, b in zip(alone, together, strict=True):
+        assert_same_reply(a, b)
+    for cid in CUTS:
+        want, got = grads(one, f"c{cid}"), grads(many, f"c{cid}")
+        assert want and set(want) == set(got)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
+
+
+def test_a_request_the_stream_cannot_hold_is_served_alone(tiny):
+    """A left-padded mask is not ones then zeros: that request is answered
+    alone, the others batched, each as it would be alone."""
+    arch, folder, config, _ = tiny
+    one, many = server(folder, config), server(folder, config)
+    msgs = [smashed(config, cid) for cid in CUTS]
+    odd = msgs[1]
+    odd.attention_mask = odd.attention_mask.flip(1)
+    odd.labels = odd.labels.masked_fill(odd.attention_mask == 0, -100)
+    assert not engine.batchable(odd) and engine.batchable(msgs[0])
+    assert engine.group(msgs) == ([[0, 2]], [1])
+    alone = [one.handle(copy.deepcopy(m)) for m in msgs]
+    together = many.handle_many([(m, None) for m in msgs])
+    for a, b in zip(alone, together, strict=True):
+        assert_same_reply(a, b)
+
+
+def test_segments_share_a_row_only_as_separate_sequences():
+    # (length, first position, last position) per segment, per request
+    laid = engine.place([[(3, 0, 2), (2, 0, 1)], [(4, 0, 3)], [(2, 3, 4), (5, 0, 4)]])
+    assert laid.width == 5 and laid.rows == 4
+    # the third request's first segment continues position 3 of the row
+    # before it (4 tokens, last position 3): it opens a row
+    assert laid.offsets == [[0, 3], [5], [10, 15]]
+    assert laid.used == [5, 4, 2, 5]
+    assert laid.starts == [0, 5, 10, 20]
+    padded = engine.place([[(3, 0, 2), (2, 0, 1)], [(4, 0, 3)]], pack=False)
+    assert padded.rows == 3 and padded.offsets == [[0, 4], [8]]
+    assert padded.starts == [0, 8, 12]
+
+
+def test_a_request_keeps_its_real_tokens_up_to_its_last_label():
+    labels = torch.tensor([[-100, 5, 6, -100, -100], [-100, -100, -100, -100, -100]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    assert engine.kept(labels, mask) == [3, 1]
+    assert engine.kept(labels, None) == [3, 1]
 
 
 def test_a_batch_does_not_depend_on_who_shares_it(tiny):

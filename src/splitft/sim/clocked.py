@@ -31,6 +31,7 @@ from splitft.models.parts import labelled_tokens
 from splitft.sim.clock import ClientFailed, Outgoing, RoundTiming, simulate_round
 from splitft.sim.costs import CostModel
 from splitft.sim.profiles import Batching, Device
+from splitft.split import engine
 from splitft.split.client import ServerRefused, SplitClient
 from splitft.split.messages import SmashedData, TailGradient, decode, encode
 from splitft.split.server import SplitServer
@@ -185,15 +186,13 @@ class ClockedServer:
             return measured, outs
         c = self.costs
         wire = sum(len(d) for _, d in items) + sum(len(e) for e in encoded)
-        width = max(r.hidden.shape[1] for r in requests)  # rows padded to it
+        cuts = [self.server.cut_layers[cid] for cid, _ in items]
         work = [
-            (
-                self.server.cut_layers[cid],
-                r.hidden.shape[0] * width,
-                labelled_tokens(r.labels),
+            (k, slots, labelled_tokens(r.labels))
+            for k, slots, r in zip(
+                cuts, engine.slots(requests, cuts), requests, strict=True
             )
-            for (cid, _), r in zip(items, requests, strict=True)
-        ]
+        ]  # each request's slots as the batch lays them out
         return (c.codec_seconds(wire) + c.batch_seconds(work)) / self.speed, outs
 
 

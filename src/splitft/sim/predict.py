@@ -198,8 +198,9 @@ def modelled_serve(world: World):
 
 
 def modelled_serve_many(world: World):
-    """The server of a modelled round taking a batch of micro-batches (their
-    expected slots: the planner does not price the padding to the longest)."""
+    """The server of a modelled round taking a batch of micro-batches (each
+    at its expected slots alone: the stream's gaps and the tails it drops,
+    ``split/engine.py``, are not modelled)."""
     c = world.costs
 
     def serve_many(items: list) -> tuple[float, list[Outgoing]]:

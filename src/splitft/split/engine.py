@@ -1,27 +1,37 @@
 """Many clients' micro-batches in one forward and one backward of the server.
 
-A batch is every request the server takes at once (``server.batching``):
-their rows are right-padded to the longest request, sorted by cut, and each
-client's rows *join* the batch at its own cut, so a block only ever runs on
-the rows of the clients whose cut is at or below it (no block runs on a row
-before its client's cut). With one adapter per client each LoRA layer applies
-a client's A and B to that client's rows only, as mLoRA does: the frozen
-base linear runs once on the whole batch, then each adapter's
-``B(A(dropout(x))) * scaling`` on its own contiguous slice of rows (PEFT's
-vanilla LoRA forward, slice by slice; PEFT's own mixed-batch forward,
-``adapter_names``, gathers and scatters rows by index lists, and
-``PeftModel`` refuses it in training). The head and the loss run at the
-labelled positions only; every request's loss is the mean over its own
-labelled tokens and the backward weighs it by its share of its client's
-step, so each request gets the loss, the accuracy and the gradients it would
-get alone.
+A batch is every request the server takes at once (``server.batching``).
+Its tokens are laid out as one stream cut into rows of ``width`` positions
+(:func:`place`): requests sorted by cut, each request's rows one after
+another as *segments*, each segment a sequence of its own (its position ids
+as the client sent them; the model masks packed sequences by position ids,
+``data/packing.py``), so a token attends to its own row's tokens only, as it
+would alone. With packing (:data:`PACK`, the default) a segment goes on in
+the current row while it fits, so short rows share a row instead of being
+padded to the longest; without it each segment has a row of its own (the
+padded batch). A segment keeps only the tokens the loss can see: a masked
+row's real tokens, and nothing after its last label (later tokens never
+reach an earlier one's logits), so neither padding nor label-free tails cost
+compute.
 
-Padding keeps every row independent of the rows it shares a batch with: a
-request with an attention mask is padded with mask 0 (and continuing
-positions); a packed request (no mask: the model masks by position ids,
-``data/packing.py``) is padded with positions restarting at 0, a block of its
-own. The two kinds are never mixed in one batch (:func:`batch_key`): a 2-D
-mask turns the model's packed-sequence masking off.
+Each request's tokens *join* the stream at its own cut: a block only runs on
+the tokens of the clients whose cut is at or below it (plus, in the row where
+one cut's tokens end and the next's begin, slots that hold zeros until their
+owners join: they form sequences of their own and are discarded after every
+block). With one adapter per client each LoRA layer applies a client's A and
+B to that client's tokens only, as mLoRA does: the frozen base linear runs
+once on the whole batch, then each adapter's ``B(A(dropout(x))) * scaling``
+on its own contiguous slice of the stream (PEFT's vanilla LoRA forward, slice
+by slice; PEFT's own mixed-batch forward, ``adapter_names``, gathers and
+scatters rows by index lists, and ``PeftModel`` refuses it in training). The
+head and the loss run at the labelled positions only; every request's loss
+is the mean over its own labelled tokens and the backward weighs it by its
+share of its client's step, so each request gets the loss, the accuracy and
+the gradients it would get alone.
+
+A request whose attention mask is not a run of ones then zeros per row, that
+labels masked positions, or whose real positions do not count up by one
+cannot be written as segments; :func:`group` leaves it to be served alone.
 """
 
 from __future__ import annotations
@@ -38,6 +48,10 @@ from torch import nn
 from splitft.models.arch import PassThrough
 from splitft.models.parts import ModelPart
 from splitft.split.messages import SmashedData
+
+PACK = True
+"""Pack segments into shared rows (True) or give each its own row, padded to
+the longest (False; ``benchmarks/server_throughput.py`` measures both)."""
 
 
 @dataclass
@@ -77,26 +91,124 @@ class Result:
     finite: bool = True
 
 
-def batch_key(attention_mask: torch.Tensor | None) -> bool:
-    """Requests that may share a batch have the same key (a mask or none)."""
-    return attention_mask is None
+def batchable(msg) -> bool:
+    """Can this message be written as segments (:func:`kept`)? A vanilla
+    micro-batch whose mask, if it has one, is ones then zeros in every row,
+    with no label on a masked position and positions counting up by one
+    over the real tokens (as ``data/format.collate`` makes them)."""
+    if not isinstance(msg, SmashedData):
+        return False
+    mask = msg.attention_mask
+    if mask is None:
+        return True
+    real = mask.sum(1, keepdim=True)  # (B, 1)
+    T = mask.shape[1]
+    ahead = torch.arange(T, device=mask.device)[None, :] < real  # (B, T)
+    steps = msg.position_ids[:, 1:] - msg.position_ids[:, :-1]
+    return bool(
+        (ahead == mask.bool()).all()
+        and (msg.labels[~ahead] == -100).all()
+        and ((steps == 1) | ~ahead[:, 1:]).all()
+    )
+
+
+def kept(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+    """How many leading tokens of each row the batch keeps: the real ones
+    (``attention_mask``), up to the last label; at least one."""
+    B, T = labels.shape
+    idx = torch.arange(1, T + 1, device=labels.device)
+    last = ((labels != -100) * idx).amax(1)  # (B,) 1 + the last label's index
+    if attention_mask is None:
+        return last.clamp(min=1).tolist()
+    real = attention_mask.sum(1)  # (B,) real tokens (ones then zeros)
+    return torch.minimum(last, real).clamp(min=1).tolist()
 
 
 def group(msgs: Sequence) -> tuple[list[list[int]], list[int]]:
-    """Which of these requests run as batches (indices, each batch one
-    client's micro-batch at most, masked and packed apart) and which alone
-    (every other message, and a client's second micro-batch)."""
-    batches: dict[bool, list[int]] = {}
+    """Which of these requests run as a batch (indices, one micro-batch per
+    client at most) and which alone (every other message, a client's second
+    micro-batch, and what :func:`batchable` refuses)."""
+    batch: list[int] = []
     taken: set[int] = set()
     rest = []
     for i, msg in enumerate(msgs):
         cid = getattr(msg, "client_id", -1)
-        if isinstance(msg, SmashedData) and cid not in taken:
+        if cid not in taken and batchable(msg):
             taken.add(cid)
-            batches.setdefault(batch_key(msg.attention_mask), []).append(i)
+            batch.append(i)
         else:
             rest.append(i)
-    return list(batches.values()), rest
+    return ([batch] if batch else []), rest
+
+
+@dataclass
+class Placement:
+    """Where a batch's segments go (:func:`place`): ``rows`` rows of
+    ``width`` slots; ``offsets[j][s]`` is the flat slot of request ``j``'s
+    segment ``s``; ``used[r]`` the slots row ``r``'s segments fill (the rest
+    is a gap); request ``j`` owns slots ``starts[j]:starts[j + 1]`` (its
+    segments and the gaps after them; ``starts[-1] == rows * width``)."""
+
+    width: int
+    rows: int
+    offsets: list[list[int]]
+    used: list[int]
+    starts: list[int]
+
+
+def place(
+    segments: Sequence[Sequence[tuple[int, int, int]]], pack: bool | None = None
+) -> Placement:
+    """Lay requests' segments out in rows, requests in the order given.
+
+    ``segments[j]``: request ``j``'s segments as ``(length, first position,
+    last position)``. A segment goes on in the current row when it fits and
+    its first position does not continue the row's last one (that would make
+    the two one sequence); else it opens a row. ``pack=False`` (default:
+    :data:`PACK`): every segment opens a row. The width is the longest
+    segment.
+    """
+    pack = PACK if pack is None else pack
+    width = max(n for segs in segments for n, _, _ in segs)
+    offsets: list[list[int]] = []
+    starts: list[int] = []
+    used: list[int] = []
+    last = None  # the position of the current row's last token
+    for segs in segments:
+        mine = []
+        for s, (n, first, final) in enumerate(segs):
+            fits = pack and bool(used) and used[-1] + n <= width and first != last + 1
+            if not fits:
+                used.append(0)
+            at = (len(used) - 1) * width + used[-1]
+            if s == 0:
+                starts.append(at)
+            mine.append(at)
+            used[-1] += n
+            last = final
+        offsets.append(mine)
+    rows = len(used)
+    return Placement(width, rows, offsets, used, [0, *starts[1:], rows * width])
+
+
+def segments(msg) -> list[tuple[int, int, int]]:
+    """A request's segments for :func:`place`: per row, the tokens kept
+    (:func:`kept`) with their first and last positions."""
+    pos = msg.position_ids.tolist()
+    ns = kept(msg.labels, msg.attention_mask)
+    return [(n, pos[b][0], pos[b][n - 1]) for b, n in enumerate(ns)]
+
+
+def slots(msgs: Sequence, cuts: Sequence[int]) -> list[int]:
+    """The slots each of these requests takes in one batch (its segments and
+    the gaps after them), as :func:`run` lays them out: what the batch's
+    blocks run on, per request."""
+    order = sorted(range(len(msgs)), key=lambda i: cuts[i])
+    p = place([segments(msgs[i]) for i in order])
+    out = [0] * len(msgs)
+    for j, i in enumerate(order):
+        out[i] = p.starts[j + 1] - p.starts[j]
+    return out
 
 
 def run(part: ModelPart, requests: Sequence[Request]) -> list[Result]:
@@ -108,9 +220,6 @@ def run(part: ModelPart, requests: Sequence[Request]) -> list[Result]:
     (the batch is run again without it, so no non-finite value reaches a
     weight another request trains) and reported with ``finite=False``.
     """
-    keys = {batch_key(r.attention_mask) for r in requests}
-    if len(keys) > 1:
-        raise ValueError("requests with and without an attention mask in one batch")
     live = list(range(len(requests)))
     while True:
         results, total = _forward(part, [requests[i] for i in live])
@@ -127,35 +236,81 @@ def run(part: ModelPart, requests: Sequence[Request]) -> list[Result]:
     return [out[i] for i in range(len(requests))]
 
 
+@dataclass
+class _Stream:
+    """A batch laid out by :func:`place`: ``hidden`` ``(rows * width, H)``
+    (zeros in the gaps), ``position_ids`` and ``labels`` ``(rows, width)``,
+    ``owner`` ``(rows * width,)``: each slot's request by its place in
+    ``order`` (the requests sorted by cut)."""
+
+    placement: Placement
+    order: list[int]
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    owner: torch.Tensor
+
+
+def _stream(requests: Sequence[Request]) -> _Stream:
+    order = sorted(range(len(requests)), key=lambda i: requests[i].cut)
+    ordered = [requests[i] for i in order]
+    segs = [segments(r) for r in ordered]
+    p = place(segs)
+    W, size = p.width, p.rows * p.width
+    dev = ordered[0].hidden.device
+    index = torch.tensor(
+        [
+            at + t
+            for offs, ss in zip(p.offsets, segs, strict=True)
+            for at, (n, _, _) in zip(offs, ss, strict=True)
+            for t in range(n)
+        ],
+        device=dev,
+    )  # (N,) the slot of every kept token, in order
+    keep = [
+        torch.arange(r.hidden.shape[1], device=dev)[None, :]
+        < torch.tensor([n for n, _, _ in ss], device=dev)[:, None]
+        for r, ss in zip(ordered, segs, strict=True)
+    ]  # per request (B, T): the tokens it keeps, row by row
+    tokens = torch.cat([r.hidden[k] for r, k in zip(ordered, keep, strict=True)])
+    hidden = tokens.new_zeros((size, tokens.shape[-1])).index_copy(0, index, tokens)
+    labels = torch.cat([r.labels[k] for r, k in zip(ordered, keep, strict=True)])
+    # a segment's first label would be predicted by the token before it in
+    # the row, another sequence's: none, as alone it has no predecessor
+    lengths = [n for ss in segs for n, _, _ in ss]
+    labels[torch.tensor([0, *itertools.accumulate(lengths[:-1])], device=dev)] = -100
+    flat_labels = torch.full((size,), -100, dtype=labels.dtype, device=dev)
+    flat_labels[index] = labels
+    pos = torch.zeros(size, dtype=torch.int64, device=dev)
+    for row, u in enumerate(p.used):  # a gap is a sequence of its own
+        pos[row * W + u : (row + 1) * W] = torch.arange(W - u, device=dev)
+    pos[index] = torch.cat(
+        [r.position_ids[k] for r, k in zip(ordered, keep, strict=True)]
+    )
+    owner = torch.repeat_interleave(
+        torch.arange(len(order), device=dev),
+        torch.tensor([b - a for a, b in itertools.pairwise(p.starts)], device=dev),
+    )
+    return _Stream(
+        p, order, hidden, pos.view(p.rows, W), flat_labels.view(p.rows, W), owner
+    )
+
+
 def _forward(
     part: ModelPart, requests: Sequence[Request]
 ) -> tuple[list[Result], torch.Tensor | None]:
     """The batch's forward: each request's result and the weighted loss to
     back-propagate (None: no labelled token in the batch)."""
-    order = sorted(range(len(requests)), key=lambda i: requests[i].cut)
-    width = max(r.hidden.shape[1] for r in requests)
-    packed = requests[0].attention_mask is None
-    padded = [_pad(requests[i], width, packed) for i in order]
-    hidden = [p[0] for p in padded]
-    mask = None if packed else torch.cat([p[1] for p in padded])
-    pos = torch.cat([p[2] for p in padded])
-    labels = torch.cat([p[3] for p in padded])
-    rows = [requests[i].hidden.shape[0] for i in order]
-    owner = torch.repeat_interleave(
-        torch.arange(len(order), device=pos.device),
-        torch.tensor(rows, device=pos.device),
-    )  # (B,) the position in ``order`` of each row's request
+    s = _stream(requests)
+    p, order = s.placement, s.order
     cuts = [requests[i].cut for i in order]
     names = [requests[i].adapter for i in order]
-    with _joined(part, cuts, hidden, rows, names):
-        inputs = torch.zeros(
-            (sum(rows), width, hidden[0].shape[-1]),
-            dtype=hidden[0].dtype,
-            device=hidden[0].device,
-        )
-        final = part._blocks_out(mask, pos, inputs_embeds=inputs)  # (B, W, H)
-    logits, wanted, chosen = part.head_at_labels(final, labels)  # (N, V), (N,)
-    who = owner[:, None].expand(chosen.shape)[chosen]  # (N,) request of each token
+    with _joined(part, p, cuts, s.hidden, names):
+        inputs = s.hidden.new_zeros((p.rows, p.width, s.hidden.shape[-1]))
+        final = part._blocks_out(None, s.position_ids, inputs_embeds=inputs)
+    logits, wanted, chosen = part.head_at_labels(final, s.labels)  # (N, V), (N,)
+    # position t predicts the label at t + 1, in the same segment
+    who = s.owner.view(p.rows, p.width)[:, :-1][chosen]  # (N,) request of each
     n = len(order)
     tokens = torch.bincount(who, minlength=n)
     ce = F.cross_entropy(logits, wanted, reduction="none")  # (N,)
@@ -182,43 +337,30 @@ def _forward(
     return [results[i] for i in range(len(requests))], total
 
 
-def _pad(r: Request, width: int, packed: bool):
-    """One request's tensors right-padded to ``width`` positions."""
-    B, T = r.hidden.shape[:2]
-    extra = width - T
-    hidden = F.pad(r.hidden, (0, 0, 0, extra)) if extra else r.hidden
-    labels = F.pad(r.labels, (0, extra), value=-100) if extra else r.labels
-    pos, mask = r.position_ids, r.attention_mask
-    if extra:
-        dev = pos.device
-        if packed:  # the padding is a sequence of its own (positions from 0)
-            more = torch.arange(extra, device=dev)
-        else:
-            more = torch.arange(T, width, device=dev)
-        pos = torch.cat([pos, more.expand(B, extra).to(pos.dtype)], dim=1)
-        if mask is not None:
-            mask = F.pad(mask, (0, extra), value=0)
-    return hidden, mask, pos, labels
+class _Joining(nn.Module):
+    """A block that runs on the stream's first ``after`` slots: the
+    ``before`` slots that ran the block below, then ``joining`` (the slots of
+    the requests whose cut is this block), in rows of ``width``; the rest of
+    the last row is zeros (slots whose owners join later: sequences of their
+    own, discarded by the next block)."""
 
-
-class _Rows(nn.Module):
-    """A block that first lets rows join the batch, then runs on the rows
-    that have joined (a prefix of the batch: rows are sorted by cut)."""
-
-    def __init__(self, block, before: int, joining, after: int, total: int):
+    def __init__(self, block, width: int, before: int, joining, after: int, total: int):
         super().__init__()
-        self.block, self.before, self.after, self.total = block, before, after, total
-        self.joining = joining  # (rows, W, H) joining here, or None
+        self.block, self.width, self.total = block, width, total
+        self.before, self.joining, self.after = before, joining, after
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        H = hidden_states.shape[-1]
+        flat = hidden_states.reshape(-1, H)[: self.before]
         if self.joining is not None:
-            kept = hidden_states[: self.before]
-            hidden_states = (
-                torch.cat([kept, self.joining]) if self.before else (self.joining)
-            )
-        if self.after < self.total:
-            args = tuple(_prefix(a, self.after, self.total) for a in args)
-            kwargs = {k: _prefix(v, self.after, self.total) for k, v in kwargs.items()}
+            flat = torch.cat([flat, self.joining]) if self.before else self.joining
+        rows = -(-self.after // self.width)
+        if rows * self.width > self.after:
+            flat = F.pad(flat, (0, 0, 0, rows * self.width - self.after))
+        hidden_states = flat.view(rows, self.width, H)
+        if rows < self.total:
+            args = tuple(_prefix(a, rows, self.total) for a in args)
+            kwargs = {k: _prefix(v, rows, self.total) for k, v in kwargs.items()}
         return self.block(hidden_states, *args, **kwargs)
 
 
@@ -236,37 +378,35 @@ def _prefix(value, n: int, total: int):
 @contextlib.contextmanager
 def _joined(
     part: ModelPart,
+    p: Placement,
     cuts: Sequence[int],
-    hidden: Sequence[torch.Tensor],
-    rows: Sequence[int],
+    hidden: torch.Tensor,
     names: Sequence[str | None],
 ) -> Iterator[None]:
-    """Inside: the part's blocks run the batch with rows joining at their
-    cuts, and (per-client adapters) each LoRA layer on its rows' adapters."""
+    """Inside: the part's blocks run the stream with requests joining at
+    their cuts, and (per-client adapters) each LoRA layer on its slots'
+    adapters."""
     blocks = part._blocks
-    total = sum(rows)
-    joins: dict[int, tuple[torch.Tensor, int, int]] = {}  # cut -> (rows, before, after)
-    seen = 0
+    size = p.rows * p.width
+    joins: dict[int, tuple[int, int]] = {}  # cut -> its requests' slots
     for cut, group in itertools.groupby(range(len(cuts)), key=lambda j: cuts[j]):
         group = list(group)
-        joining = torch.cat([hidden[j] for j in group])
-        count = sum(rows[j] for j in group)
-        joins[cut] = (joining, seen, seen + count)
-        seen += count
-    lowest, last = cuts[0], cuts[-1]
-    view, active, held = [], 0, {}  # held: layer -> rows it runs on
+        joins[cut] = (p.starts[group[0]], p.starts[group[-1] + 1])
+    view, done, held = [], 0, {}  # held: layer -> the slots joined there
     for i, block in enumerate(blocks):
-        if i < lowest:
+        if i < cuts[0]:
             view.append(PassThrough())
             continue
         if i in joins:
-            joining, before, active = joins[i]
-            view.append(_Rows(block, before, joining, active, total))
-        elif i <= last:
-            view.append(_Rows(block, active, None, active, total))
+            before, done = joins[i]
+            joining = hidden[before:done]
+            view.append(_Joining(block, p.width, before, joining, done, p.rows))
+        elif done < size:
+            view.append(_Joining(block, p.width, done, None, done, p.rows))
         else:
             view.append(block)
-        held[i] = active
+        held[i] = done
+    sizes = [b - a for a, b in itertools.pairwise(p.starts)]
     spec = part.spec
     patched = []
     if len(set(names)) > 1:  # one adapter for all: PEFT's own forward
@@ -276,9 +416,10 @@ def _joined(
             layer = _layer_of(module_name, spec.blocks)
             if layer is None or layer not in held:
                 continue
-            # every adapter of the batch is active: even a layer whose rows
+            # every adapter of the batch is active: even a layer whose slots
             # are one client's must apply that client's adapter only
-            module.forward = _sliced_lora(module, _spans(names, rows, held[layer]))
+            spans = _spans(names, sizes, held[layer], p.width)
+            module.forward = _sliced_lora(module, spans)
             patched.append(module)
     setattr(part.decoder, spec.blocks, nn.ModuleList(view))
     try:
@@ -290,12 +431,16 @@ def _joined(
 
 
 def _spans(
-    names: Sequence[str | None], rows: Sequence[int], n: int
+    names: Sequence[str | None], sizes: Sequence[int], n: int, width: int
 ) -> list[tuple[str | None, int, int]]:
-    """The first ``n`` rows as (adapter, start, stop) runs of one adapter."""
+    """The slots a block runs on as (adapter, start, stop) runs of one
+    adapter: the first ``n`` (joined), then up to the row's end none (slots
+    whose owners join later: no adapter of theirs may see a gradient from a
+    layer below their cut, not even a zero one, which the optimizer would
+    step on)."""
     spans: list[tuple[str | None, int, int]] = []
     start = 0
-    for name, count in zip(names, rows, strict=True):
+    for name, count in zip(names, sizes, strict=True):
         stop = min(start + count, n)
         if stop <= start:
             break
@@ -304,26 +449,31 @@ def _spans(
         else:
             spans.append((name, start, stop))
         start = stop
+    end = -(-n // width) * width
+    if end > n:
+        spans.append((None, n, end))
     return spans
 
 
 def _sliced_lora(module, spans: list[tuple[str | None, int, int]]):
-    """A LoRA linear's forward applying each span's adapter to its rows:
-    PEFT's vanilla LoRA (``result + B(A(dropout(x))) * scaling``) per slice."""
+    """A LoRA linear's forward applying each span's adapter to its slots:
+    PEFT's vanilla LoRA (``result + B(A(dropout(x))) * scaling``) per slice
+    of the flattened ``(rows * width, features)`` input."""
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = module.base_layer(x, *args, **kwargs)
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat = result.reshape(-1, result.shape[-1])
         deltas = []
         for name, start, stop in spans:
-            piece = x[start:stop]
             if name is None or name not in module.lora_A:
-                deltas.append(torch.zeros_like(result[start:stop]))
+                deltas.append(torch.zeros_like(flat[start:stop]))
                 continue
             lora_a, lora_b = module.lora_A[name], module.lora_B[name]
-            piece = piece.to(lora_a.weight.dtype)
+            piece = flat_x[start:stop].to(lora_a.weight.dtype)
             out = lora_b(lora_a(module.lora_dropout[name](piece)))
             deltas.append((out * module.scaling[name]).to(result.dtype))
-        return result + torch.cat(deltas)
+        return result + torch.cat(deltas).view(result.shape)
 
     return forward
 
