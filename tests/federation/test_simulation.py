@@ -495,3 +495,27 @@ def test_clients_with_a_smaller_frozen_base_train_what_float32_ones_do(
     # quantized one's time is measured (not asserted: a timing under load
     # may clamp to 0, which falls back to the server's block time)
     assert probed["float32"].client_block_s == 0
+
+
+def test_a_bfloat16_server_is_probed_as_it_runs(assets, tmp_path):
+    """The cost probe times the server's blocks and head in the server's
+    format (the clients' in theirs); a cost model of another server format
+    is refused, naming both keys."""
+    cfg = config(
+        assets,
+        tmp_path,
+        "name=probe-bf16",
+        "model.server_dtype=bfloat16",
+        "federation.rounds=1",
+    )
+    sim, _ = run(cfg)
+    assert sim.costs.server_base == "bfloat16" and sim.costs.client_base == "float32"
+    again = config(
+        assets,
+        tmp_path,
+        "name=probe-fp32",
+        f"sim.cost_model={tmp_path / 'probe-bf16' / 'costs.json'}",
+        "federation.rounds=1",
+    )
+    with pytest.raises(ConfigError, match=r"model\.server_dtype='bfloat16'"):
+        run(again)

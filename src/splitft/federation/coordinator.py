@@ -260,11 +260,18 @@ class Coordinator:
                     f"of client.base_dtype={self.costs.client_base!r}, this run's "
                     f"is {base!r}: leave sim.cost_model empty to measure it"
                 )
+            server = cfg.model.server_dtype
+            if self.costs.server_base != server:  # its server's block and head
+                raise ConfigError(
+                    f"sim.cost_model={sim.cost_model} was measured with a server "
+                    f"of model.server_dtype={self.costs.server_base!r}, this "
+                    f"run's is {server!r}: leave sim.cost_model empty to measure it"
+                )
         if self.costs is None:
             known = [n for rows in sizes.values() for n, _ in rows]
             typical = int(np.mean(known)) if known else cfg.data.max_length
             self.costs = probe(
-                self.store,
+                self.server_store,  # the server's blocks and head as it runs them
                 self.model_config,
                 cfg.lora,
                 bs,

@@ -65,6 +65,7 @@ class CostModel:
     # in the client's format
     client_block_s: float = 0.0
     client_base: str = "float32"  # the client.base_dtype the probe measured
+    server_base: str = "float32"  # the model.server_dtype the probe measured
 
     @property
     def client_block(self) -> float:

@@ -187,7 +187,8 @@ def _batched_at_last_block(
 
 def _server_sizes(server: SplitServer, smashed: SmashedData) -> dict[str, float]:
     part = server.part
-    hidden = smashed.hidden.detach().requires_grad_(True)
+    # in the server's format, as the server casts what it receives
+    hidden = smashed.hidden.detach().to(server.store.dtype).requires_grad_(True)
     with _SavedBytes(part.model) as saved:
         part.train_loss(
             smashed.labels, smashed.attention_mask, smashed.position_ids, hidden=hidden
@@ -359,6 +360,7 @@ def probe(
         block_s=block_s,
         client_block_s=client_block_s,
         client_base=client_store.base if own else store.base,
+        server_base=store.base,
         norm_s=norm_s,
         head_s=head_s,
         forward_share=forward_share,
