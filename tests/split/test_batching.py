@@ -151,6 +151,18 @@ def test_a_request_the_stream_cannot_hold_is_served_alone(tiny):
         assert_same_reply(a, b)
 
 
+def test_a_malformed_request_is_refused_alone_not_batched(tiny):
+    arch, folder, config, _ = tiny
+    one, many = server(folder, config), server(folder, config)
+    good, bad = smashed(config, 0), smashed(config, 2)
+    bad.attention_mask = bad.attention_mask[:, :3]  # not hidden's shape
+    assert engine.group([good, bad]) == ([[0]], [1])
+    alone = one.handle(copy.deepcopy(good))
+    replies = many.handle_many([(good, None), (bad, None)])
+    assert_same_reply(alone, replies[0])
+    assert isinstance(replies[1], Ack) and replies[1].error.startswith("Malformed")
+
+
 def test_segments_share_a_row_only_as_separate_sequences():
     # (length, first position, last position) per segment, per request
     laid = engine.place([[(3, 0, 2), (2, 0, 1)], [(4, 0, 3)], [(2, 3, 4), (5, 0, 4)]])

@@ -101,15 +101,18 @@ def batchable(msg) -> bool:
     mask = msg.attention_mask
     if mask is None:
         return True
-    real = mask.sum(1, keepdim=True)  # (B, 1)
-    T = mask.shape[1]
-    ahead = torch.arange(T, device=mask.device)[None, :] < real  # (B, T)
-    steps = msg.position_ids[:, 1:] - msg.position_ids[:, :-1]
-    return bool(
-        (ahead == mask.bool()).all()
-        and (msg.labels[~ahead] == -100).all()
-        and ((steps == 1) | ~ahead[:, 1:]).all()
-    )
+    try:
+        real = mask.sum(1, keepdim=True)  # (B, 1)
+        T = mask.shape[1]
+        ahead = torch.arange(T, device=mask.device)[None, :] < real  # (B, T)
+        steps = msg.position_ids[:, 1:] - msg.position_ids[:, :-1]
+        return bool(
+            (ahead == mask.bool()).all()
+            and (msg.labels[~ahead] == -100).all()
+            and ((steps == 1) | ~ahead[:, 1:]).all()
+        )
+    except Exception:  # noqa: BLE001 - malformed: served alone, where the checks refuse it
+        return False
 
 
 def kept(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
