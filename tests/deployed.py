@@ -42,6 +42,25 @@ def splitft(*args, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
 
 
+def splitft_all(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Several `splitft` commands at once (their start-up, mostly imports,
+    overlaps), each as :func:`splitft` returns it."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "splitft.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    done = []
+    for p, args in zip(procs, commands, strict=True):
+        out, err = p.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(args, p.returncode, out, err))
+    return done
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ from deployed import (
     server,
     simulated,
     splitft,
+    splitft_all,
 )
 from safetensors.torch import load_file
 from simrun import base_settings
@@ -26,17 +27,27 @@ def assets(tmp_path_factory):
     return make_deployment_assets(tmp_path_factory.mktemp("assets"))
 
 
-def test_server_and_three_clients_train_the_simulations_adapter(assets, tmp_path):
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """The simulation's adapter, which every deployed run must end with."""
+    return simulated(assets, tmp_path_factory.mktemp("reference"))
+
+
+def test_server_and_three_clients_train_the_simulations_adapter(
+    assets, reference, tmp_path
+):
     port = free_port()
     procs = [server(assets, tmp_path, "net", port)]
     procs += [client(assets, tmp_path, cid, port) for cid in range(3)]
     for code, out in finish(*procs):
         assert code == 0, out
     deployed = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
-    assert_same(simulated(assets, tmp_path), deployed)
+    assert_same(reference, deployed)
 
 
-def test_a_killed_server_resumes_and_ends_as_if_never_stopped(assets, tmp_path):
+def test_a_killed_server_resumes_and_ends_as_if_never_stopped(
+    assets, reference, tmp_path
+):
     port = free_port()
     # the server dies (SIGKILL, no clean-up) at the second round's 3rd step
     first = server(
@@ -50,7 +61,7 @@ def test_a_killed_server_resumes_and_ends_as_if_never_stopped(assets, tmp_path):
     for code, out in finish(again, *clients):
         assert code == 0, out
     deployed = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
-    assert_same(simulated(assets, tmp_path), deployed)
+    assert_same(reference, deployed)
 
 
 def test_plaintext_on_a_public_address_is_refused(assets, tmp_path):
@@ -68,14 +79,14 @@ def test_plaintext_on_a_public_address_is_refused(assets, tmp_path):
     assert "--insecure on 0.0.0.0, which is not a loopback address" in done.stderr
 
 
-@pytest.mark.parametrize("step", [2, 3], ids=["in-round-1", "in-round-2"])
-def test_a_killed_client_that_comes_back_is_counted(assets, tmp_path, step):
+def test_a_killed_client_that_comes_back_is_counted(assets, reference, tmp_path):
     port = free_port()
     procs = [server(assets, tmp_path, "net", port)]
     procs += [client(assets, tmp_path, cid, port) for cid in (0, 2)]
-    # client 1 dies (SIGKILL) after its step-th step (2 a round); a new
-    # process takes its place
-    env = {"SPLITFT_FAULT": f"step:{step}"}
+    # client 1 dies (SIGKILL) after its 3rd step (2 a round: round 2's
+    # first); a new process takes its place (in process, a death in round 1
+    # and in a later round: tests/federation/test_deployment.py)
+    env = {"SPLITFT_FAULT": "step:3"}
     doomed = client(assets, tmp_path, 1, port, env=env)
     doomed.wait(timeout=240)
     assert doomed.returncode == -signal.SIGKILL
@@ -91,7 +102,7 @@ def test_a_killed_client_that_comes_back_is_counted(assets, tmp_path, step):
     # it came back within the round and drew that round's batches again, the
     # new process from where its plan said the old one had got to
     deployed = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
-    assert_same(simulated(assets, tmp_path), deployed)
+    assert_same(reference, deployed)
 
 
 def test_over_the_network_a_client_cannot_act_for_another(assets, tmp_path):
@@ -173,10 +184,10 @@ def test_a_live_server_refuses_malformed_tensors_and_carries_on(assets, tmp_path
         proc.wait()
 
 
-def _server_start(assets, tmp_path, certs, *extra):
+def _server_args(assets, tmp_path, certs, *extra) -> list[str]:
     settings = [*base_settings(assets, tmp_path), "name=bad", *SETTINGS]
     where = ["--address", f"127.0.0.1:{free_port()}", "--certs", str(certs)]
-    return splitft("server", *settings, *where, *extra)
+    return ["server", *settings, *where, *extra]
 
 
 def test_a_server_with_bad_certs_or_tokens_stops_naming_the_file(assets, tmp_path):
@@ -202,8 +213,8 @@ def test_a_server_with_bad_certs_or_tokens_stops_naming_the_file(assets, tmp_pat
         (few, "tokens.json: no token for client(s) [1, 2]"),
         (mismatched, "server.key is not the key of"),
     ]
-    for certs, words in cases:
-        done = _server_start(assets, tmp_path, certs)
+    ends = splitft_all(*(_server_args(assets, tmp_path, c) for c, _ in cases))
+    for done, (_, words) in zip(ends, cases, strict=True):
         assert done.returncode == 2, done.stderr
         last = done.stderr.strip().splitlines()[-1]
         assert words in last and "Traceback" not in done.stderr, done.stderr
@@ -227,7 +238,7 @@ def test_a_client_refused_for_who_it_is_stops_at_once_naming_the_flag(assets, tm
     ]
 
     def run(cid, token, ca, *extra):
-        return splitft(
+        return [
             "client",
             *common,
             "--client-id",
@@ -237,7 +248,7 @@ def test_a_client_refused_for_who_it_is_stops_at_once_naming_the_flag(assets, tm
             "--ca",
             str(ca),
             *extra,
-        )
+        ]
 
     token = certs / "clients" / "client-0.token"
     cases = [
@@ -253,7 +264,8 @@ def test_a_client_refused_for_who_it_is_stops_at_once_naming_the_flag(assets, tm
         ),
     ]
     try:
-        for done, words in cases:
+        ends = splitft_all(*(args for args, _ in cases))
+        for done, (_, words) in zip(ends, cases, strict=True):
             assert done.returncode == 2, done.stderr
             last = done.stderr.strip().splitlines()[-1]
             assert words in last and "Traceback" not in done.stderr, done.stderr

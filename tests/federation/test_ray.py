@@ -1,6 +1,7 @@
 """sim.backend=ray: the tiny federation on a local 2-CPU Ray with 2 client
-actors equals the local simulation; a killed actor is survived; an
-interrupted Ray run resumes to the uninterrupted one."""
+actors equals the local simulation; a killed actor is survived; a Ray run
+stopped by SIGTERM (the server in the run's process or in an actor of its
+own) resumes to the uninterrupted run."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import time
 
 import pytest
 import synthetic
-from simrun import assert_same_run, config, make_assets, whole_and_interrupted
+from simrun import assert_same_run, config, make_assets
 
 from splitft import runs
 from splitft.config import load_config
@@ -97,37 +98,38 @@ def test_a_killed_client_actor_is_survived(cluster, assets, tmp_path, caplog):
     assert runs.read_status(cfg.run_dir)["state"] == "complete"
 
 
-def test_an_interrupted_ray_run_resumes_to_the_uninterrupted_one(
-    cluster, assets, tmp_path
-):
-    """With the coordinator and its server in an actor of their own
-    (sim.server_resources): the stop reaches the actor, the folder keeps
-    round 1's checkpoint, and the resumed run (in an actor again) ends as
-    the uninterrupted local one."""
-    common = settings("federation.rounds=3", "federation.server_side=shared")
-    # the whole run local: a Ray run is the same (the test above); here the
-    # server takes 1 of the 2 CPUs, and 1 client actor the other
-    on_ray = ("sim.backend=ray", "sim.server_resources={num_cpus: 1}")
-    whole, cut = whole_and_interrupted(assets, tmp_path, common, 1, *on_ray)
-    assert runs.read_status(cut.run_dir)["state"] == "interrupted"
-    resumed = Simulation(cut, resume=True)
-    summary = resumed.run(table=False)
-    assert summary["client_hosts"] == 1
-    assert [r["round"] for r in resumed.rounds] == [0, 1, 2, 3]
-    assert_same_run(whole.run_dir, cut.run_dir)
+# the signalled run: long enough that round 1's checkpoint is not its last
+SIGNALLED = (
+    "federation.num_clients=2",
+    "federation.rounds=6",
+    "federation.cut_layers=[1, 2]",
+    "sim.timing=predicted",
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    """The signalled run's settings run whole, locally: its folder."""
+    from simrun import base_settings
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cfg = load_config(None, [*base_settings(assets, out), "name=whole", *SIGNALLED])
+    Simulation(cfg, costs()).run(table=False)
+    return cfg.run_dir
 
 
 @pytest.mark.parametrize(
     "server", [(), ("sim.server_resources={num_cpus: 1}",)], ids=["here", "actor"]
 )
 def test_sigterm_stops_a_ray_run_and_resume_finishes_it(
-    cluster, assets, tmp_path, server
+    cluster, assets, uninterrupted, tmp_path, server
 ):
     """A real signal while the run's process waits on the actors (ray.init
     replaces SIGTERM's handler; the run puts splitft's back), the server in
     that process or in an actor of its own (the signal is passed on): exit
-    143 with splitft's line, status interrupted at its last checkpoint;
-    resume finishes it."""
+    143 with splitft's line, status interrupted at its last checkpoint; the
+    resumed run (on Ray again, the server in an actor again where it was)
+    ends as the uninterrupted local run."""
     from simrun import base_settings
 
     synthetic.costs(num_layers=4).save(tmp_path / "costs.json")
@@ -138,11 +140,8 @@ def test_sigterm_stops_a_ray_run_and_resume_finishes_it(
             *cmd,
             *base_settings(assets, tmp_path),
             "name=r",
-            "federation.num_clients=2",
-            "federation.rounds=12",
-            "federation.cut_layers=[1, 2]",
+            *SIGNALLED,
             "sim.backend=ray",
-            "sim.timing=predicted",
             f"sim.cost_model={tmp_path / 'costs.json'}",
             *server,
         ],
@@ -161,5 +160,8 @@ def test_sigterm_stops_a_ray_run_and_resume_finishes_it(
     assert "splitft: interrupted (SIGTERM)" in stderr
     status = runs.read_status(run_dir)
     assert status["state"] == "interrupted" and status["round"] >= 1
-    Simulation(load_config(run_dir / "config.yaml"), resume=True).run(table=False)
+    resumed = Simulation(load_config(run_dir / "config.yaml"), resume=True)
+    summary = resumed.run(table=False)
+    assert summary["client_hosts"] == (1 if server else 2)  # what the CPUs fit
     assert runs.read_status(run_dir)["state"] == "complete"
+    assert_same_run(uninterrupted, run_dir)

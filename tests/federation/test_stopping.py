@@ -67,17 +67,39 @@ def adapter(run_dir):
 
 # (instant, fault point, signal); no fault point: the test sends the signal
 # The instants only a deployed server has (waiting, a long poll, a step a
-# client asked for) and two of the coordinator's own; a signal in its
-# evaluation or export, and SIGINT rather than SIGTERM, take the path the
-# simulation's command takes (Coordinator.run), which tests/test_runs.py
-# signals at those points (kept out of here for CI's time: 40 s a case)
+# client asked for) and one of the coordinator's own; a signal in its
+# evaluation, checkpoint or export, and SIGINT rather than SIGTERM, take the
+# path the simulation's command takes (Coordinator.run), which
+# tests/test_runs.py signals at those points (kept out of here for CI's
+# time: 45 s a case)
 SERVER_STOPS = [
     ("waiting-for-clients", None, "SIGTERM"),
     ("long-poll", "poll:3", "SIGTERM"),
     ("server-step", "server_step:5", "SIGTERM"),
     ("aggregation", "aggregate:2", "SIGTERM"),
-    ("checkpoint", "checkpoint:1", "SIGTERM"),
 ]
+
+
+def health_until_it_ends(assets, port: int, proc) -> list[str]:
+    """The health check's answers, each change once, until ``proc`` ends."""
+    seen: list[str] = []
+    while proc.poll() is None:
+        status = health(assets, port)
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        time.sleep(0.05)
+    return seen
+
+
+def health_cli(assets, port: int):
+    """`splitft health` against 127.0.0.1:``port``."""
+    return splitft(
+        "health",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--ca",
+        str(assets / "certs" / "ca.pem"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,6 +114,8 @@ def test_a_signalled_server_stops_in_seconds_and_resumes_as_if_never_stopped(
     clients = []
     if point is None:  # serving, and no client has come
         wait_serving(assets, port)
+        done = health_cli(assets, port)  # exits 0 only while SERVING
+        assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
         sent = time.time()
         first.proc.send_signal(signal.Signals[sig])
     else:
@@ -105,12 +129,18 @@ def test_a_signalled_server_stops_in_seconds_and_resumes_as_if_never_stopped(
     assert f"splitft: interrupted ({sig});" in out and "Traceback" not in out, out
     status = runs.read_status(run_dir)
     assert status["state"] == "interrupted" and not (run_dir / "lock").exists()
-    if what == "checkpoint":  # signalled mid-write: the write was finished first
-        assert status["round"] == 1 and runs.checkpoints(run_dir)
     # the clients heard why and wait for it; the resumed server takes them back
     again = server(assets, tmp_path, "net", port, resume=run_dir)
     if point is None:
+        # health while a run runs: NOT_SERVING (setting up) -> SERVING ->
+        # NOT_SERVING (stopping) -> the port closes
+        wait_serving(assets, port)  # the clients wait for it as well
         clients = [client(assets, tmp_path, cid, port) for cid in range(3)]
+        seen = health_until_it_ends(assets, port, again)
+        assert seen[-2:] == ["NOT_SERVING", "UNAVAILABLE"], seen
+        assert seen[0] == "SERVING" and "SERVING" not in seen[1:], seen
+        gone = health_cli(assets, port)
+        assert gone.returncode == 1 and "UNAVAILABLE" in gone.stdout
     ends = finish(again, *clients)
     for code, out in ends:
         assert code == 0, out[-3000:]
@@ -182,38 +212,3 @@ def test_a_signalled_client_stops_in_seconds_and_a_new_one_rejoins(
     for code, out in finish(*procs):
         assert code == 0, out[-3000:]
     assert_same(reference, adapter(tmp_path / "net"))
-
-
-def test_health_says_serving_while_the_run_runs_then_not_serving(assets, tmp_path):
-    """NOT_SERVING (setting up) -> SERVING -> NOT_SERVING (stopping) -> the
-    port closes; `splitft health` exits 0 only while SERVING."""
-    port = free_port()
-    procs = [server(assets, tmp_path, "net", port)]
-    seen = []
-    wait_serving(assets, port)  # the clients wait for it as well
-    done = splitft(
-        "health",
-        "--server",
-        f"127.0.0.1:{port}",
-        "--ca",
-        str(assets / "certs" / "ca.pem"),
-    )
-    assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
-    procs += [client(assets, tmp_path, cid, port) for cid in range(3)]
-    while procs[0].poll() is None:
-        status = health(assets, port)
-        if not seen or seen[-1] != status:
-            seen.append(status)
-        time.sleep(0.05)
-    for code, out in finish(*procs):
-        assert code == 0, out[-3000:]
-    assert seen[-2:] == ["NOT_SERVING", "UNAVAILABLE"], seen
-    assert seen[0] == "SERVING" and "SERVING" not in seen[1:], seen
-    gone = splitft(
-        "health",
-        "--server",
-        f"127.0.0.1:{port}",
-        "--ca",
-        str(assets / "certs" / "ca.pem"),
-    )
-    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stdout
