@@ -210,10 +210,13 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(
 
 
 # (fault point, signal, the last checkpoint it leaves): Ctrl-C in a round,
-# SIGTERM during evaluation, mid-checkpoint (the write finishes first) and
-# during the export (the two signals take one path: tests/test_interrupts.py)
+# SIGTERM in aggregation, during evaluation, mid-checkpoint (the write
+# finishes first) and during the export (the two signals take one path:
+# tests/test_interrupts.py; a deployed server's own instants:
+# tests/federation/test_stopping.py)
 STOPS = [
     ("step:9", "SIGINT", 1),
+    ("aggregate:2", "SIGTERM", 1),
     ("eval:3", "SIGTERM", 1),
     ("checkpoint:2", "SIGTERM", 2),
     ("export:1", "SIGTERM", 3),

@@ -1,5 +1,7 @@
 """The deployment as real processes on 127.0.0.1: `splitft server` and
-`splitft client`s over gRPC with TLS and tokens, on the tiny model."""
+`splitft client`s over gRPC with TLS and tokens, on the tiny model. (Each run
+that kills a process ends with the simulation's adapter, so a plain run is
+not repeated here; in process: tests/federation/test_deployment.py.)"""
 
 import json
 import signal
@@ -33,18 +35,6 @@ def reference(assets, tmp_path_factory):
     return simulated(assets, tmp_path_factory.mktemp("reference"))
 
 
-def test_server_and_three_clients_train_the_simulations_adapter(
-    assets, reference, tmp_path
-):
-    port = free_port()
-    procs = [server(assets, tmp_path, "net", port)]
-    procs += [client(assets, tmp_path, cid, port) for cid in range(3)]
-    for code, out in finish(*procs):
-        assert code == 0, out
-    deployed = load_file(tmp_path / "net" / "adapter" / "adapter_model.safetensors")
-    assert_same(reference, deployed)
-
-
 def test_a_killed_server_resumes_and_ends_as_if_never_stopped(
     assets, reference, tmp_path
 ):
@@ -64,19 +54,24 @@ def test_a_killed_server_resumes_and_ends_as_if_never_stopped(
     assert_same(reference, deployed)
 
 
-def test_plaintext_on_a_public_address_is_refused(assets, tmp_path):
+def test_plaintext_on_a_public_address_is_refused(assets, tmp_path, capsys):
+    from splitft.cli import main
+
     settings = [*base_settings(assets, tmp_path), "name=open", *SETTINGS]
-    done = splitft(
-        "server",
-        *settings,
-        "--address",
-        "0.0.0.0:50999",
-        "--insecure",
-        "--tokens",
-        str(assets / "certs" / "tokens.json"),
+    code = main(
+        [
+            "server",
+            *settings,
+            "--address",
+            "0.0.0.0:50999",
+            "--insecure",
+            "--tokens",
+            str(assets / "certs" / "tokens.json"),
+        ]
     )
-    assert done.returncode == 2
-    assert "--insecure on 0.0.0.0, which is not a loopback address" in done.stderr
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--insecure on 0.0.0.0, which is not a loopback address" in err
 
 
 def test_a_killed_client_that_comes_back_is_counted(assets, reference, tmp_path):
@@ -105,29 +100,12 @@ def test_a_killed_client_that_comes_back_is_counted(assets, reference, tmp_path)
     assert_same(reference, deployed)
 
 
-def test_over_the_network_a_client_cannot_act_for_another(assets, tmp_path):
-    from splitft.split.messages import RoundRequest
-    from splitft.transport.network import NetworkTransport
-    from splitft.transport.security import read_token
-
-    port = free_port()
-    proc = server(assets, tmp_path, "net", port)
-    certs = assets / "certs"
-    token = read_token(certs / "clients" / "client-0.token")
-    kw = dict(ca_cert=(certs / "ca.pem").read_bytes(), retries=8, backoff_s=0.5)
-    try:
-        with NetworkTransport(f"127.0.0.1:{port}", 0, token, **kw) as link:
-            reply = link.call(RoundRequest(1, -1))  # authenticated as 0, acting as 1
-            assert reply.code == "PERMISSION_DENIED", reply
-            wrong = NetworkTransport(f"127.0.0.1:{port}", 1, token, **kw)
-            assert wrong.call(RoundRequest(1, -1)).code == "UNAUTHENTICATED"
-            wrong.close()
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_a_live_server_refuses_malformed_tensors_and_carries_on(assets, tmp_path):
+def test_a_live_server_refuses_impostors_and_malformed_tensors_and_carries_on(
+    assets, tmp_path
+):
+    """Over the network a client cannot act for another (its token names
+    who it is), and malformed tensors are refused one by one; the server
+    then trains on a well-formed step."""
     import grpc
     import torch
 
@@ -146,10 +124,14 @@ def test_a_live_server_refuses_malformed_tensors_and_carries_on(assets, tmp_path
     certs = assets / "certs"
     token = read_token(certs / "clients" / "client-0.token")
     ca = (certs / "ca.pem").read_bytes()
+    kw = dict(ca_cert=ca, retries=8, backoff_s=0.5)
     try:
-        with NetworkTransport(
-            f"127.0.0.1:{port}", 0, token, ca_cert=ca, retries=8, backoff_s=0.5
-        ) as link:
+        with NetworkTransport(f"127.0.0.1:{port}", 0, token, **kw) as link:
+            reply = link.call(RoundRequest(1, -1))  # authenticated as 0, acting as 1
+            assert reply.code == "PERMISSION_DENIED", reply
+            wrong = NetworkTransport(f"127.0.0.1:{port}", 1, token, **kw)
+            assert wrong.call(RoundRequest(1, -1)).code == "UNAUTHENTICATED"
+            wrong.close()
             plan = link.call(RoundRequest(0, -1))
             while not isinstance(plan, RoundPlan):  # the base model is evaluated
                 time.sleep(0.2)
