@@ -225,14 +225,6 @@ def same_step(store, model_config, msgs, side: str, modes=MODES) -> dict:
     return out
 
 
-def padded_slots(msgs, cuts) -> int:
-    saved, engine.PACK = engine.PACK, False
-    try:
-        return sum(engine.slots(msgs, cuts))
-    finally:
-        engine.PACK = saved
-
-
 def measure(store, model_config, msgs, side: str, repeats: int, modes=MODES) -> dict:
     steps = 2 * (repeats + 1)
     servers = {
@@ -259,7 +251,7 @@ def measure(store, model_config, msgs, side: str, repeats: int, modes=MODES) -> 
         "labelled": labelled,
         # what one batch's blocks run on: rows packed, or one each, padded
         "packed_slots": sum(engine.slots(msgs, cuts)),
-        "padded_slots": padded_slots(msgs, cuts),
+        "padded_slots": sum(engine.slots(msgs, cuts, pack=False)),
     }
     for name in modes:
         t = statistics.median(times[name])

@@ -88,6 +88,16 @@ def assert_same_reply(a, b):
     torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
 
 
+def assert_same_adapter_grads(one, many):
+    """Each client's adapter got its own rows' gradients only: the same
+    tensors on the same set of LoRA weights (none on a layer below its cut)."""
+    for cid in CUTS:
+        want, got = grads(one, f"c{cid}"), grads(many, f"c{cid}")
+        assert want and set(want) == set(got)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("masked", [True, False], ids=["masked", "packed"])
 def test_a_batch_of_clients_at_three_cuts_equals_their_requests_one_by_one(
     tiny, masked
@@ -99,11 +109,7 @@ def test_a_batch_of_clients_at_three_cuts_equals_their_requests_one_by_one(
     together = many.handle_many([(m, None) for m in msgs])
     for a, b in zip(alone, together, strict=True):
         assert_same_reply(a, b)
-    for cid in CUTS:  # each adapter got its own rows' gradient only
-        want, got = grads(one, f"c{cid}"), grads(many, f"c{cid}")
-        assert want and set(want) == set(got)
-        for n in want:
-            torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
+    assert_same_adapter_grads(one, many)
 
 
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
@@ -127,11 +133,7 @@ def test_clients_sharing_rows_get_what_they_get_alone(tiny, pack, monkeypatch):
     together = many.handle_many([(m, None) for m in msgs])
     for a, b in zip(alone, together, strict=True):
         assert_same_reply(a, b)
-    for cid in CUTS:
-        want, got = grads(one, f"c{cid}"), grads(many, f"c{cid}")
-        assert want and set(want) == set(got)
-        for n in want:
-            torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4)
+    assert_same_adapter_grads(one, many)
 
 
 def test_a_request_the_stream_cannot_hold_is_served_alone(tiny):

@@ -40,15 +40,17 @@ class _Stop:
     signum = 0
 
 
-def _poll(ray, ref) -> None:
-    """Until ``ref`` is ready; a signal to this process (or, in a server
-    actor, to the run's) raises :class:`~splitft.interrupts.Interrupted`
-    between polls."""
+def _poll(ray, ref, each=None) -> None:
+    """Until ``ref`` is ready, calling ``each()`` after every poll; a signal
+    to this process (or, in a server actor, to the run's) raises
+    :class:`~splitft.interrupts.Interrupted` between polls."""
     while True:
         if _Stop.signum:
             raise interrupts.Interrupted(_Stop.signum)
         with interrupts.deferred():  # a signal is raised between polls
             done, _ = ray.wait([ref], timeout=POLL_S)
+            if each is not None:
+                each()
         if done:
             return
 
@@ -294,13 +296,8 @@ def run_on_server_actor(
     try:
         ref = host.run.remote(cfg, costs, resume, stop)
         try:
-            while True:
-                with interrupts.deferred():  # a signal: passed on, below
-                    done, _ = ray.wait([ref], timeout=POLL_S)
-                    show(*ray.get(host.progress.remote()))
-                if done:
-                    break
-        except interrupts.Interrupted as e:
+            _poll(ray, ref, lambda: show(*ray.get(host.progress.remote())))
+        except interrupts.Interrupted as e:  # passed on to the actor
             host.interrupt.remote(e.signum)  # it stops at its next wait
             ray.wait([ref], timeout=STOP_WAIT_S)
             raise

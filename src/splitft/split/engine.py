@@ -202,12 +202,22 @@ def segments(msg) -> list[tuple[int, int, int]]:
     return [(n, pos[b][0], pos[b][n - 1]) for b, n in enumerate(ns)]
 
 
-def slots(msgs: Sequence, cuts: Sequence[int]) -> list[int]:
+def _lay_out(
+    msgs: Sequence, cuts: Sequence[int], pack: bool | None = None
+) -> tuple[list[int], list[list[tuple[int, int, int]]], Placement]:
+    """The batch's order (requests sorted by cut), each request's segments
+    in that order, and where they go: one layout for :func:`run` and
+    :func:`slots`."""
+    order = sorted(range(len(msgs)), key=lambda i: cuts[i])
+    segs = [segments(msgs[i]) for i in order]
+    return order, segs, place(segs, pack)
+
+
+def slots(msgs: Sequence, cuts: Sequence[int], pack: bool | None = None) -> list[int]:
     """The slots each of these requests takes in one batch (its segments and
     the gaps after them), as :func:`run` lays them out: what the batch's
-    blocks run on, per request."""
-    order = sorted(range(len(msgs)), key=lambda i: cuts[i])
-    p = place([segments(msgs[i]) for i in order])
+    blocks run on, per request (``pack`` as :func:`place`'s)."""
+    order, _, p = _lay_out(msgs, cuts, pack)
     out = [0] * len(msgs)
     for j, i in enumerate(order):
         out[i] = p.starts[j + 1] - p.starts[j]
@@ -255,10 +265,8 @@ class _Stream:
 
 
 def _stream(requests: Sequence[Request]) -> _Stream:
-    order = sorted(range(len(requests)), key=lambda i: requests[i].cut)
+    order, segs, p = _lay_out(requests, [r.cut for r in requests])
     ordered = [requests[i] for i in order]
-    segs = [segments(r) for r in ordered]
-    p = place(segs)
     W, size = p.width, p.rows * p.width
     dev = ordered[0].hidden.device
     index = torch.tensor(
