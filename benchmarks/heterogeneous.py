@@ -312,6 +312,7 @@ def base_tree(args, out: Path, profile: str, costs: CostModel) -> dict:
 # planner settings that keep a run's round-0 plan
 WHOLE = "adaptive (k_max=L)"
 KEEP = {"planner": {"replan_every": 0, "replan_miss": 0.0}}
+BATCHED = "(server batching)"  # --batching's methods: server.batching=true
 
 
 def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]]:
@@ -343,6 +344,12 @@ def methods(args, profile: str, best_uniform: int) -> list[tuple[str, str, dict]
             if profile == "P2":
                 out.append((f"{WHOLE[:-1]}, round-0 plan)", side, merge(whole, KEEP)))
             out.append((WHOLE, side, whole))
+    if getattr(args, "batching", False) and "per_client" in args.sides:
+        # the same training (a per-client batch gives each client what it gets
+        # alone), timed by a server that batches the requests waiting for it
+        on = {"server": {"batching": True}}
+        out.append((f"fixed k=2 {BATCHED}", "per_client", merge(cut(2), on)))
+        out.append((f"adaptive {BATCHED}", "per_client", merge(adaptive, on)))
     if profile == "P1" and "per_client" in args.sides:
         out.append(("FedAvg-LoRA", "per_client", cut(args.num_layers)))
         out.append(("centralized", "per_client", {}))
@@ -742,6 +749,12 @@ def main() -> None:
         metavar="BASE/CKPT",
         help="every method's clients: client.base_dtype/client.checkpointing "
         "(the devices' memory stays sized by a float32/none client)",
+    )
+    ap.add_argument(
+        "--batching",
+        action="store_true",
+        help="also run fixed k=2 and adaptive on the per-client side with "
+        "server.batching=true (same training, the batching server's timing)",
     )
     ap.add_argument(
         "--report", metavar="RESULTS", help="re-render a results.json, run nothing"

@@ -134,6 +134,16 @@ def test_clients_sharing_rows_get_what_they_get_alone(tiny, pack, monkeypatch):
     for a, b in zip(alone, together, strict=True):
         assert_same_reply(a, b)
     assert_same_adapter_grads(one, many)
+    # each reply's share of the batch's time: the slots the stream gave its
+    # request (gaps included) times the blocks they ran through
+    cuts = [CUTS[cid] for cid in CUTS]
+    work = [
+        n * (config.num_hidden_layers - k)
+        for n, k in zip(engine.slots(msgs, cuts), cuts, strict=True)
+    ]
+    seconds = [r.server_seconds for r in together]
+    for w, t in zip(work, seconds, strict=True):
+        assert t / sum(seconds) == pytest.approx(w / sum(work))
 
 
 def test_a_request_the_stream_cannot_hold_is_served_alone(tiny):

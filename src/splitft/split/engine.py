@@ -75,10 +75,6 @@ class Request:
     weight: float
     adapter: str | None = None
 
-    @property
-    def slots(self) -> int:
-        return self.hidden.shape[0] * self.hidden.shape[1]
-
 
 @dataclass
 class Result:
