@@ -9,6 +9,7 @@ exact wire size of each message kind.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +34,8 @@ from splitft.split.messages import (
     encode,
 )
 from splitft.split.server import SplitServer
+
+log = logging.getLogger(__name__)
 
 
 def _param_bytes(model: torch.nn.Module, lora_only: bool = False) -> int:
@@ -73,6 +76,11 @@ def _typical_time(fn, repeats: int) -> float:
     """The median of ``repeats`` runs after a warm-up; each round's
     measurements correct the model for what it misses anyway."""
     return _typical_times({"fn": fn}, repeats)["fn"]
+
+
+# measurements of the probe's work before it keeps one where more work did
+# not take longer (see probe)
+MEASURES = 3
 
 
 def _typical_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -122,7 +130,7 @@ def _server_at_last_block(
     model_config: PretrainedConfig,
     settings: LoraSettings,
     smashed: Mapping[str, SmashedData],
-    repeats: int,
+    turns: int,
 ) -> tuple[SplitServer, dict[str, Callable[[], None]]]:
     """The real server at a one-block cut, and the handling of each of the
     ``smashed`` micro-batches (one step each, all from one plan).
@@ -134,7 +142,7 @@ def _server_at_last_block(
     interleave on a per-client server.
     """
     L = model_config.num_hidden_layers
-    steps = len(smashed) * (repeats + 1)  # per client: an upper bound
+    steps = len(smashed) * turns  # per client: an upper bound
     cuts = {0: L - 1, 1: L - 1}
     server = SplitServer(
         store, model_config, settings, TrainConfig(), cuts, steps, steps
@@ -161,12 +169,12 @@ def _batched_at_last_block(
     model_config: PretrainedConfig,
     settings: LoraSettings,
     msg: SmashedData,
-    repeats: int,
+    turns: int,
 ) -> Callable[[], None]:
     """Two clients' ``msg`` as one batch on a batching server at a one-block
     cut (``server.batching``), a step each time it is called."""
     L = model_config.num_hidden_layers
-    steps = repeats + 1
+    steps = turns
     cuts = {0: L - 1, 1: L - 1}
     server = SplitServer(
         store, model_config, settings, TrainConfig(), cuts, steps, steps, batching=True
@@ -219,6 +227,9 @@ def probe(
     norm's and the head's (with the server's overheads, which do not grow
     with the cut). The server runs twice, with every token labelled and with
     half of them: the difference is the head and the loss per labelled token.
+    Where more work measured no slower (the deeper client part, the fully
+    labelled step: load on the machine), everything is measured again with
+    more turns, at most :data:`MEASURES` times in all.
     ``compression`` (smashed data, gradients) sizes their messages.
     ``batching``: also time two requests as one batch on a batching server
     (``batch_gain``; without it 1.0, which only a batching server reads).
@@ -261,16 +272,31 @@ def probe(
         for name, labels in (("all", ids), ("half", half))
     }
     labelled = {name: labelled_tokens(m.labels) for name, m in smashed.items()}
-    server, serve = _server_at_last_block(
-        store, model_config, settings, smashed, repeats
-    )
+    # the servers' plans hold every turn the measurements below may take
+    turns = sum(1 + a * repeats for a in range(1, MEASURES + 1))
+    server, serve = _server_at_last_block(store, model_config, settings, smashed, turns)
     work.update({f"server/{name}": fn for name, fn in serve.items()})
     if batching:
         work["server/batch"] = _batched_at_last_block(
-            store, model_config, settings, smashed["all"], repeats
+            store, model_config, settings, smashed["all"], turns
         )
-    with runs.faults_off():  # the probe's server steps are not the run's
-        seconds = _typical_times(work, repeats)  # in turns: load hits all alike
+    # more work must take longer: the costs are differences of these times,
+    # and a burst of load can turn one over (a head measured as free); such a
+    # measurement is taken again, with more turns, at most twice
+    longer = [(f"{ka}/total", f"{kb}/total"), ("server/half", "server/all")]
+    if own:
+        longer.append((f"c{ka}/total", f"c{kb}/total"))
+    for attempt in range(1, MEASURES + 1):
+        with runs.faults_off():  # the probe's server steps are not the run's
+            seconds = _typical_times(work, attempt * repeats)  # in turns
+        over = [f"{b} <= {a}" for a, b in longer if seconds[b] <= seconds[a]]
+        if not over:
+            break
+        log.warning(
+            "cost probe: more work measured no slower (%s: the machine is busy)%s",
+            ", ".join(over),
+            "; measuring again" if attempt < MEASURES else "; kept as measured",
+        )
     client = {
         key: {
             "fwd": seconds[f"{key}/fwd"],
