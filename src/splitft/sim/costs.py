@@ -119,7 +119,8 @@ class CostModel:
 
     def batch_seconds(self, work: Iterable[tuple[int, float, float]]) -> float:
         """Server compute of one batch of ``(cut, slots, labelled)`` requests
-        (slots padded to the batch's longest row): their serial time over
+        (each request's slots as the batch lays them out,
+        :func:`splitft.split.engine.slots`): their serial time over
         :attr:`batch_gain`, a first-order model measured on a batch of two."""
         serial = sum(self.server_seconds(k, s, n) for k, s, n in work)
         return serial / self.batch_gain
