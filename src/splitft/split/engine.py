@@ -79,12 +79,15 @@ class Request:
 @dataclass
 class Result:
     """What the batch gave one request: its mean loss (None without labelled
-    tokens or when it is not finite), labelled tokens and correct ones."""
+    tokens or when it is not finite), labelled tokens and correct ones, and
+    the slots the batch's stream gave it (its segments and the gaps after
+    them: what the blocks ran on for it, as :func:`slots` counts them)."""
 
     loss: float | None
     tokens: int
     correct: int
     finite: bool = True
+    slots: int = 0
 
 
 def batchable(msg) -> bool:
@@ -331,14 +334,16 @@ def _forward(
     results: dict[int, Result] = {}
     total = None
     for j, i in enumerate(order):
-        count = int(tokens[j])
+        count, laid = int(tokens[j]), p.starts[j + 1] - p.starts[j]
         if count == 0:
-            results[i] = Result(None, 0, 0)
+            results[i] = Result(None, 0, 0, slots=laid)
             continue
         if not finite[j]:
-            results[i] = Result(None, count, 0, finite=False)
+            results[i] = Result(None, count, 0, finite=False, slots=laid)
             continue
-        results[i] = Result(float(means[j].detach()), count, int(correct[j]))
+        results[i] = Result(
+            float(means[j].detach()), count, int(correct[j]), slots=laid
+        )
         term = means[j] * requests[i].weight
         total = term if total is None else total + term
     return [results[i] for i in range(len(requests))], total

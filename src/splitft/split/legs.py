@@ -217,11 +217,8 @@ class Vanilla:
             s.shared.step_batch(s.part.model, lrs)
         wall = time.perf_counter() - t0
         # each reply's share of the batch's wall time: the slots the stream
-        # gave its request (its segments and the gaps after them) times the
-        # blocks they ran through
-        laid = engine.slots([m for _, m, _, _ in ready], [r.cut for *_, r in ready])
-        stream = {i: n for (i, *_), n in zip(ready, laid, strict=True)}
-        work = [stream[i] * (s.end - r.cut) for i, _, _, r, _ in done]
+        # gave its request times the blocks they ran through
+        work = [res.slots * (s.end - r.cut) for *_, r, res in done]
         for (i, msg, key, request, res), w in zip(done, work, strict=True):
             cid = msg.client_id
             try:
